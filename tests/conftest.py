@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models of every supported family, and the embedded default."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128
+
+TINY_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB,
+    ),
+    "mistral": lambda: T.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB,
+    ),
+    "qwen2": lambda: T.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB,
+    ),
+    "gemma": lambda: T.GemmaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+    ),
+    "gemma2": lambda: T.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+    ),
+    "gpt2": lambda: T.GPT2Config(
+        n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128,
+        bos_token_id=1, eos_token_id=1,
+    ),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=VOCAB, bos_token_id=1, eos_token_id=1,
+    ),
+}
+
+
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over the words w0..w127 (w0 pads, w1 ends)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="w0", eos_token="w1", bos_token="w2", unk_token="w0"
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    """A randomly initialized float32 behaviorlens Model of the given family, on the CPU."""
+    from behaviorlens.model import Model, _wrap
+    from behaviorlens.sites import SiteMap
+
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    config._attn_implementation = "eager"
+    hf = T.AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return Model(
+        name=f"tiny-{family}",
+        lm=_wrap(hf, tokenizer),
+        tokenizer=tokenizer,
+        sites=SiteMap.from_config(config),
+    )
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request):
+    """A tiny random model of each supported family in turn."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from behaviorlens import load_model
+
+    return load_model()
