@@ -191,6 +191,12 @@ class SiteMap:
         ``index`` indexes the site's shape as :meth:`read` gives it (heads on the third axis).
         Pass the returned tensor to :func:`saved_edit` to check afterwards that it took effect.
         """
+        if site == "head" and isinstance(index, tuple) and len(index) > 2:
+            head = index[2]
+            if isinstance(head, int) and not isinstance(head, bool):
+                # an out-of-range head would otherwise surface as a bare IndexError mid-trace
+                wrapped = head + self.n_heads if head < 0 <= head + self.n_heads else head
+                self.check(site, layer, wrapped)
         live = self.read(lm, site, layer)
         live[index] = value
         return live
