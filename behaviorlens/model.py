@@ -179,8 +179,6 @@ def _wrap(model: Any, tokenizer: Any, remote: bool = False) -> Any:
 
 
 def _load_hf(name: str, dtype: torch.dtype, device_map: Any) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -194,17 +192,45 @@ def _load_hf(name: str, dtype: torch.dtype, device_map: Any) -> tuple[torch.nn.M
     else:
         folder, gguf = name, None
     tok_kwargs = {"gguf_file": gguf} if gguf else {}
+    tried = "a local folder, a .gguf file, the Hugging Face cache"
+    if isinstance(folder, str):  # a hub id: the local cache first, the hub only if reachable
+        try:
+            return _from_pretrained(folder, {**kwargs, "local_files_only": True}, tok_kwargs)
+        except (OSError, ValueError):
+            if not _hub_reachable():
+                raise BehaviorLensError(
+                    f"cannot load model {name!r}: tried {tried}; the Hugging Face hub is not "
+                    "reachable from here"
+                ) from None
+            tried += " and the Hugging Face hub"
     try:
-        with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), **tok_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        return _from_pretrained(str(folder), kwargs, tok_kwargs)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BehaviorLensError(
-            f"cannot load model {name!r}: it is not 'default', not a local folder or .gguf "
-            f"file, and the Hugging Face hub and its local cache did not have it ({reason})"
-        ) from err
+        raise BehaviorLensError(f"cannot load model {name!r}: tried {tried} ({reason})") from err
+
+
+def _from_pretrained(source: str, kwargs: dict, tok_kwargs: dict) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = {"local_files_only": True} if kwargs.get("local_files_only") else {}
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs, **local)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is on or the hub's host does not answer within ``timeout``."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _quiet() -> Any:

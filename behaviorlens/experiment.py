@@ -1,0 +1,385 @@
+"""One experiment YAML -> every step -> one results folder with tables, plots and a report.
+
+An experiment names a model, its families (one to train on, others to test on) and the steps
+to run. It is validated completely before any model loads. Each step writes into its own
+subfolder and finishes by writing ``summary.json`` there; a rerun skips steps whose summary
+exists with the same parameters (``force`` reruns them), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BehaviorLensError
+from .io import write_json
+
+EXPERIMENTS = Path(__file__).parent / "experiments"
+STEPS = ("measure", "probe", "patch", "steer")
+TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size"}
+MODEL_KEYS = {"name", "dtype", "device", "device_map", "remote"}
+FAMILY_KEYS = {"train", "test"}
+STEP_KEYS: dict[str, set[str]] = {
+    "measure": {"families"},
+    "probe": {"sites", "positions", "methods", "folds"},
+    "patch": {"site", "method", "direction", "clean", "pairs", "heads", "attribution", "verify_top_k"},
+    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate", "bake"},
+}
+PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
+
+
+@dataclass
+class Experiment:
+    """A validated experiment specification."""
+
+    name: str
+    model: dict[str, Any]
+    train: str
+    test: list[str]
+    steps: dict[str, dict[str, Any]]
+    question: str = ""
+    seed: int = 0
+    batch_size: int = 16
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def families(self) -> list[str]:
+        return [self.train, *[f for f in self.test if f != self.train]]
+
+    def fingerprint(self) -> str:
+        """Identifies what the experiment computes (everything but its step list)."""
+        core = {k: v for k, v in self.raw.items() if k not in ("steps", "question")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def builtin_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str | Path) -> Experiment:
+    """A built-in experiment by name or an experiment YAML by path, fully validated."""
+    path = Path(name_or_path)
+    if not path.exists() and (EXPERIMENTS / f"{name_or_path}.yaml").exists():
+        path = EXPERIMENTS / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise BehaviorLensError(
+            f"experiment {str(name_or_path)!r}: no such file, and the built-in experiments are "
+            f"{', '.join(builtin_experiments())}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BehaviorLensError(f"{path}{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    return validate(data, str(path))
+
+
+def validate(data: Any, source: str) -> Experiment:
+    """Check every key, step and family name; raise one clear error for the first problem."""
+    from .prompts import load_family
+
+    if not isinstance(data, dict):
+        raise BehaviorLensError(f"{source}: an experiment must be a mapping")
+    _known(data, TOP_KEYS, source)
+    model = data.get("model", {"name": "default"})
+    if isinstance(model, str):
+        model = {"name": model}
+    _known(model, MODEL_KEYS, f"{source}: model")
+    families = data.get("families") or {}
+    _known(families, FAMILY_KEYS, f"{source}: families")
+    if "train" not in families:
+        raise BehaviorLensError(f"{source}: families needs a 'train' family")
+    test = families.get("test") or []
+    test = [test] if isinstance(test, str) else list(test)
+    steps = data.get("steps") or {}
+    if not isinstance(steps, dict) or not steps:
+        raise BehaviorLensError(f"{source}: 'steps' must map step names ({', '.join(STEPS)}) to parameters")
+    for step, params in steps.items():
+        if step not in STEP_KEYS:
+            raise BehaviorLensError(f"{source}: unknown step {step!r}; steps are {', '.join(STEPS)}")
+        _known(params or {}, STEP_KEYS[step], f"{source}: step {step!r}")
+    exp = Experiment(
+        name=data.get("name") or Path(source).stem,
+        model={"name": "default", **model},
+        train=families["train"],
+        test=test,
+        steps={s: dict(steps[s] or {}) for s in STEPS if s in steps},
+        question=data.get("question", ""),
+        seed=int(data.get("seed", 0)),
+        batch_size=int(data.get("batch_size", 16)),
+        source=source,
+        raw=data,
+    )
+    names = set(exp.families) | set(exp.steps.get("measure", {}).get("families", []))
+    if "eval_family" in exp.steps.get("steer", {}):
+        names.add(exp.steps["steer"]["eval_family"])
+    for name in sorted(names):
+        load_family(name)  # raises a clear error for an unknown or broken family
+    return exp
+
+
+def _known(mapping: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise BehaviorLensError(f"{where}: expected a mapping, got {mapping!r}")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise BehaviorLensError(f"{where}: unknown key {unknown[0]!r}; keys are {', '.join(sorted(allowed))}")
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs an experiment's steps in order into ``out``; finished steps are skipped on rerun."""
+
+    def __init__(self, experiment: Experiment, out: str | Path, force: bool = False, log: Callable[[str], None] = print):
+        self.exp = experiment
+        self.out = Path(out)
+        self.force = force
+        self.log = log
+        self._model = None
+        self._sets: dict[str, Any] = {}
+
+    # lazily loaded so that a fully finished run needs no model
+    @property
+    def model(self):
+        if self._model is None:
+            from .model import load_model
+
+            m = self.exp.model
+            self.log(f"loading model {m['name']!r}")
+            self._model = load_model(
+                m["name"], device=m.get("device"), dtype=m.get("dtype"),
+                device_map=m.get("device_map"), remote=bool(m.get("remote", False)),
+            )
+        return self._model
+
+    def contrast_set(self, name: str, aligned: bool = True):
+        from .prompts import load_family
+
+        key = (name, aligned)
+        if key not in self._sets:
+            self._sets[key] = load_family(name).render(self.model.tokenizer, require_aligned=aligned)
+        return self._sets[key]
+
+    def run(self) -> dict[str, Any]:
+        self._prepare_folder()
+        _seed(self.exp.seed)
+        summary: dict[str, Any] = {}
+        for i, step in enumerate(self.exp.steps, 1):
+            folder = self.out / step
+            params = self.exp.steps[step]
+            if not self.force and _finished(folder, params):
+                self.log(f"[{i}/{len(self.exp.steps)}] {step}: finished earlier, skipped")
+            else:
+                self.log(f"[{i}/{len(self.exp.steps)}] {step}")
+                start = time.perf_counter()
+                step_summary = getattr(self, f"_{step}")(folder, params)
+                step_summary["seconds"] = round(time.perf_counter() - start, 1)
+                write_json(folder / "step.json", {"params": params, "seconds": step_summary["seconds"]})
+                write_json(folder / "summary.json", step_summary)
+            summary[step] = json.loads((folder / "summary.json").read_text())
+        write_json(self.out / "summary.json", summary)
+        from .analysis.report import write_report
+
+        report = write_report(self.out)
+        self.log(f"report: {report}")
+        return summary
+
+    def _prepare_folder(self) -> None:
+        config_path = self.out / "config.json"
+        if config_path.exists() and not self.force:
+            try:
+                previous = json.loads(config_path.read_text()).get("fingerprint")
+            except ValueError:
+                previous = None
+            if previous != self.exp.fingerprint():
+                raise BehaviorLensError(
+                    f"{self.out} holds results of a different experiment; choose another --out "
+                    "or pass --force to overwrite"
+                )
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(config_path, self._config())
+        except PermissionError:
+            raise BehaviorLensError(f"output folder {self.out} is not writable") from None
+
+    def _config(self) -> dict[str, Any]:
+        versions = {}
+        for pkg in PACKAGES:
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        return {
+            "experiment": self.exp.raw,
+            "source": self.exp.source,
+            "fingerprint": self.exp.fingerprint(),
+            "model": self.exp.model,
+            "dtype": self.exp.model.get("dtype") or "float32",
+            "seed": self.exp.seed,
+            "python": platform.python_version(),
+            "packages": versions,
+            "git_commit": _git_commit(),
+        }
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _measure(self, folder: Path, params: dict) -> dict:
+        import pandas as pd
+
+        from .analysis.plots import plot_shifts
+        from .io import write_csv
+        from .measure import run_measure
+
+        names = params.get("families") or self.exp.families
+        rows, examples = [], {}
+        for name in names:
+            cs = self.contrast_set(name, aligned=False)
+            s = run_measure(self.model, cs, folder / name)
+            rows.append({"family": name, "behavior": cs.behavior, "aligned": cs.aligned,
+                         **{k: v for k, v in s.items() if k != "behavior_shift_ci"},
+                         "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1]})
+            examples[name] = _examples(self.model.tokenizer, cs)
+        table = pd.DataFrame(rows)
+        write_csv(folder / "shifts.csv", table)
+        write_json(folder / "examples.json", examples)
+        plot_shifts(table, folder / "shifts.png")
+        train = table.set_index("family").loc[self.exp.train]
+        return {
+            "train_family": self.exp.train,
+            "behavior_shift": float(train["behavior_shift"]),
+            "behavior_shift_ci": [float(train["ci_low"]), float(train["ci_high"])],
+            "fraction_pairs_shifted": float(train["fraction_pairs_shifted"]),
+            "shifts": {r["family"]: r["behavior_shift"] for r in rows},
+        }
+
+    def _probe(self, folder: Path, params: dict) -> dict:
+        from .probing import run_probe
+
+        train = self.contrast_set(self.exp.train, aligned=False)
+        tests = {n: self.contrast_set(n, aligned=False) for n in self.exp.test}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        return run_probe(self.model, train, tests, out_dir=folder, batch_size=self.exp.batch_size, **kwargs)
+
+    def _patch(self, folder: Path, params: dict) -> dict:
+        from .patching import run_patch
+
+        cs = self.contrast_set(self.exp.train)
+        n = params.get("pairs", 8)
+        common = {k: params[k] for k in ("direction", "clean") if k in params}
+        summary = {"resid": run_patch(self.model, cs, site=params.get("site", "resid_pre"), method="exact",
+                                      out_dir=folder / "resid", n_pairs=n, **common)}
+        if params.get("heads", True):
+            summary["heads"] = run_patch(self.model, cs, site="head", method="exact",
+                                         out_dir=folder / "heads", n_pairs=n, **common)
+        if params.get("attribution", True):
+            summary["attribution"] = run_patch(self.model, cs, site=params.get("site", "resid_pre"),
+                                               method="attribution", out_dir=folder / "attribution",
+                                               n_pairs=n, **common)
+        return _flatten(summary)
+
+    def _steer(self, folder: Path, params: dict) -> dict:
+        from .steering import generate_examples, load_edit, run_steer_eval, run_steer_train
+
+        train = self.contrast_set(self.exp.train, aligned=False)
+        eval_name = params.get("eval_family") or (self.exp.test[0] if self.exp.test else self.exp.train)
+        eval_set = self.contrast_set(eval_name, aligned=False)
+        patch_dir = self.out / "patch"
+        from_patching = patch_dir if (patch_dir / "summary.json").exists() and "layer" not in params else None
+        edit_path = folder / "edit.safetensors"
+        train_summary = run_steer_train(
+            self.model, train, edit_path, layer=params.get("layer"),
+            method=params.get("method", "mean_diff"), from_patching=from_patching,
+        )
+        edit = load_edit(edit_path)
+        eval_summary = run_steer_eval(
+            self.model, edit, eval_set, multipliers=params.get("multipliers"),
+            layers=params.get("layers"), out_dir=folder / "eval",
+        )
+        gen = params.get("generate") or {}
+        if gen:
+            from .io import write_csv
+
+            frame = generate_examples(self.model, edit, gen.get("prompts", []),
+                                      gen.get("multipliers", [0.0, eval_summary["best_multiplier"]]),
+                                      max_new_tokens=gen.get("max_new_tokens", 24))
+            write_csv(folder / "generations.csv", frame)
+        return {"eval_family": eval_name, **_flatten({"train": train_summary}), **eval_summary}
+
+
+def _finished(folder: Path, params: dict) -> bool:
+    try:
+        done = json.loads((folder / "step.json").read_text())["params"] == params
+    except (OSError, ValueError, KeyError):
+        return False
+    return done and (folder / "summary.json").exists()
+
+
+def _flatten(summary: dict, prefix: str = "") -> dict:
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("transfer_auroc", "shifts"):
+            out.update(_flatten(v, key + "_"))
+        else:
+            out[key] = v
+    return out
+
+
+def _examples(tokenizer: Any, contrast_set: Any, n: int = 2) -> list[dict]:
+    """Token strings of a few pairs with the differing positions marked, for the report."""
+    out = []
+    for p in list(contrast_set)[:n]:
+        pos, neg = p.tokens["positive"], p.tokens["negative"]
+        start = p.first_difference()
+        lo = max(0, min(start, len(pos)) - 12)
+        out.append({
+            "row": p.row,
+            "positive": [tokenizer.decode([t]) for t in pos[lo:]],
+            "negative": [tokenizer.decode([t]) for t in neg[lo:]],
+            "differs": [i - lo for i in range(lo, min(len(pos), len(neg))) if pos[i] != neg[i]],
+            "matching": p.answer_text["matching"],
+            "not_matching": p.answer_text["not_matching"],
+        })
+    return out
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_experiment(name_or_path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Validate and run an experiment; returns the results folder (holding report.html)."""
+    exp = load_experiment(name_or_path)
+    out = Path(out or Path("results") / exp.name)
+    Runner(exp, out, force=force).run()
+    return out

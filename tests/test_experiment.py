@@ -1,0 +1,77 @@
+"""Experiment files are validated completely before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from behaviorlens import BehaviorLensError
+from behaviorlens.cli import main
+from behaviorlens.experiment import builtin_experiments, load_experiment
+
+GOOD = {
+    "name": "t",
+    "model": {"name": "default"},
+    "families": {"train": "capitals_opinion", "test": []},
+    "steps": {"measure": {}},
+}
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail loudly if anything tries to load a model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr("behaviorlens.model.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"stepz": {}}, ["unknown key", "stepz"]),
+        ({"steps": {"measure": {}, "dance": {}}}, ["unknown step", "dance"]),
+        ({"steps": {"probe": {"layerz": 3}}}, ["step 'probe'", "layerz"]),
+        ({"families": {"train": "no_such_family"}}, ["no_such_family"]),
+        ({"model": {"name": "default", "precision": "fp8"}}, ["model", "precision"]),
+        ({"families": {"test": ["capitals_opinion"]}}, ["train"]),
+    ],
+)
+def test_bad_experiment_is_one_clear_error_before_loading(tmp_path, no_model, change, words):
+    path = _write(tmp_path, {**GOOD, **change})
+    with pytest.raises(BehaviorLensError) as err:
+        load_experiment(path)
+    message = str(err.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message
+
+
+def test_cli_run_with_bad_experiment_exits_2_without_traceback(tmp_path, no_model, capsys):
+    path = _write(tmp_path, {**GOOD, "steps": {"dance": {}}})
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "dance" in err
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nsteps: [unclosed\n")
+    with pytest.raises(BehaviorLensError, match=r"broken.yaml line \d+: YAML syntax error"):
+        load_experiment(path)
+
+
+def test_builtin_experiments_validate():
+    names = builtin_experiments()
+    assert {"sycophancy", "deception", "llama2_7b"} <= set(names)
+    for name in names:
+        exp = load_experiment(name)
+        assert exp.steps and exp.train
+    assert load_experiment("llama2_7b").model["device"] == "cuda"
