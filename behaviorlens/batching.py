@@ -8,10 +8,14 @@ gives the same activations as the same row alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,7 +37,8 @@ class Batch:
 
     def columns(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Padded column of each row's token position (one position per row)."""
-        return torch.as_tensor(positions, dtype=torch.long) + self.offsets
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        return positions + self.offsets.to(positions.device)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -62,3 +67,34 @@ def chunks(n: int, size: int) -> Iterator[range]:
         raise ValueError(f"batch size must be at least 1, got {size}")
     for start in range(0, n, size):
         yield range(start, min(start + size, n))
+
+
+def map_batches(
+    n: int,
+    size: int,
+    fn: Callable[[range], T],
+    log: Callable[[str], None] = lambda msg: warnings.warn(msg, stacklevel=3),
+) -> list[T]:
+    """``[fn(batch) for batch in chunks(n, size)]``, halving the batch size on CUDA out-of-memory.
+
+    A batch that runs out of GPU memory is retried at half the size, down to 1; the run says
+    so once. Results of finished batches are kept.
+    """
+    results: list[T] = []
+    start, said = 0, False
+    while start < n:
+        idx = range(start, min(start + size, n))
+        try:
+            results.append(fn(idx))
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not said:
+                log(f"out of GPU memory: retrying with batch size {size}")
+                said = True
+            continue
+        start = idx.stop
+    return results

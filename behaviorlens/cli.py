@@ -9,11 +9,14 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
 
 from .errors import BehaviorLensError
+
+_WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EEXIST}
 
 COMMAND_MODULES = (
     "behaviorlens.prompts.commands",
@@ -81,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"behaviorlens: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.debug or err.errno not in _WRITE_ERRORS:
+            raise
+        print(f"behaviorlens: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("behaviorlens: interrupted; finished batches are kept and a rerun resumes", file=sys.stderr)

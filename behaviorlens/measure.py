@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .analysis.metrics import bootstrap_ci, logit_diff
 from .batching import chunks
+from .io import write_csv, write_json
 from .model import Model
 from .prompts.contrast import SIDES, ContrastSet
 
@@ -70,3 +72,27 @@ def measure(model: Model, contrast_set: ContrastSet, batch_size: int = 16, progr
         "fraction_pairs_shifted": float((shift > 0).mean()),
     }
     return Measurement(table=table, summary=summary)
+
+
+def run_measure(model: Model, contrast_set: ContrastSet, out_dir: str | Path, batch_size: int = 16,
+                progress: bool = True) -> dict:
+    """The measure stage: write ``measure.csv`` and then ``summary.json`` into ``out_dir``.
+
+    Returns the summary: ``pairs``, ``mean_metric_positive``, ``mean_metric_negative``,
+    ``behavior_shift``, ``behavior_shift_ci`` (two floats), ``fraction_pairs_shifted``, plus the
+    set's ``family``, ``behavior``, ``model`` and whether answers are scored by a first token of
+    several (``multi_token_answers``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = measure(model, contrast_set, batch_size=batch_size, progress=progress)
+    summary = {
+        **result.summary,
+        "family": contrast_set.name,
+        "behavior": contrast_set.behavior,
+        "model": model.name,
+        "multi_token_answers": contrast_set.multi_token_answers,
+    }
+    write_csv(out / "measure.csv", result.table)
+    write_json(out / "summary.json", summary)
+    return summary

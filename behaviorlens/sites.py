@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -96,7 +96,7 @@ _NEOX = Architecture(
     mlp_proj="mlp.dense_4h_to_h",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
-    unembed="embed_out",
+    unembed="lm_head",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -257,6 +257,118 @@ class SiteMap:
             if n not in SITES:
                 raise BehaviorLensError(f"unknown site {n!r}; sites are {', '.join(SITES)}")
         return names
+
+    # -- running the decoder from a layer (added for activation patching) --------------------
+
+    def capture_layer_calls(self, hf_model: torch.nn.Module) -> LayerCalls:
+        """Context manager recording each decoder block's call arguments during one forward.
+
+        ``with sites.capture_layer_calls(hf) as calls: hf(**inputs)``; afterwards ``calls``
+        replays blocks from any layer (:meth:`run_from`) with the masks, position ids and
+        rotary embeddings the model itself built, for any architecture.
+        """
+        return LayerCalls(self.layers(hf_model))
+
+    def run_from(
+        self,
+        hf_model: torch.nn.Module,
+        layer: int,
+        hidden: torch.Tensor,
+        calls: LayerCalls,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``layer..end`` on ``hidden`` (the residual entering ``layer``).
+
+        ``rows`` maps each row of ``hidden`` to the row of the captured forward whose masks
+        and positions it uses (copies of one prompt share a row). Returns the last block's
+        output (before the final norm); ``layer == n_layers`` returns ``hidden`` unchanged.
+        """
+        for i in range(layer, self.n_layers):
+            args, kwargs = calls.for_rows(i, rows)
+            out = self.layers(hf_model)[i](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits_from_hidden(self, hf_model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, unembedding and any final logit soft-capping of last-block outputs."""
+        logits = hf_model.get_output_embeddings()(self.final_norm(hf_model)(hidden))
+        cap = getattr(hf_model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # -- steering (added for behaviorlens.steering) -------------------------------------------
+
+    def residual_sources(self, hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules whose outputs sum to the residual stream: embeddings, every attn and mlp.
+
+        Unlike :meth:`residual_writers` this works for every family (Gemma 2/3 included): a
+        direction projected out of all these outputs never enters the residual stream.
+        """
+        mods = [self.embedding(hf_model)]
+        if self.arch.pos_embed:
+            mods.append(_get(hf_model, self.arch.pos_embed))
+        for i in range(self.n_layers):
+            mods += [self.module(hf_model, "attn", i), self.module(hf_model, "mlp", i)]
+        return mods
+
+
+class LayerCalls:
+    """The positional and keyword arguments each decoder block received in one forward."""
+
+    def __init__(self, blocks: torch.nn.ModuleList) -> None:
+        self.blocks = blocks
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> Self:
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, i: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self.calls[i] = (tuple(args[1:]), dict(kwargs))
+
+        return hook
+
+    def for_rows(self, layer: int, rows: torch.Tensor | None) -> tuple[tuple, dict]:
+        """Block ``layer``'s arguments with every batch-shaped tensor re-indexed by ``rows``."""
+        if layer not in self.calls:
+            raise RuntimeError(f"no forward pass was captured for block {layer}")
+        args, kwargs = self.calls[layer]
+        args = tuple(None if _is_cache(a) else a for a in args)
+        kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if rows is None:
+            return args, kwargs
+        return _take_rows(args, rows), _take_rows(kwargs, rows)
+
+
+def _is_cache(value: Any) -> bool:
+    """A key/value cache object (replayed blocks must not append to the captured one)."""
+    return any(c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+def _take_rows(value: Any, rows: torch.Tensor) -> Any:
+    """Index the batch axis of tensors (2+ dims, batch size > 1 or broadcastable) in a structure."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 2 and value.shape[0] > 1:
+            return value.index_select(0, rows.to(value.device))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, rows) for v in value)
+    if isinstance(value, list):
+        return [_take_rows(v, rows) for v in value]
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows) for k, v in value.items()}
+    return value
 
 
 def execution_order(pairs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from conftest import tiny_model
 
 from behaviorlens import BehaviorLensError
 from behaviorlens.sites import SITES, SiteMap, check_edit, execution_order, saved_edit
-
-from conftest import tiny_model
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 23]]  # two lengths: row 1 is left-padded
 
@@ -133,15 +132,13 @@ def test_read_matches_torch_hooks_and_hidden_states(tiny):
     # attn and mlp are exactly what each block adds to the residual stream, and the heads are
     # what the attention output projection turns into the attention contribution
     for layer in range(n):
-        get = lambda site: torch.as_tensor(saved[(site, layer)])  # noqa: E731
-        torch.testing.assert_close(
-            get("resid_pre") + get("attn") + get("mlp"), get("resid_post"), atol=1e-5, rtol=1e-5
-        )
+        pre, head, attn, mlp, post = (torch.as_tensor(saved[(s, layer)]) for s in SITES)
+        torch.testing.assert_close(pre + attn + mlp, post, atol=1e-5, rtol=1e-5)
         with torch.inference_mode():
-            projected = sites.attn_out_proj(tiny.hf, layer)(get("head").flatten(-2))
+            projected = sites.attn_out_proj(tiny.hf, layer)(head.flatten(-2))
             if sites.arch.family == "gemma2":  # Gemma 2 normalizes the block output
                 projected = sites.module(tiny.hf, "attn", layer)(projected)
-        torch.testing.assert_close(projected, get("attn"), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(projected, attn, atol=1e-5, rtol=1e-5)
 
     # sites really differ from each other (the map does not point twice at one module)
     assert not torch.allclose(reference[("attn", 0)], reference[("mlp", 0)])
@@ -253,15 +250,15 @@ def test_errors_name_the_layer_head_and_site(tiny):
 def test_errors_inside_a_trace(tiny_llama):
     model, batch = tiny_llama, _batch(tiny_llama)
     n, h = model.sites.n_layers, model.sites.n_heads
-    with pytest.raises(BehaviorLensError, match=rf"layer {n} does not exist"):
-        with torch.inference_mode(), model.trace(batch):
-            model.sites.read(model.lm, "resid_post", n).save()
-    with pytest.raises(BehaviorLensError, match=r"unknown site 'attention'"):
-        with torch.inference_mode(), model.trace(batch):
-            model.sites.read(model.lm, "attention", 0).save()
-    with pytest.raises(BehaviorLensError, match=rf"head {h + 3} does not exist"):
-        with torch.inference_mode(), model.trace(batch):
-            model.sites.write(model.lm, "head", 0, 0.0, (slice(None), -1, h + 3))
+    layer_error = pytest.raises(BehaviorLensError, match=rf"layer {n} does not exist")
+    with layer_error, torch.inference_mode(), model.trace(batch):
+        model.sites.read(model.lm, "resid_post", n).save()
+    site_error = pytest.raises(BehaviorLensError, match=r"unknown site 'attention'")
+    with site_error, torch.inference_mode(), model.trace(batch):
+        model.sites.read(model.lm, "attention", 0).save()
+    head_error = pytest.raises(BehaviorLensError, match=rf"head {h + 3} does not exist")
+    with head_error, torch.inference_mode(), model.trace(batch):
+        model.sites.write(model.lm, "head", 0, 0.0, (slice(None), -1, h + 3))
     # a negative head counts from the end, like any index
     with torch.inference_mode(), model.trace(batch):
         live = model.sites.write(model.lm, "head", 0, 0.0, (slice(None), -1, -1))

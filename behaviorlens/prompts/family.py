@@ -22,7 +22,7 @@ from .contrast import ANSWERS, SIDES, ContrastPair, ContrastSet
 
 FIELDS = {
     "name", "behavior", "description", "system", "user", "messages", "assistant_prefix", "chat",
-    "valence", "answers", "rows", "grid", "sides",
+    "valence", "answers", "rows", "grid", "sides", "answer_before",
 }
 _OPEN, _CLOSE = 0xE100, 0xE300  # private-use code points marking slot k: chr(_OPEN + k)
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
@@ -45,6 +45,7 @@ class PromptFamily:
     chat: bool = True
     grid: dict[str, list[Any]] | None = None
     sides: dict[str, str] | None = None
+    answer_before: str | None = None  # score the answer at the token before this slot
     source: str = ""
 
     # -- loading -----------------------------------------------------------------------------
@@ -102,8 +103,32 @@ class PromptFamily:
         for slot in self.valence:
             if slot not in used:
                 raise BehaviorLensError(f"{where}, slot {slot!r}: no template uses {{{{ {slot} }}}}")
-        if not self.all_rows():
+        if self.answer_before is not None and self.answer_before not in self.valence:
+            raise BehaviorLensError(f"{where}: answer_before {self.answer_before!r} is not a valence slot")
+        rows = self.all_rows()
+        if not rows:
             raise BehaviorLensError(f"{where}: the family is empty (no rows and no grid)")
+        self._check_variables(rows, where)
+
+    def _check_variables(self, rows: list[dict[str, Any]], where: str) -> None:
+        """Every template variable must be a valence slot or a value some row defines."""
+        named = {"system": self.system, "user": self.user, "assistant_prefix": self.assistant_prefix}
+        named.update({f"message {i}": m["content"] for i, m in enumerate(self.messages or [])})
+        for slot, sides in self.valence.items():
+            named.update({f"slot {slot!r} {side}": sides[side] for side in SIDES})
+        named.update({f"answer {a!r}": self.answers[a] for a in ANSWERS})
+        defined = set(self.valence) | {k for r in rows if isinstance(r, dict) for k in r}
+        for label, template in named.items():
+            if not template:
+                continue
+            if not isinstance(template, str):
+                raise BehaviorLensError(f"{where}, {label}: must be a string, got {template!r}")
+            unknown = sorted(_variables(template, where) - defined)
+            if unknown:
+                raise BehaviorLensError(
+                    f"{where}, {label}: unknown variable {unknown[0]!r} (not a valence slot, "
+                    f"and no row defines it)"
+                )
 
     def all_rows(self) -> list[dict[str, Any]]:
         """The explicit rows, then the cross product of the grid."""
@@ -194,6 +219,9 @@ class PromptFamily:
         n = len(ids)
         spans["last"] = (n - 1, n)
         spans["answer"] = (n - 1, n)
+        if self.answer_before:
+            start = spans[self.answer_before][0]
+            spans["answer"] = (start - 1, start)
         return clean, ids, spans
 
     def _messages(self, values: dict, where: str) -> list[dict[str, str]]:
@@ -242,6 +270,10 @@ def _render(template: str, values: dict, where: str) -> str:
         raise BehaviorLensError(f"{where}: template error: {err}") from None
 
 
+class Verbatim(str):
+    """A row value used as plain text, never rendered as a template (e.g. dataset text)."""
+
+
 def _resolve(row: dict, where: str) -> dict[str, Any]:
     """Row values may themselves be jinja2 templates over the other values of the row."""
     if not isinstance(row, dict):
@@ -250,7 +282,7 @@ def _resolve(row: dict, where: str) -> dict[str, Any]:
     for _ in range(4):
         changed = False
         for k, v in values.items():
-            if isinstance(v, str) and "{" in v:
+            if isinstance(v, str) and not isinstance(v, Verbatim) and "{" in v:
                 new = _render(v, values, f"{where}, value {k!r}")
                 changed |= new != v
                 values[k] = new

@@ -1,0 +1,206 @@
+"""Attribution patching: a gradient estimate of every cell's patching effect, and its check.
+
+The estimate of patching a cell is ``grad . (source - base activation)``, the first-order
+change of the behavior metric. With ``steps=1`` (the default) the gradient is taken at the
+base run (plain attribution patching). With ``steps=n > 1`` it is averaged over ``n`` runs whose layer-0
+residual is interpolated from the base side to the source side at the midpoints
+``(i + 1/2) / n`` (integrated-gradients style): every activation then moves along the path
+from its base to its source value, and where a cell carries the whole difference (layer 0 at
+the differing tokens) the estimate converges to the exact effect. Measured on the default
+model (bench/patching.py) it raises Pearson against exact patching from 0.93 to 0.99 at about
+3x the cost, but ranks the many near-zero cells less well. Gradients run in eval mode
+with the metric in float32, outside inference mode only for the gradient pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis.metrics import logit_diff
+from ..batching import chunks
+from ..model import Model
+from ..prompts.contrast import ContrastSet
+from .exact import run_cells, run_side
+from .hooks import reading
+from .plan import Cell, check_site, default_positions, make_cells, resolve_sides
+from .results import CELL_KEYS, PatchResult, build_frame
+
+DEFAULT_STEPS = 1
+
+
+def attribution_patch(
+    model: Model,
+    contrast_set: ContrastSet,
+    site: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    positions: str | Sequence[str] | None = None,
+    heads: Sequence[int] | None = None,
+    clean: str = "positive",
+    direction: str = "denoise",
+    steps: int = DEFAULT_STEPS,
+    pair_batch: int = 8,
+    progress: bool = True,
+) -> PatchResult:
+    """Attribution-patching estimates for every layer x position (x head) of ``site``.
+
+    Same table as :func:`patch`, with ``patched = base + estimate``. ``steps=1`` is plain
+    attribution patching; more steps average the gradient along the base-to-source path.
+    """
+    contrast_set.require_aligned("attribution patching")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    sides = resolve_sides(clean, direction)
+    layers, head_list = check_site(model, site, layers, heads)
+    cells = make_cells(contrast_set, sides.base, layers, head_list, default_positions(site, positions))
+    by_pair: dict[int, list[int]] = {}
+    for k, c in enumerate(cells):
+        by_pair.setdefault(c.pair, []).append(k)
+    patched = [0.0] * len(cells)
+    computed = [False] * len(cells)
+    metrics = {sides.clean: [0.0] * len(contrast_set), sides.corrupt: [0.0] * len(contrast_set)}
+    model.hf.eval()
+    n = len(contrast_set)
+    for chunk in tqdm(list(chunks(n, pair_batch)), desc=f"attribution {site}", disable=not progress):
+        pairs = list(chunk)
+        source = run_side(model, contrast_set, pairs, sides.source, site, layers, [0])
+        base = run_side(model, contrast_set, pairs, sides.base, site, layers, [0])
+        grads = _mean_gradients(model, contrast_set, pairs, sides.base, site, layers, steps,
+                                base.resid[0], source.resid[0])
+        for r, p in enumerate(pairs):
+            metrics[sides.source][p] = float(source.metric[r])
+            metrics[sides.base][p] = float(base.metric[r])
+        estimates = {L: (grads[L] * (source.acts[L] - base.acts[L])).sum(-1) for L in layers}
+        for r, p in enumerate(pairs):
+            offset = int(base.batch.offsets[r])
+            first = contrast_set[p].first_difference()
+            for k in by_pair.get(p, []):
+                c = cells[k]
+                est = estimates[c.layer][r, [j + offset for j in c.positions]]
+                if c.head is not None:
+                    est = est[:, c.head]
+                if max(c.positions) < first:
+                    patched[k] = metrics[sides.base][p]
+                else:
+                    patched[k] = metrics[sides.base][p] + float(est.sum())
+                    computed[k] = True
+    frame = build_frame(model, contrast_set, site, sides, cells, patched, metrics, computed)
+    return PatchResult(frame, site, direction, clean, "attribution" if steps == 1 else f"attribution-ig{steps}")
+
+
+def _mean_gradients(model: Model, cset: ContrastSet, pairs: list[int], side: str, site: str,
+                    layers: Sequence[int], steps: int, base0: torch.Tensor, source0: torch.Tensor,
+                    ) -> dict[int, torch.Tensor]:
+    """d metric / d site activation at every layer, averaged over the interpolation steps."""
+    sub = [cset[i] for i in pairs]
+    batch = model.batch([p.tokens[side] for p in sub] * steps)
+    answer = batch.columns([p.position(side, "answer") for p in sub] * steps)
+    ids = torch.tensor([p.answer_ids for p in sub] * steps)
+    alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
+    alpha = alphas.repeat_interleave(len(sub)).to(base0.device, base0.dtype)[:, None, None]
+    start = (base0.repeat(steps, 1, 1) + alpha * (source0 - base0).repeat(steps, 1, 1)).detach()
+
+    def interpolate(module, args):
+        return (start.clone().requires_grad_(True), *args[1:])
+
+    block0 = model.sites.layers(model.hf)[0]
+    handle = block0.register_forward_pre_hook(interpolate, prepend=True)
+    try:
+        with torch.enable_grad(), reading(model, site, layers, keep_grad=True) as live:
+            logits = model.hf(**batch.inputs(), use_cache=False).logits
+            rows = torch.arange(len(batch), device=logits.device)
+            metric = logit_diff(logits[rows, answer.to(logits.device)].float(), ids[:, 0], ids[:, 1])
+            tensors = [live[L] for L in layers]
+            grads = torch.autograd.grad(metric.sum(), tensors, allow_unused=True)
+    finally:
+        handle.remove()
+    out = {}
+    for L, t, g in zip(layers, tensors, grads):
+        g = torch.zeros_like(t) if g is None else g
+        if site == "head":
+            g = g.view(*g.shape[:-1], model.sites.n_heads, model.sites.head_dim)
+        out[L] = g.detach().float().view(steps, len(sub), *g.shape[1:]).mean(0)
+    return out
+
+
+# -- checking estimates against exact patching ----------------------------------------------
+
+
+@dataclass
+class Verification:
+    """Exact patching of the top-k estimated cells: agreement and the cells it got wrong."""
+
+    table: pd.DataFrame  # one row per verified cell: estimate, exact, ranks, wrong_sign, wrong
+    pearson: float
+    spearman: float
+    pearson_pairs: float  # over every (cell, pair), not cell means
+
+    @property
+    def wrong(self) -> pd.DataFrame:
+        return self.table[self.table["wrong"]]
+
+
+def verify_top_k(model: Model, contrast_set: ContrastSet, result: PatchResult, k: int = 20,
+                 batch_size: int = 64, progress: bool = False) -> Verification:
+    """Run exact patching on the ``k`` cells with the largest mean |estimate| and compare.
+
+    A cell is *wrong* when the exact effect has the other sign, or its rank among the
+    verified cells is off by more than ``max(2, k // 4)``.
+    """
+    sides = resolve_sides(result.clean, result.direction)
+    top = result.top(k)
+    cells = []
+    for _, row in top.iterrows():
+        head = None if pd.isna(row["head"]) else int(row["head"])
+        for i, p in enumerate(contrast_set):
+            j = len(p.tokens[sides.base]) - 1 + int(row["from_end"])
+            if 0 <= j < len(p.tokens[sides.base]):
+                cells.append(Cell(i, int(row["layer"]), (j,), head))
+    patched, computed, metrics = run_cells(model, contrast_set, result.site, sides, cells,
+                                           batch_size, progress=progress)
+    exact = PatchResult(build_frame(model, contrast_set, result.site, sides, cells, patched,
+                                    metrics, computed), result.site, result.direction, result.clean)
+    table = top.merge(exact.means()[CELL_KEYS + ["metric"]], on=CELL_KEYS, suffixes=("_estimate", "_exact"))
+    table = table.rename(columns={"metric_estimate": "estimate", "metric_exact": "exact"})
+    table["rank_estimate"] = table["estimate"].abs().rank(ascending=False).astype(int)
+    table["rank_exact"] = table["exact"].abs().rank(ascending=False, method="first").astype(int)
+    table["wrong_sign"] = np.sign(table["estimate"]) != np.sign(table["exact"])
+    table["wrong"] = table["wrong_sign"] | ((table["rank_estimate"] - table["rank_exact"]).abs() > max(2, k // 4))
+    pairs = result.frame.merge(exact.frame[["site", "layer", "head", "position", "pair", "metric"]],
+                               on=["site", "layer", "head", "position", "pair"], suffixes=("", "_exact"))
+    return Verification(
+        table=table,
+        pearson=correlation(table["estimate"], table["exact"], "pearson"),
+        spearman=correlation(table["estimate"], table["exact"], "spearman"),
+        pearson_pairs=correlation(pairs["metric"], pairs["metric_exact"], "pearson"),
+    )
+
+
+def correlation(a: Sequence[float], b: Sequence[float], kind: str = "pearson") -> float:
+    """Pearson or Spearman correlation; NaN when either side is constant."""
+    from scipy.stats import pearsonr, spearmanr
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    fn = pearsonr if kind == "pearson" else spearmanr
+    return float(fn(a, b)[0])
+
+
+def compare(estimate: PatchResult, exact: PatchResult) -> dict[str, float]:
+    """Pearson and Spearman of estimate vs exact over cell means and over (cell, pair) rows."""
+    keys = ["site", "layer", "head", "position", "pair"]
+    rows = estimate.frame.merge(exact.frame[keys + ["metric"]], on=keys, suffixes=("", "_exact"))
+    means = estimate.means().merge(exact.means()[CELL_KEYS + ["metric"]], on=CELL_KEYS,
+                                   suffixes=("", "_exact"))
+    return {
+        "pearson": correlation(means["metric"], means["metric_exact"], "pearson"),
+        "spearman": correlation(means["metric"], means["metric_exact"], "spearman"),
+        "pearson_pairs": correlation(rows["metric"], rows["metric_exact"], "pearson"),
+        "spearman_pairs": correlation(rows["metric"], rows["metric_exact"], "spearman"),
+    }

@@ -1,0 +1,70 @@
+"""Heatmaps of patching results, read from the result table (never recomputed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_write
+
+
+def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig) -> None:
+    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    limit = limit or 1.0
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
+                      interpolation="nearest", origin="lower")
+    ax.set_xticks(range(len(xlabels)))
+    ax.set_xticklabels(xlabels, rotation=90, fontsize=7)
+    step = max(1, len(ylabels) // 15)
+    ax.set_yticks(range(0, len(ylabels), step))
+    ax.set_yticklabels(ylabels[::step], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="patching metric (0 = no effect, 1 = source)")
+
+
+def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Layer x position heatmap of the mean metric, token strings on the x axis.
+
+    Positions are keyed by distance from the end (``from_end``), so pairs of different
+    lengths line up at the answer; columns that are zero for every layer (before the first
+    difference) are dropped to keep the plot readable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = means.pivot_table(index="layer", columns="from_end", values="metric", aggfunc="mean")
+    keep = [c for c in grid.columns if (grid[c].abs() > 0).any()] or list(grid.columns)
+    grid = grid[keep]
+    labels = means.drop_duplicates("from_end").set_index("from_end")["token"]
+    xlabels = [repr(str(labels.get(c, "")))[1:-1] for c in grid.columns]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(xlabels) + 2), max(4, 0.2 * len(grid) + 1.5)))
+    _diverging(ax, grid.to_numpy(float), xlabels, [str(i) for i in grid.index], title, fig)
+    ax.set_xlabel("position (token)")
+    ax.set_ylabel("layer")
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out
+
+
+def head_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Layer x head heatmap of the mean metric, summed over the patched positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = means.pivot_table(index="layer", columns="head", values="metric", aggfunc="sum")
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(4, 0.2 * len(grid) + 1.5)))
+    _diverging(ax, grid.to_numpy(float), [str(h) for h in grid.columns], [str(i) for i in grid.index],
+               title, fig)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out

@@ -1,0 +1,141 @@
+"""The patching stage: ``run_patch`` writes patching.csv, heatmaps and summary.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import BehaviorLensError
+from ..io import write_csv, write_json
+from ..model import Model
+from ..prompts.contrast import ContrastSet
+from .attribution import DEFAULT_STEPS, attribution_patch, verify_top_k
+from .exact import patch, patch_whole
+from .plan import check_site, default_positions
+from .plots import head_heatmap, position_heatmap
+from .results import PatchResult
+
+METHODS = ("exact", "attribution")
+
+
+def run_patch(
+    model: Model,
+    contrast_set: ContrastSet,
+    site: str = "resid_pre",
+    method: str = "exact",
+    direction: str = "denoise",
+    clean: str = "positive",
+    out_dir: str | Path = "patching",
+    n_pairs: int | None = None,
+    positions: str | list[str] | None = None,
+    heads: list[int] | None = None,
+    steps: int = DEFAULT_STEPS,
+    verify_k: int = 30,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Patch ``site`` at every layer x position (x head); write tables, heatmap, summary.
+
+    Exact sweeps cache each finished layer under ``out_dir/cache`` so a rerun resumes.
+    Attribution runs verify their ``verify_k`` strongest cells with exact patching and report
+    ``attribution_exact_pearson`` / ``_spearman`` over them. ``summary.json`` is written last.
+    """
+    if method not in METHODS:
+        raise BehaviorLensError(f"unknown patching method {method!r}; use one of {', '.join(METHODS)}")
+    contrast_set.require_aligned("activation patching")
+    if n_pairs is not None:
+        contrast_set = contrast_set.subset(range(min(n_pairs, len(contrast_set))))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers, _ = check_site(model, site, None, heads)
+    positions = default_positions(site, positions)
+    start = time.perf_counter()
+    summary: dict = {
+        "family": contrast_set.name, "model": model.name, "site": site, "method": method,
+        "direction": direction, "clean": clean, "pairs": len(contrast_set),
+        "positions": positions if isinstance(positions, str) else list(positions),
+    }
+    if method == "exact":
+        result = _cached_sweep(model, contrast_set, site, layers, positions, heads, clean, direction,
+                               batch_size, out / "cache", progress)
+    else:
+        result = attribution_patch(model, contrast_set, site, positions=positions, heads=heads,
+                                   clean=clean, direction=direction, steps=steps, progress=progress)
+        check = verify_top_k(model, contrast_set, result, k=verify_k, batch_size=batch_size)
+        write_csv(out / "verification.csv", check.table)
+        summary.update(
+            attribution_steps=steps,
+            attribution_exact_pearson=check.pearson,
+            attribution_exact_spearman=check.spearman,
+            attribution_exact_pearson_pairs=check.pearson_pairs,
+            attribution_verified_cells=len(check.table),
+            attribution_wrong_cells=int(check.table["wrong"].sum()),
+        )
+    write_csv(out / "patching.csv", result.frame)
+    means = result.means()
+    write_csv(out / "patching_means.csv", means)
+    title = f"{contrast_set.name}: {method} {direction} {site} ({model.name})"
+    if site == "head":
+        head_heatmap(means, out / "heatmap_heads.png", title)
+    else:
+        position_heatmap(means, out / "heatmap.png", title)
+    restore = patch_whole(model, contrast_set, "resid_post", None, clean, direction, batch_size)
+    f = result.frame.drop_duplicates("pair")
+    summary.update(
+        top_sites=_top(result),
+        restore_last_layer=float(restore.frame["metric"].mean()),
+        mean_clean=float(f["clean"].mean()),
+        mean_corrupt=float(f["corrupt"].mean()),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _top(result: PatchResult, k: int = 10) -> list[dict]:
+    rows = []
+    for _, r in result.top(k).iterrows():
+        rows.append({
+            "site": r["site"],
+            "layer": int(r["layer"]),
+            "head": None if pd.isna(r["head"]) else int(r["head"]),
+            "from_end": int(r["from_end"]),
+            "position_name": r["position_name"],
+            "token": r["token"],
+            "metric": float(r["metric"]),
+        })
+    return rows
+
+
+def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int], positions,
+                  heads, clean: str, direction: str, batch_size: int, cache: Path,
+                  progress: bool) -> PatchResult:
+    """Exact sweep one layer at a time; finished layers are read back from ``cache``."""
+    key = {
+        "model": model.name, "set": cset.name, "site": site, "clean": clean, "direction": direction,
+        "positions": positions, "heads": heads,
+        "tokens": hashlib.sha256(json.dumps([p.tokens for p in cset]).encode()).hexdigest(),
+    }
+    key_file = cache / "key.json"
+    if cache.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json(key_file, key)
+    frames = []
+    for layer in tqdm(layers, desc=f"patch {site}", disable=not progress):
+        path = cache / f"layer_{layer:03d}.csv"
+        if path.exists():
+            frame = pd.read_csv(path, keep_default_na=False, na_values={"head": [""]})
+            frame["head"] = frame["head"].astype("Int64")
+        else:
+            frame = patch(model, cset, site, [layer], positions, heads, clean, direction,
+                          batch_size, progress=False).frame
+            write_csv(path, frame)
+        frames.append(frame)
+    return PatchResult(pd.concat(frames, ignore_index=True), site, direction, clean, "exact")

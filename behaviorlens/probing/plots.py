@@ -1,0 +1,101 @@
+"""Plots of probe tables: AUROC by layer, layer x head heatmap, transfer heatmap.
+
+Every plot reads a table produced by the sweep or the generalization step; none recomputes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_write
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kwargs)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out
+
+
+def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """AUROC by layer, one line per method (95% CI band), the shuffled-label control shaded.
+
+    Head rows are summarized by their best head per layer. One panel per site and position.
+    """
+    panels = list(table.groupby(["site", "position"], sort=False))
+    plt, (fig, axes) = _figure(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, ((site, position), part) in zip(axes[0], panels):
+        if site == "head":
+            idx = part.groupby(["method", "layer"])["auroc_mean"].idxmax()
+            part = part.loc[idx.values]
+        control_lo = part.groupby("layer")["control_auroc"].min()
+        control_hi = part.groupby("layer")["control_auroc"].max()
+        ax.fill_between(control_lo.index, np.minimum(control_lo, 0.5), np.maximum(control_hi, 0.5),
+                        color="grey", alpha=0.3, label="shuffled-label control")
+        rnd = part.groupby("layer")["random_auroc"].first()
+        ax.plot(rnd.index, rnd.values, ":", color="grey", label="random direction")
+        for method, rows in part.groupby("method", sort=False):
+            rows = rows.sort_values("layer")
+            line, = ax.plot(rows["layer"], rows["auroc_mean"], marker=".", label=method)
+            ax.fill_between(rows["layer"], rows["auroc_ci_low"], rows["auroc_ci_high"],
+                            color=line.get_color(), alpha=0.12)
+        ax.axhline(0.5, color="black", lw=0.6)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cross-validated AUROC")
+        label = f"{site} @ {position}" + (" (best head)" if site == "head" else "")
+        ax.set_title(f"{title} {label}".strip())
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Layer x head AUROC of head probes (the method with the best mean, first position)."""
+    heads = table[table["site"] == "head"]
+    position = heads["position"].iloc[0]
+    heads = heads[heads["position"] == position]
+    method = heads.groupby("method")["auroc_mean"].mean().idxmax()
+    grid = heads[heads["method"] == method].pivot_table(index="layer", columns="head", values="auroc_mean")
+    plt, (fig, ax) = _figure(figsize=(max(4.5, 1.5 + 0.5 * grid.shape[1]), max(3.5, 1 + 0.25 * grid.shape[0])))
+    im = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} head AUROC ({method} @ {position})".strip(), fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _save(plt, fig, path)
+
+
+def plot_transfer(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Train family (rows) x test family (columns) AUROC, annotated; diagonal is CV."""
+    names = list(dict.fromkeys(list(table["train"]) + list(table["test"])))
+    grid = table.pivot_table(index="train", columns="test", values="auroc").reindex(index=names, columns=names)
+    plt, (fig, ax) = _figure(figsize=(2 + 1.1 * len(names), 1.5 + 0.9 * len(names)))
+    im = ax.imshow(grid.values, cmap="coolwarm", vmin=0.0, vmax=1.0)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            v = grid.values[i, j]
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("test family")
+    ax.set_ylabel("train family")
+    row = table.iloc[0]
+    where = f"{row['site']} L{row['layer']}" + ("" if pd.isna(row["head"]) else f" H{row['head']}")
+    ax.set_title(f"{title} transfer AUROC\n{row['method']} probe, {where} @ {row['position']}".strip(), fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _save(plt, fig, path)

@@ -1,0 +1,18 @@
+"""Editing a behavior: steering vectors, directional ablation, head edits, baked weights,
+and their evaluation against a random control."""
+
+from .apply import ablate_direction, ablate_heads, direction_edit, head_edit, head_means, scale_heads, steer
+from .bake import bake, edited_module
+from .choose import choose_edit
+from .edit import Edit, SteeringVector
+from .evaluate import evaluate_steering, random_control
+from .gguf_export import export_gguf
+from .run import generate_examples, run_steer_eval, run_steer_train
+from .vectors import train_vector
+
+__all__ = [
+    "Edit", "SteeringVector", "ablate_direction", "ablate_heads", "bake", "choose_edit",
+    "direction_edit", "edited_module", "evaluate_steering", "export_gguf", "generate_examples",
+    "head_edit", "head_means", "random_control", "run_steer_eval", "run_steer_train",
+    "scale_heads", "steer", "train_vector",
+]

@@ -1,0 +1,24 @@
+"""Built-in side-effect data: neutral prompts, a reference text and a factual-control family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+DATA = Path(__file__).parent
+
+
+def neutral_prompts() -> list[str]:
+    """About twenty ordinary requests with no opinion in them (for the side-effect KL)."""
+    return list(yaml.safe_load((DATA / "neutral.yaml").read_text())["prompts"])
+
+
+def reference_text() -> str:
+    """A few hundred words of plain prose (for the side-effect perplexity)."""
+    return (DATA / "reference.txt").read_text()
+
+
+def factual_family_path() -> Path:
+    """Factual questions with a single-token answer and a distractor, no opinions."""
+    return DATA / "factual_control.yaml"

@@ -1,0 +1,54 @@
+"""``behaviorlens steer ...`` end to end on a tiny model saved to a folder."""
+
+from __future__ import annotations
+
+import yaml
+
+from behaviorlens.cli import main
+from behaviorlens.steering import Edit
+from behaviorlens.steering.gguf_export import read_gguf
+
+
+def _setup(tmp_path, model):
+    folder = tmp_path / "tiny"
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    fam = {
+        "name": "tiny_cli", "behavior": "test", "chat": False,
+        "user": "w5 {{ a }} w6 {{ s }} w7 w8",
+        "valence": {"s": {"positive": "w44", "negative": "w45"}},
+        "answers": {"matching": " w50", "not_matching": " w51"},
+        "rows": [{"a": f"w{60 + i}"} for i in range(6)],
+    }
+    (tmp_path / "fam.yaml").write_text(yaml.safe_dump(fam))
+    return str(folder), str(tmp_path / "fam.yaml")
+
+
+def test_train_export_edit_generate(tiny_llama, tmp_path, capsys):
+    folder, fam = _setup(tmp_path, tiny_llama)
+    edit_path = str(tmp_path / "e.safetensors")
+    assert main(["steer", "train", fam, "--layer", "1", "--out", edit_path, "--model", folder]) == 0
+    edit = Edit.load(edit_path)
+    assert edit.kind == "vector" and edit.layers == [1] and edit.family == "tiny_cli"
+    assert main(["steer", "export", edit_path, "--gguf", str(tmp_path / "cv.gguf")]) == 0
+    assert sorted(read_gguf(tmp_path / "cv.gguf")) == [1]
+    abl = str(tmp_path / "a.safetensors")
+    assert main(["steer", "train", fam, "--layer", "1", "--kind", "ablate_direction", "--out", abl,
+                 "--model", folder]) == 0
+    assert main(["steer", "edit", abl, "--out", str(tmp_path / "baked"), "--model", folder]) == 0
+    assert (tmp_path / "baked" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["steer", "generate", edit_path, "--prompt", "w5 w6 w7", "--multipliers", "-4", "0", "4",
+                 "--max-new-tokens", "4", "--model", folder]) == 0
+    out = capsys.readouterr().out
+    assert "[x-4]" in out and "[x+0]" in out and "[x+4]" in out
+
+
+def test_user_errors_exit_2(tiny_llama, tmp_path, capsys):
+    folder, fam = _setup(tmp_path, tiny_llama)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    assert main(["steer", "export", str(tmp_path / "bad.safetensors"), "--gguf", str(tmp_path / "x.gguf")]) == 2
+    assert main(["steer", "train", fam, "--out", str(tmp_path / "e.safetensors"), "--model", folder,
+                 "--layer", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "behaviorlens: error:" in err and "layer 99" in err
