@@ -47,14 +47,18 @@ TINY_CONFIGS = {
 
 def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over the words w0..w127 (w0 pads, w1 ends)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return T.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="w0", eos_token="w1", bos_token="w2", unk_token="w0"
+    tokenizer = T.PreTrainedTokenizerFast(tokenizer_object=tok)
+    # special tokens as whole words only, so that "w20" stays one token (not "w2" + "0")
+    specials = {"pad_token": "w0", "eos_token": "w1", "bos_token": "w2", "unk_token": "w0"}
+    tokenizer.add_special_tokens(
+        {k: AddedToken(v, single_word=True, special=True) for k, v in specials.items()}
     )
+    return tokenizer
 
 
 def tiny_model(family: str = "llama", seed: int = 0):

@@ -79,6 +79,6 @@ def test_unaligned_set_refused(tiny_llama):
 def test_sign_agrees_on_top_cells_of_default(default_model):
     cs = load_family("capitals_opinion").render(default_model.tokenizer).subset(range(3))
     est = attribution_patch(default_model, cs, "resid_pre", progress=False)
-    check = verify_top_k(default_model, cs, est, k=8)
+    check = verify_top_k(default_model, cs, est, k=30)
     assert not check.table["wrong_sign"].any(), check.table
-    assert check.spearman > 0.5
+    assert check.pearson > 0.8 and check.spearman > 0.5

@@ -1,14 +1,15 @@
 """Attribution patching: a gradient estimate of every cell's patching effect, and its check.
 
 The estimate of patching a cell is ``grad . (source - base activation)``, the first-order
-change of the behavior metric. With ``steps=1`` (the default) the gradient is taken at the
+change of the behavior metric. With ``steps=1`` the gradient is taken at the
 base run (plain attribution patching). With ``steps=n > 1`` it is averaged over ``n`` runs whose layer-0
 residual is interpolated from the base side to the source side at the midpoints
 ``(i + 1/2) / n`` (integrated-gradients style): every activation then moves along the path
 from its base to its source value, and where a cell carries the whole difference (layer 0 at
 the differing tokens) the estimate converges to the exact effect. Measured on the default
 model (bench/patching.py) it raises Pearson against exact patching from 0.93 to 0.99 at about
-3x the cost, but ranks the many near-zero cells less well. Gradients run in eval mode
+3x the cost, and on the strongest cells, where plain attribution's ranking inverts (Pearson
+-0.7 on the top 30 of capitals_opinion), to 0.94; so 4 steps is the default. Gradients run in eval mode
 with the metric in float32, outside inference mode only for the gradient pass.
 """
 
@@ -31,7 +32,7 @@ from .hooks import reading
 from .plan import Cell, check_site, default_positions, make_cells, resolve_sides
 from .results import CELL_KEYS, PatchResult, build_frame
 
-DEFAULT_STEPS = 1
+DEFAULT_STEPS = 4
 
 
 def attribution_patch(

@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="which side of the pairs is clean (default: positive)")
     p.add_argument("--positions", nargs="+", default=None,
                    help="'all' or position names (default: all; 'last' for heads)")
-    p.add_argument("--steps", type=int, default=1,
+    p.add_argument("--steps", type=int, default=4,
                    help="attribution: gradient averaged over N interpolation steps (1 = plain)")
     p.add_argument("--pairs", type=int, default=None, help="use the first N pairs")
     p.add_argument("--batch-size", type=int, default=64, help="patched copies per forward")
