@@ -33,8 +33,8 @@ FAMILY_KEYS = {"train", "test"}
 STEP_KEYS: dict[str, set[str]] = {
     "measure": {"families"},
     "probe": {"sites", "positions", "methods", "folds"},
-    "patch": {"site", "method", "direction", "clean", "pairs", "heads", "attribution", "verify_top_k"},
-    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate", "bake"},
+    "patch": {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"},
+    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate"},
 }
 PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
 
@@ -249,18 +249,19 @@ class Runner:
         rows, examples = [], {}
         for name in names:
             cs = self.contrast_set(name, aligned=False)
-            s = run_measure(self.model, cs, folder / name)
-            rows.append({"family": name, "behavior": cs.behavior, "aligned": cs.aligned,
+            s = run_measure(self.model, cs, folder / cs.name)
+            rows.append({"family": cs.name, "behavior": cs.behavior, "aligned": cs.aligned,
                          **{k: v for k, v in s.items() if k != "behavior_shift_ci"},
                          "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1]})
-            examples[name] = _examples(self.model.tokenizer, cs)
+            examples[cs.name] = _examples(self.model.tokenizer, cs)
         table = pd.DataFrame(rows)
         write_csv(folder / "shifts.csv", table)
         write_json(folder / "examples.json", examples)
         plot_shifts(table, folder / "shifts.png")
-        train = table.set_index("family").loc[self.exp.train]
+        train_name = self.contrast_set(self.exp.train, aligned=False).name
+        train = table.set_index("family").loc[train_name]
         return {
-            "train_family": self.exp.train,
+            "train_family": train_name,
             "behavior_shift": float(train["behavior_shift"]),
             "behavior_shift_ci": [float(train["ci_low"]), float(train["ci_high"])],
             "fraction_pairs_shifted": float(train["fraction_pairs_shifted"]),
@@ -271,7 +272,7 @@ class Runner:
         from .probing import run_probe
 
         train = self.contrast_set(self.exp.train, aligned=False)
-        tests = {n: self.contrast_set(n, aligned=False) for n in self.exp.test}
+        tests = {cs.name: cs for cs in (self.contrast_set(n, aligned=False) for n in self.exp.test)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
         return run_probe(self.model, train, tests, out_dir=folder, batch_size=self.exp.batch_size, **kwargs)
 
@@ -282,7 +283,8 @@ class Runner:
         n = params.get("pairs", 8)
         common = {k: params[k] for k in ("direction", "clean") if k in params}
         summary = {"resid": run_patch(self.model, cs, site=params.get("site", "resid_pre"), method="exact",
-                                      out_dir=folder / "resid", n_pairs=n, **common)}
+                                      out_dir=folder / "resid", n_pairs=n,
+                                      positions=params.get("positions", "all"), **common)}
         if params.get("heads", True):
             summary["heads"] = run_patch(self.model, cs, site="head", method="exact",
                                          out_dir=folder / "heads", n_pairs=n, **common)
@@ -293,32 +295,39 @@ class Runner:
         return _flatten(summary)
 
     def _steer(self, folder: Path, params: dict) -> dict:
-        from .steering import generate_examples, load_edit, run_steer_eval, run_steer_train
+        import pandas as pd
+
+        from .io import write_csv
+        from .steering import Edit, generate_examples, run_steer_eval, run_steer_train
 
         train = self.contrast_set(self.exp.train, aligned=False)
         eval_name = params.get("eval_family") or (self.exp.test[0] if self.exp.test else self.exp.train)
         eval_set = self.contrast_set(eval_name, aligned=False)
-        patch_dir = self.out / "patch"
-        from_patching = patch_dir if (patch_dir / "summary.json").exists() and "layer" not in params else None
+        evidence = None
+        if "layer" not in params:  # where to steer comes from this run's patching tables
+            tables = sorted((self.out / "patch").glob("*/patching.csv"))
+            tables = [t for t in tables if t.parent.name != "attribution"]
+            evidence = pd.concat([pd.read_csv(t) for t in tables]) if tables else None
         edit_path = folder / "edit.safetensors"
         train_summary = run_steer_train(
             self.model, train, edit_path, layer=params.get("layer"),
-            method=params.get("method", "mean_diff"), from_patching=from_patching,
+            method=params.get("method", "mean_diff"), from_patching=evidence,
         )
-        edit = load_edit(edit_path)
+        edit = Edit.load(edit_path, self.model)
         eval_summary = run_steer_eval(
-            self.model, edit, eval_set, multipliers=params.get("multipliers"),
-            layers=params.get("layers"), out_dir=folder / "eval",
+            self.model, edit, eval_set, multipliers=params.get("multipliers", [0.5, 1.0]),
+            layers=params.get("layers"), out_dir=folder / "eval", batch_size=self.exp.batch_size,
+            seed=self.exp.seed,
         )
         gen = params.get("generate") or {}
-        if gen:
-            from .io import write_csv
-
-            frame = generate_examples(self.model, edit, gen.get("prompts", []),
-                                      gen.get("multipliers", [0.0, eval_summary["best_multiplier"]]),
-                                      max_new_tokens=gen.get("max_new_tokens", 24))
+        if gen.get("prompts"):
+            frame = generate_examples(
+                self.model, edit, gen["prompts"], [0.0, eval_summary["best_multiplier"]],
+                max_new_tokens=gen.get("max_new_tokens", 24), seed=self.exp.seed,
+            )
             write_csv(folder / "generations.csv", frame)
-        return {"eval_family": eval_name, **_flatten({"train": train_summary}), **eval_summary}
+        return {"eval_family": eval_set.name, "edit": train_summary["edit"],
+                "reason": train_summary["reason"], **eval_summary}
 
 
 def _finished(folder: Path, params: dict) -> bool:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis.metrics import bootstrap_ci, logit_diff
-from .batching import chunks
+from .batching import map_batches
 from .io import write_csv, write_json
 from .model import Model
 from .prompts.contrast import SIDES, ContrastSet
@@ -26,12 +26,13 @@ class Measurement:
 
 def answer_logits(model: Model, contrast_set: ContrastSet, side: str, batch_size: int = 16) -> torch.Tensor:
     """Float32 logits at the answer position of one side of every pair: [pairs, vocab]."""
-    out = []
-    for idx in chunks(len(contrast_set), batch_size):
+
+    def run(idx: range) -> torch.Tensor:
         sub = [contrast_set[i] for i in idx]
         batch = model.batch([p.tokens[side] for p in sub])
-        out.append(model.logits(batch, batch.columns([p.position(side, "answer") for p in sub])).cpu())
-    return torch.cat(out)
+        return model.logits(batch, batch.columns([p.position(side, "answer") for p in sub])).cpu()
+
+    return torch.cat(map_batches(len(contrast_set), batch_size, run))
 
 
 def measure(model: Model, contrast_set: ContrastSet, batch_size: int = 16, progress: bool = False) -> Measurement:

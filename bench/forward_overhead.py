@@ -7,11 +7,13 @@ Three ways to run the same batches, all under ``torch.inference_mode()``:
 - ``trace+resid``   an nnsight trace saving ``resid_post`` at every layer
 
 A warm-up pass of each, then ``--reps`` timed passes over all batches, the three ways
-interleaved within each repeat so that drift in machine load hits them alike. Prints each
-median and its ratio to the bare forward, plus the warm load time of ``load_model()``.
+interleaved within each repeat (in a rotating order) so that drift in machine load hits them
+alike. Prints each median and its ratio to the bare forward, in wall-clock time and in process
+CPU time (the steadier one on a shared machine, with ``--threads 1``), plus the warm load time
+of ``load_model()``.
 
     python bench/forward_overhead.py [--reps 5] [--prompts 64] [--tokens 40] [--batch 16]
-                                     [--device cuda] [--dtype bfloat16]
+                                     [--device cuda] [--dtype bfloat16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     load_model(device=args.device, dtype=args.dtype)  # builds the cache if it is missing
     start = time.perf_counter()
@@ -98,8 +103,11 @@ def main() -> None:
             fn()
             sync(device)
             print(f"warm-up {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+        names = list(ways)
         for rep in range(args.reps):
-            for name, fn in ways.items():
+            order = names[rep % len(names) :] + names[: rep % len(names)]  # no fixed order
+            for name in order:
+                fn = ways[name]
                 sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()

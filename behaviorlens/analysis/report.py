@@ -49,7 +49,7 @@ def write_report(folder: str | Path) -> Path:
         question=experiment.get("question", ""),
         config=config,
         examples=_json(folder / "measure" / "examples.json") or {},
-        generations=_csv(folder / "steer" / "generations.csv"),
+        generations=_side_by_side(_csv(folder / "steer" / "generations.csv")),
         sections=sections,
     )
     return atomic_write_text(folder / "report.html", html)
@@ -64,6 +64,15 @@ def _json(path: Path) -> Any:
 
 def _csv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
+
+
+def _side_by_side(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """One row per prompt, one column per multiplier (0 = unsteered)."""
+    if frame is None or not {"prompt", "multiplier", "completion"} <= set(frame.columns):
+        return frame
+    wide = frame.pivot_table(index="prompt", columns="multiplier", values="completion", aggfunc="first", sort=False)
+    wide.columns = ["unsteered" if m == 0 else f"steered x{m:g}" for m in wide.columns]
+    return wide.reset_index()
 
 
 def _flat(summary: Any) -> list[tuple[str, str]]:

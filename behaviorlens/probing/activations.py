@@ -164,6 +164,19 @@ def collect(
     return result
 
 
+def _require_finite(values: torch.Tensor, pairs: Sequence, site: str, position: str,
+                    layers: Sequence[int]) -> None:
+    """Refuse NaN or inf activations, naming the family, row, site, layer and position."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        row, layer = (int(i) for i in bad.nonzero()[0][:2])
+        pair = pairs[row // 2]
+        raise BehaviorLensError(
+            f"family {pair.family!r}, row {pair.row}: {site} at layer {layers[layer]}, position "
+            f"{position!r} holds NaN or inf (dtype overflow? try --dtype float32)"
+        )
+
+
 def _run_batch(
     model: Any, pairs: list[ContrastPair], first: int, sites: list[str], positions: list[str], layers: list[int]
 ) -> dict[str, torch.Tensor]:
@@ -199,6 +212,7 @@ def _run_batch(
     for site in sites:
         for name in positions:
             stacked = torch.stack([torch.as_tensor(saved[(site, L, name)]) for L in layers], dim=1)
+            _require_finite(stacked, pairs, site, name, layers)
             shard[_key(site, name)] = stacked.detach().cpu().contiguous()
     shard["labels"] = torch.tensor([1 if side == "positive" else 0 for _, side in rows])
     shard["pair_ids"] = torch.tensor([first + i // 2 for i in range(n)])

@@ -40,7 +40,9 @@ class SideEffectData:
         if factual is None:
             from ..prompts import load_family
 
-            factual = load_family(str(data.factual_family_path())).render(tok)
+            family = load_family(str(data.factual_family_path()))
+            family.chat = getattr(tok, "chat_template", None) is not None  # base models: plain text
+            factual = family.render(tok)
         self.factual = factual
 
 
