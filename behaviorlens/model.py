@@ -92,10 +92,20 @@ class Model:
     @torch.inference_mode()
     def logits(self, batch: Batch, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Plain forward (no nnsight): float32 logits, all columns or one column per row."""
-        out = self.hf(**batch.inputs(), use_cache=False).logits
+        last_only = columns is not None and bool((columns == batch.input_ids.shape[1] - 1).all())
+        kwargs = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
+        out = self.hf(**batch.inputs(), use_cache=False, **kwargs).logits
         if columns is not None:
-            out = out[torch.arange(len(batch), device=out.device), columns.to(out.device)]
+            cols = torch.full_like(columns, out.shape[1] - 1) if kwargs else columns
+            out = out[torch.arange(len(batch), device=out.device), cols.to(out.device)]
         return out.float()
+
+    @property
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward can unembed only the last column (``logits_to_keep``)."""
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.hf.forward).parameters
 
     def info(self) -> dict[str, Any]:
         """Architecture facts, for ``behaviorlens info`` and result configs."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from behaviorlens.analysis.metrics import kl_divergence
-from behaviorlens.steering import Edit, head_edit, random_control, run_steer_eval, steer, train_vector
+from behaviorlens.steering import head_edit, random_control, run_steer_eval, steer, train_vector
 from behaviorlens.steering.evaluate import behavior_metrics, evaluate_steering
 from steering_helpers import tiny_set, tiny_side_effects
 

@@ -110,7 +110,7 @@ def _ensure_out_bias(sites: Any, hf: torch.nn.Module) -> None:
         )
     cfg.attention_bias = True
     for i in range(sites.n_layers):
-        attn = sites.attn_out_proj(hf, i)
+        sites.attn_out_proj(hf, i)
         # q/k/v/o all get biases under the flag: new ones are zero (no change)
         block = sites.layers(hf)[i]
         parent = attn_parent(sites, block)

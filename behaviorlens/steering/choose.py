@@ -42,7 +42,7 @@ def load_patching(patching: str | Path | pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def candidates(model: Any, fit: Any, table: pd.DataFrame, max_heads: int = 5,
+def candidates(model: Any, fit: Any, table: pd.DataFrame, max_heads: int = 10,
                vector_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0)) -> list[tuple[Edit, str]]:
     """Candidate edits suggested by a patching table, each with its evidence."""
     cells = table.groupby(["site", "layer", "head", "position_name"], dropna=False)["metric"].mean().reset_index()
@@ -110,15 +110,16 @@ def choose_edit(
     """Pick the edit the evidence supports; returns it and a sentence saying what and why.
 
     Without a patching result, exact head and residual patching at the last token is run on
-    the fitting split (:mod:`.patching_last`).
+    the fitting split (:func:`behaviorlens.patching.patch`).
     """
     if len(train_set) < 4:
         raise BehaviorLensError(f"set {train_set.name!r} has {len(train_set)} pairs; choosing an edit needs at least 4")
     fit, held = train_set.split(test_fraction, seed)
     if patching is None:
-        from .patching_last import patch_last
+        from ..patching import patch
 
-        table = patch_last(model, fit)
+        table = pd.concat([patch(model, fit, "head", progress=False).frame,
+                           patch(model, fit, "resid_post", positions=["last"], progress=False).frame])
     else:
         table = load_patching(patching)
     side = side_effects or SideEffectData(model)
