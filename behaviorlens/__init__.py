@@ -2,8 +2,14 @@
 
 from .batching import Batch
 from .errors import BehaviorLensError
+from .experiment import load_experiment, run_experiment
+from .measure import measure
 from .model import Model, load_model
+from .prompts import ContrastPair, ContrastSet, PromptFamily, load_family
 from .sites import SITES, SiteMap
 
-__all__ = ["Batch", "BehaviorLensError", "Model", "SITES", "SiteMap", "load_model"]
+__all__ = [
+    "Batch", "BehaviorLensError", "ContrastPair", "ContrastSet", "Model", "PromptFamily", "SITES",
+    "SiteMap", "load_experiment", "load_family", "load_model", "measure", "run_experiment",
+]
 __version__ = "0.1.0"

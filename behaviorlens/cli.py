@@ -65,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(info)
     info.set_defaults(func=_info)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not name.startswith(err.name):
-                raise
-            continue
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

@@ -14,6 +14,8 @@ positive (label 1) side.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import warnings
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from ..errors import BehaviorLensError
 
 
-class Probe:
+class Probe(ABC):
     """A linear probe: ``score(X) = X @ w + b``; ``direction`` is ``w`` normalized."""
 
     name = "probe"
@@ -30,8 +32,9 @@ class Probe:
         self.weight: np.ndarray | None = None
         self.bias = 0.0
 
+    @abstractmethod
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> Probe:
-        raise NotImplementedError
+        """Fit on features ``X`` [n, d] and labels ``y`` (1 = positive side); pairs in ``groups``."""
 
     def _require_fit(self) -> np.ndarray:
         if self.weight is None:
