@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-all setup
+.PHONY: demo test setup
 
 setup: $(STAMP)
 
@@ -22,6 +22,3 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m ""
