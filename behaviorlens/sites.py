@@ -299,6 +299,11 @@ class SiteMap:
 
     # -- steering (added for behaviorlens.steering) -------------------------------------------
 
+    def attention_linears(self, hf_model: torch.nn.Module, layer: int) -> list[torch.nn.Module]:
+        """The q, k, v and output projections of a Llama- or Gemma-style attention block."""
+        attn = _get(self.layers(hf_model)[layer], self.arch.attn)
+        return [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
     def residual_sources(self, hf_model: torch.nn.Module) -> list[torch.nn.Module]:
         """Modules whose outputs sum to the residual stream: embeddings, every attn and mlp.
 

@@ -109,23 +109,11 @@ def _ensure_out_bias(sites: Any, hf: torch.nn.Module) -> None:
             "or apply the edit at run time"
         )
     cfg.attention_bias = True
-    for i in range(sites.n_layers):
-        sites.attn_out_proj(hf, i)
-        # q/k/v/o all get biases under the flag: new ones are zero (no change)
-        block = sites.layers(hf)[i]
-        parent = attn_parent(sites, block)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(parent, name)
+    for i in range(sites.n_layers):  # q/k/v/o all get biases under the flag: new ones are zero
+        for lin in sites.attention_linears(hf, i):
             if lin.bias is None:
                 lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
                                                           device=lin.weight.device))
-
-
-def attn_parent(sites: Any, block: torch.nn.Module) -> torch.nn.Module:
-    module = block
-    for part in sites.arch.attn.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def bake(model: Any, edit: Edit, out_dir: str | Path, multiplier: float = 1.0) -> Path:
