@@ -40,7 +40,12 @@ def test_evaluate_vector_table(tiny_llama):
                 "random_factual_accuracy", "perplexity", "factual_accuracy"):
         assert col in frame and frame[col].notna().all()
     pairs = frame.attrs["pairs"]
-    assert len(pairs) == 2 * len(frame) * len(cset)
+    assert len(pairs) == (1 + 3) * len(frame) * len(cset) and set(pairs.control) == {0, 1, 2, 3}
+    # the random columns are the mean over the three draws
+    drawn = pairs[(pairs.control > 0) & (pairs.layer == 2) & (pairs.multiplier == -3.0)]
+    per_draw = 1 - drawn.groupby("control")["shift"].mean() / row.shift_unsteered
+    assert row.random_shift_removed_fraction == pytest.approx(per_draw.mean(), abs=1e-5)
+    assert row.random_shift_removed_fraction_sd == pytest.approx(per_draw.std(ddof=0), abs=1e-5)
 
 
 def test_random_controls_match_the_edit(tiny_llama):
@@ -53,6 +58,17 @@ def test_random_controls_match_the_edit(tiny_llama):
     heads = head_edit(model, {2: [0, 1]}, "mean", reference=cset)
     rh = random_control(model, heads, seed=3)
     assert rh.n_edited_heads == 2 and set(rh.heads[2]).isdisjoint({0, 1})
+
+
+def test_random_heads_never_include_the_edited_heads(tiny_llama):
+    model = tiny_llama
+    n = model.sites.n_heads
+    crowded = {1: list(range(n - 1)), 2: [0]}  # layer 1 has one untouched head: the rest go to layer 2
+    edit = head_edit(model, crowded, "zero")
+    for seed in range(5):
+        rh = random_control(model, edit, seed=seed)
+        assert rh.n_edited_heads == n and rh.heads[1] == [n - 1]
+        assert 0 not in rh.heads[2] and set(rh.heads) == {1, 2}
 
 
 def test_run_steer_eval_writes_artifacts(tiny_llama, tmp_path, monkeypatch):

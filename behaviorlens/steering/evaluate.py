@@ -1,8 +1,9 @@
 """What an edit does and what it costs: behavior shift removed, side effects, random control.
 
 Every row of :func:`evaluate_steering` is one (layer, multiplier) of the edit, with the same
-numbers for a matching random control (``random_*``): a random direction of the same norm for
-vectors and directions, the same number of random heads (same layers) for head edits.
+numbers for a matching random control (``random_*``, the mean over several draws): a random
+direction of the same norm for vectors and directions, the same number of heads the edit does
+not touch (same layers) for head edits.
 """
 
 from __future__ import annotations
@@ -110,15 +111,29 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
         return Edit(kind=edit.kind, vectors=vectors, model=edit.model, family="random",
                     position=edit.position, method="random", d_model=edit.d_model,
                     n_heads=edit.n_heads, head_dim=edit.head_dim)
-    heads = {}
-    for layer, chosen in edit.heads.items():
-        others = [h for h in range(s.n_heads) if h not in chosen]
-        pool = others if len(others) >= len(chosen) else list(range(s.n_heads))
-        pick = torch.randperm(len(pool), generator=g)[: len(chosen)]
-        heads[layer] = sorted(pool[int(i)] for i in pick)
+    heads = _untouched_heads(edit.heads, s.n_heads, g)
     return Edit(kind="heads", heads=heads, head_values=edit.head_values, head_mode=edit.head_mode,
                 scale=edit.scale, model=edit.model, family="random", position=edit.position,
                 method="random_heads", d_model=edit.d_model, n_heads=edit.n_heads, head_dim=edit.head_dim)
+
+
+def _untouched_heads(chosen: dict[int, list[int]], n_heads: int, g: torch.Generator) -> dict[int, list[int]]:
+    """As many heads as ``chosen``, none of them chosen, drawn within the same layers.
+
+    Each layer gets its own count where it has enough untouched heads; the shortfall is drawn
+    from the untouched heads left in the other layers (a control that shares heads with the
+    edit would measure the edit itself).
+    """
+    def shuffled(items: list) -> list:
+        return [items[int(i)] for i in torch.randperm(len(items), generator=g)]
+
+    free = {layer: shuffled([h for h in range(n_heads) if h not in hs]) for layer, hs in chosen.items()}
+    heads = {layer: free[layer][: len(hs)] for layer, hs in chosen.items()}
+    short = sum(len(hs) for hs in chosen.values()) - sum(len(hs) for hs in heads.values())
+    rest = shuffled([(layer, h) for layer in chosen for h in free[layer][len(heads[layer]):]])
+    for layer, h in rest[:short]:
+        heads[layer].append(h)
+    return {layer: sorted(hs) for layer, hs in heads.items() if hs}
 
 
 def _intended(edit: Edit, multiplier: float) -> float:
@@ -139,7 +154,7 @@ def evaluate_steering(
     batch_size: int = 16,
     positions: str = "all",
     seed: int = 0,
-    control: bool = True,
+    controls: int = 3,
     side_effects: SideEffectData | None = None,
 ) -> pd.DataFrame:
     """Effect and side effects of an edit per (layer, multiplier), with a random control.
@@ -150,7 +165,9 @@ def evaluate_steering(
     removal, down for a positive-multiplier vector), ``neutral_kl`` (mean per-token KL from the
     unedited model on the neutral prompts, nats), ``perplexity`` on the reference text,
     ``factual_accuracy`` on the factual-control family, their ``*_unsteered`` baselines, and
-    ``random_*`` for the control. ``frame.attrs["pairs"]`` holds the per-pair shifts.
+    ``random_*``: the same numbers averaged over ``controls`` random controls (seeds ``seed``,
+    ``seed + 1``, ...; ``random_shift_removed_fraction_sd`` is their spread).
+    ``frame.attrs["pairs"]`` holds the per-pair shifts (``control`` 0 = the edit, k = draw k).
     """
     edit.check(model)
     if len(eval_set) == 0:
@@ -167,7 +184,7 @@ def evaluate_steering(
     base_shift = base["metrics"][:, 0] - base["metrics"][:, 1]
     shift_unsteered = float(base_shift.mean())
     rows, pair_rows = [], []
-    rand = random_control(model, edit, seed) if control else None
+    draws = [random_control(model, edit, seed + i) for i in range(controls)]
     for layer, apply_layers in configs:
         for m in multipliers:
             row: dict[str, Any] = {
@@ -178,30 +195,38 @@ def evaluate_steering(
                 "perplexity_unsteered": base["perplexity"],
                 "factual_accuracy_unsteered": base["factual_accuracy"],
             }
-            for prefix, e in (("", edit), ("random_", rand)):
-                if e is None:
-                    continue
+            controls_rows = []
+            for draw, e in enumerate([edit, *draws]):
                 ctx = steer(model, e, m, layers=apply_layers, positions=positions) if m != 0 else nullcontext()
                 with ctx:
                     res = _measure(model, eval_set, data, base["neutral"], batch_size)
                 shift = res["metrics"][:, 0] - res["metrics"][:, 1]
                 moved = (shift - base_shift) * _intended(edit, m)
-                row |= {
-                    f"{prefix}metric_positive": float(res["metrics"][:, 0].mean()),
-                    f"{prefix}metric_negative": float(res["metrics"][:, 1].mean()),
-                    f"{prefix}shift": float(shift.mean()),
-                    f"{prefix}shift_removed_fraction": 1 - float(shift.mean()) / shift_unsteered,
-                    f"{prefix}anti_steerable_fraction": float((moved < 0).float().mean()) if m != 0 else 0.0,
-                    f"{prefix}neutral_kl": res["neutral_kl"],
-                    f"{prefix}perplexity": res["perplexity"],
-                    f"{prefix}factual_accuracy": res["factual_accuracy"],
+                values = {
+                    "metric_positive": float(res["metrics"][:, 0].mean()),
+                    "metric_negative": float(res["metrics"][:, 1].mean()),
+                    "shift": float(shift.mean()),
+                    "shift_removed_fraction": 1 - float(shift.mean()) / shift_unsteered,
+                    "anti_steerable_fraction": float((moved < 0).float().mean()) if m != 0 else 0.0,
+                    "neutral_kl": res["neutral_kl"],
+                    "perplexity": res["perplexity"],
+                    "factual_accuracy": res["factual_accuracy"],
                 }
+                if draw == 0:
+                    row |= values
+                else:
+                    controls_rows.append(values)
                 for i, p in enumerate(eval_set):
                     pair_rows.append({
-                        "control": bool(prefix), "layer": layer, "multiplier": float(m), "pair": i,
+                        "control": draw, "layer": layer, "multiplier": float(m), "pair": i,
                         "row": p.row, "family": p.family, "shift_unsteered": float(base_shift[i]),
                         "shift": float(shift[i]), "moved_intended_way": bool(moved[i] > 0),
                     })
+            if controls_rows:
+                ctl = pd.DataFrame(controls_rows)
+                row |= {f"random_{k}": float(v) for k, v in ctl.mean().items()}
+                row["random_shift_removed_fraction_sd"] = float(ctl["shift_removed_fraction"].std(ddof=0))
+                row["random_controls"] = len(ctl)
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["pairs"] = pd.DataFrame(pair_rows)

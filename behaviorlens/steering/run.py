@@ -71,6 +71,8 @@ def summarize(frame: pd.DataFrame, kl_limit: float = KL_LIMIT) -> dict:
         "neutral_kl": float(best.neutral_kl),
         "factual_accuracy_change": float(best.factual_accuracy - best.factual_accuracy_unsteered),
         "random_control_shift_removed_fraction": float(best.get("random_shift_removed_fraction", float("nan"))),
+        "random_control_shift_removed_fraction_sd": float(best.get("random_shift_removed_fraction_sd", float("nan"))),
+        "random_controls": int(best.get("random_controls", 0)),
         "random_control_neutral_kl": float(best.get("random_neutral_kl", float("nan"))),
         "anti_steerable_fraction": float(best.anti_steerable_fraction),
         "perplexity_change": float(best.perplexity - best.perplexity_unsteered),
