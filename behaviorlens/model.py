@@ -89,12 +89,15 @@ class Model:
             kwargs.setdefault("remote", True)
         return self.lm.trace(*inputs, **kwargs)
 
-    @torch.inference_mode()
-    def logits(self, batch: Batch, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain forward (no nnsight): float32 logits, all columns or one column per row."""
+    def logits(self, batch: Batch, columns: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
+        """Plain forward (no nnsight): float32 logits, all columns or one column per row.
+
+        Runs in inference mode unless ``grad`` (gradient work keeps the autograd graph).
+        """
         last_only = columns is not None and bool((columns == batch.input_ids.shape[1] - 1).all())
         kwargs = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
-        out = self.hf(**batch.inputs(), use_cache=False, **kwargs).logits
+        with torch.inference_mode(not grad):
+            out = self.hf(**batch.inputs(), use_cache=False, **kwargs).logits
         if columns is not None:
             cols = torch.full_like(columns, out.shape[1] - 1) if kwargs else columns
             out = out[torch.arange(len(batch), device=out.device), cols.to(out.device)]

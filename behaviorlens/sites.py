@@ -17,6 +17,7 @@ order (:func:`execution_order` sorts them), since nnsight 0.8 refuses to go back
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -265,9 +266,10 @@ class SiteMap:
 
         ``with sites.capture_layer_calls(hf) as calls: hf(**inputs)``; afterwards ``calls``
         replays blocks from any layer (:meth:`run_from`) with the masks, position ids and
-        rotary embeddings the model itself built, for any architecture.
+        rotary embeddings the model itself built, for any architecture. It also keeps every
+        block's attention keys and values, so a replay can start at a later column.
         """
-        return LayerCalls(self.layers(hf_model))
+        return LayerCalls(self.layers(hf_model), hf_model.config)
 
     def run_from(
         self,
@@ -276,19 +278,21 @@ class SiteMap:
         hidden: torch.Tensor,
         calls: LayerCalls,
         rows: torch.Tensor | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Run blocks ``layer..end`` on ``hidden`` (the residual entering ``layer``).
 
         ``rows`` maps each row of ``hidden`` to the row of the captured forward whose masks
-        and positions it uses (copies of one prompt share a row). Returns the last block's
-        output (before the final norm); ``layer == n_layers`` returns ``hidden`` unchanged.
+        and positions it uses (copies of one prompt share a row). With ``start > 0``,
+        ``hidden`` holds only the columns from ``start`` on: the columns before it, unchanged
+        from the captured forward, enter attention as its cached keys and values
+        (:attr:`LayerCalls.can_start_later` says whether this model allows it). Returns the last
+        block's output (before the final norm); ``layer == n_layers`` returns ``hidden``.
         """
         for i in range(layer, self.n_layers):
-            args, kwargs = calls.for_rows(i, rows)
-            out = self.layers(hf_model)[i](hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+            kwargs = calls.for_rows(i, rows, start)
+            hidden = _block_output(self.layers(hf_model)[i](hidden, **kwargs))
         return hidden
-
     def logits_from_hidden(self, hf_model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, unembedding and any final logit soft-capping of last-block outputs."""
         logits = hf_model.get_output_embeddings()(self.final_norm(hf_model)(hidden))
@@ -318,12 +322,22 @@ class SiteMap:
         return mods
 
 
-class LayerCalls:
-    """The positional and keyword arguments each decoder block received in one forward."""
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past", "past_key_value")
 
-    def __init__(self, blocks: torch.nn.ModuleList) -> None:
+
+class LayerCalls:
+    """The arguments each decoder block received in one forward, and its keys and values.
+
+    Arguments are stored by name. During the forward, each block gets a :class:`KeyValueRecord`
+    as its cache argument, which keeps the keys and values its attention computed (and
+    returns them unchanged), so that a replay can start at a later column.
+    """
+
+    def __init__(self, blocks: torch.nn.ModuleList, config: Any) -> None:
         self.blocks = blocks
-        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.attention = getattr(config, "_attn_implementation", None)
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.keys_values = KeyValueRecord()
         self.handles: list[Any] = []
 
     def __enter__(self) -> Self:
@@ -337,23 +351,94 @@ class LayerCalls:
         self.handles.clear()
 
     def _hook(self, i: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            self.calls[i] = (tuple(args[1:]), dict(kwargs))
+        params = inspect.signature(type(self.blocks[i]).forward).parameters  # (self, hidden, ...)
+        names = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD][2:]
+        cache_arg = next((n for n in CACHE_ARGUMENTS if n in params), None)
+
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            named = dict(zip(names, args[1:])) | kwargs
+            self.calls[i] = {k: None if _is_cache(v) else v for k, v in named.items()}
+            if cache_arg is None:
+                return None
+            self.calls[i]["__cache__"] = cache_arg
+            return args[:1], named | {cache_arg: self.keys_values}
 
         return hook
 
-    def for_rows(self, layer: int, rows: torch.Tensor | None) -> tuple[tuple, dict]:
-        """Block ``layer``'s arguments with every batch-shaped tensor re-indexed by ``rows``."""
+    @property
+    def can_start_later(self) -> bool:
+        """Whether replays may start at a later column (keys and values were recorded, and
+        every mask is explicit or plain causal for SDPA or eager attention)."""
+        if not self.calls or len(self.keys_values.keys) < len(self.calls):
+            return False
+        return all(c.get("__cache__") for c in self.calls.values()) and (
+            self.attention in ("sdpa", "eager")
+            or all(isinstance(c.get("attention_mask"), torch.Tensor) for c in self.calls.values()))
+
+    def for_rows(self, layer: int, rows: torch.Tensor | None, start: int = 0) -> dict[str, Any]:
+        """Block ``layer``'s arguments by name, batch axes re-indexed by ``rows``, from column ``start``."""
         if layer not in self.calls:
             raise RuntimeError(f"no forward pass was captured for block {layer}")
-        args, kwargs = self.calls[layer]
-        args = tuple(None if _is_cache(a) else a for a in args)
-        kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+        kwargs = dict(self.calls[layer])
+        cache_arg = kwargs.pop("__cache__", None)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        if rows is None:
-            return args, kwargs
-        return _take_rows(args, rows), _take_rows(kwargs, rows)
+        if rows is not None:
+            kwargs = _take_rows(kwargs, rows)
+        if start == 0:
+            return kwargs
+        if not self.can_start_later:
+            raise RuntimeError("this model's blocks cannot be replayed from a later column")
+        keys = self.keys_values.keys[layer]
+        length = keys.shape[-2]
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # plain causal attention without padding
+            mask = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()[None, None]
+            if self.attention == "eager":
+                mask = torch.zeros(mask.shape, dtype=keys.dtype, device=keys.device).masked_fill(
+                    ~mask, torch.finfo(keys.dtype).min)
+        kwargs["attention_mask"] = mask[..., start:, :]
+        for name in ("position_ids", "cache_position"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name][..., start:]
+        if kwargs.get("position_embeddings") is not None:
+            kwargs["position_embeddings"] = tuple(t[..., start:, :] for t in kwargs["position_embeddings"])
+        kwargs[cache_arg] = KeyValuePrefix(self.keys_values, rows, start)
+        return kwargs
+
+
+class KeyValueRecord:
+    """Stands in for a transformers cache during one forward: keeps each layer's keys and values."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kwargs: Any,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+
+class KeyValuePrefix:
+    """Stands in for a transformers cache in a replay: the recorded keys and values of the
+    columns before ``start`` come first, then the replayed columns' own."""
+
+    def __init__(self, record: KeyValueRecord, rows: torch.Tensor | None, start: int) -> None:
+        self.record, self.rows, self.start = record, rows, start
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kwargs: Any,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        def prefix(t: torch.Tensor) -> torch.Tensor:
+            t = t[..., : self.start, :]
+            return t if self.rows is None else t.index_select(0, self.rows.to(t.device))
+
+        return (torch.cat([prefix(self.record.keys[layer]), keys], -2),
+                torch.cat([prefix(self.record.values[layer]), values], -2))
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _is_cache(value: Any) -> bool:

@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.patching import patch, patch_one_at_a_time, patch_whole
-from behaviorlens.patching.hooks import Overwrite
+from behaviorlens.patching.hooks import Overwrite, reading
 from behaviorlens.prompts import PromptFamily, load_family
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2"]
@@ -52,11 +52,27 @@ def test_run_from_matches_full_forward(arch):
     for h in hooks:
         h.remove()
     rows = torch.tensor([2, 0, 0, 1])
+    assert calls.can_start_later
     with torch.no_grad():
         for layer in range(m.sites.n_layers):
-            out = m.sites.run_from(m.hf, layer, starts[layer][rows], calls, rows)
-            logits = m.sites.logits_from_hidden(m.hf, out[:, -1])
-            torch.testing.assert_close(logits, full[rows, -1], atol=1e-5, rtol=1e-5)
+            for start in (0, 2, 5):  # later columns: the earlier ones come from recorded keys/values
+                out = m.sites.run_from(m.hf, layer, starts[layer][rows, start:], calls, rows, start)
+                logits = m.sites.logits_from_hidden(m.hf, out[:, -1])
+                torch.testing.assert_close(logits, full[rows, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_run_from_later_column_without_padding(default_model):
+    """SDPA gets no mask for an unpadded batch: a replay from a later column builds its own."""
+    m = default_model
+    batch = m.batch([list(range(100, 120)), list(range(200, 220))])
+    with torch.inference_mode(), m.sites.capture_layer_calls(m.hf) as calls, \
+            reading(m, "resid_pre", [25]) as resid:
+        full = m.hf(**batch.inputs(), use_cache=False).logits
+    assert calls.calls[25].get("attention_mask") is None and calls.can_start_later
+    with torch.inference_mode():
+        out = m.sites.run_from(m.hf, 25, resid[25][:, 12:], calls, None, 12)
+        logits = m.sites.logits_from_hidden(m.hf, out)
+    torch.testing.assert_close(logits, full[:, 12:], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -113,9 +113,7 @@ def _mean_gradients(model: Model, cset: ContrastSet, pairs: list[int], side: str
     handle = block0.register_forward_pre_hook(interpolate, prepend=True)
     try:
         with torch.enable_grad(), reading(model, site, layers, keep_grad=True) as live:
-            logits = model.hf(**batch.inputs(), use_cache=False).logits
-            rows = torch.arange(len(batch), device=logits.device)
-            metric = logit_diff(logits[rows, answer.to(logits.device)].float(), ids[:, 0], ids[:, 1])
+            metric = logit_diff(model.logits(batch, answer, grad=True), ids[:, 0], ids[:, 1])
             tensors = [live[L] for L in layers]
             grads = torch.autograd.grad(metric.sum(), tensors, allow_unused=True)
     finally:

@@ -6,8 +6,11 @@
    activations (causal attention), so patching them is a no-op: reported as metric 0 exactly;
 2. a patched run at layer L starts from the cached residual of the base run at L, replaying
    the blocks' own masks and position embeddings (:meth:`SiteMap.run_from`);
-3. only the answer position goes through the final norm and the unembedding;
-4. the patched copies of the base prompt (one per cell) run as one batch.
+3. it also starts at the first patched column: earlier columns are unchanged, so they enter
+   attention as the base run's recorded keys and values and are not recomputed (cells are
+   sorted by column, so each batch of copies starts as late as it can);
+4. only the answer position goes through the final norm and the unembedding;
+5. the patched copies of the base prompt (one per cell) run as one batch.
 """
 
 from __future__ import annotations
@@ -52,9 +55,8 @@ def run_side(model: Model, cset: ContrastSet, pairs: Sequence[int], side: str, s
     with torch.inference_mode(), reading(model, site, layers) as acts, \
             reading(model, "resid_pre", starts) as resid, \
             model.sites.capture_layer_calls(model.hf) as calls:
-        logits = model.hf(**batch.inputs(), use_cache=False).logits
-    rows = torch.arange(len(sub))
-    metric = logit_diff(logits[rows, answer.to(logits.device)], ids[:, 0], ids[:, 1]).cpu()
+        logits = model.logits(batch, answer)
+    metric = logit_diff(logits, ids[:, 0], ids[:, 1]).cpu()
     return SideRun(batch, answer, ids, metric, acts, resid, calls)
 
 
@@ -117,7 +119,8 @@ def run_cells(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: l
                 live.append(k)
         bar.update(len(todo) - len(live))
         for layer in layers:
-            at_layer = [k for k in live if cells[k].layer == layer]
+            at_layer = sorted((k for k in live if cells[k].layer == layer),
+                              key=lambda k: min(cells[k].positions) + int(base.batch.offsets[row_of[cells[k].pair]]))
             for part in chunks(len(at_layer), batch_size):
                 ks = [at_layer[i] for i in part]
                 values = _patched_runs(model, site, layer, [cells[k] for k in ks],
@@ -143,21 +146,22 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
             head_idx.append(c.head)
     src = source.acts[layer]
     rows_t = torch.tensor(rows, device=device)
+    answer = base.answer.to(device)[rows_t]
+    start = min(min(col_idx), int(answer.min())) if base.calls.can_start_later else 0
     col_t = torch.tensor(col_idx, device=src.device)
     row_src = torch.tensor(row_idx, device=src.device)
     if site == "head":
         head_t = torch.tensor(head_idx, device=src.device)
         values = src[row_src, col_t, head_t]
-        index = (torch.tensor(copy_idx), col_t, head_t)
+        index = (torch.tensor(copy_idx), col_t - start, head_t)
     else:
         values = src[row_src, col_t]
-        index = (torch.tensor(copy_idx), col_t)
+        index = (torch.tensor(copy_idx), col_t - start)
     index = tuple(t.to(device) for t in index)
-    hidden = base.resid[layer].index_select(0, rows_t)
+    hidden = base.resid[layer].index_select(0, rows_t)[:, start:]
     with Overwrite(model, site, layer, index, values):
-        out = model.sites.run_from(model.hf, layer, hidden, base.calls, rows_t)
-    answer = base.answer.to(out.device)[rows_t]
-    last = out[torch.arange(len(rows), device=out.device), answer]
+        out = model.sites.run_from(model.hf, layer, hidden, base.calls, rows_t, start)
+    last = out[torch.arange(len(rows), device=out.device), answer.to(out.device) - start]
     logits = model.sites.logits_from_hidden(model.hf, last).float()
     ids = base.ids[rows_t.cpu()]
     return logit_diff(logits, ids[:, 0], ids[:, 1]).cpu().tolist()
