@@ -20,5 +20,11 @@ def test_choose_edit_from_patching_table(tiny_llama):
     assert edit.notes["held_out_neutral_kl"] <= 0.1
     cands = reason.split("candidates:")[1]
     assert cands.count("removes") >= 2  # several candidates were judged
+    # residual cells of a map over every position: vector candidates come from the last token
+    table = pd.concat([table, patch(model, cset, "resid_pre", positions="all", progress=False).frame])
+    _, reason = choose_edit(model, cset, table, side_effects=tiny_side_effects(model))
+    vectors = [line for line in reason.splitlines() if "steering vector at layer" in line]
+    assert len(vectors) == 3 and all("(last)" in line for line in vectors)
+    assert any("ablation of the mean_diff direction" in line for line in reason.splitlines())
     with pytest.raises(BehaviorLensError, match="lacks columns"):
         choose_edit(model, cset, pd.DataFrame({"site": ["head"]}), side_effects=tiny_side_effects(model))

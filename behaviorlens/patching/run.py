@@ -22,6 +22,7 @@ from .plots import head_heatmap, position_heatmap
 from .results import PatchResult
 
 METHODS = ("exact", "attribution")
+LAYERS_PER_CACHE_FILE = 5
 
 
 def run_patch(
@@ -116,10 +117,14 @@ def _top(result: PatchResult, k: int = 10) -> list[dict]:
 def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int], positions,
                   heads, clean: str, direction: str, batch_size: int, cache: Path,
                   progress: bool) -> PatchResult:
-    """Exact sweep one layer at a time; finished layers are read back from ``cache``."""
+    """Exact sweep a few layers at a time; finished groups are read back from ``cache``.
+
+    Each group costs one forward of each side on top of its cells, so groups of
+    ``LAYERS_PER_CACHE_FILE`` layers keep that overhead small while a rerun still resumes.
+    """
     key = {
         "model": model.name, "set": cset.name, "site": site, "clean": clean, "direction": direction,
-        "positions": positions, "heads": heads,
+        "positions": positions, "heads": heads, "layers_per_file": LAYERS_PER_CACHE_FILE,
         "tokens": hashlib.sha256(json.dumps([p.tokens for p in cset]).encode()).hexdigest(),
     }
     key_file = cache / "key.json"
@@ -128,14 +133,18 @@ def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int],
     cache.mkdir(parents=True, exist_ok=True)
     write_json(key_file, key)
     frames = []
-    for layer in tqdm(layers, desc=f"patch {site}", disable=not progress):
-        path = cache / f"layer_{layer:03d}.csv"
+    groups = [layers[i:i + LAYERS_PER_CACHE_FILE] for i in range(0, len(layers), LAYERS_PER_CACHE_FILE)]
+    bar = tqdm(total=len(layers), desc=f"patch {site} (layers)", disable=not progress)
+    for group in groups:
+        path = cache / f"layers_{group[0]:03d}-{group[-1]:03d}.csv"
         if path.exists():
             frame = pd.read_csv(path, keep_default_na=False, na_values={"head": [""]})
             frame["head"] = frame["head"].astype("Int64")
         else:
-            frame = patch(model, cset, site, [layer], positions, heads, clean, direction,
+            frame = patch(model, cset, site, group, positions, heads, clean, direction,
                           batch_size, progress=False).frame
             write_csv(path, frame)
         frames.append(frame)
+        bar.update(len(group))
+    bar.close()
     return PatchResult(pd.concat(frames, ignore_index=True), site, direction, clean, "exact")

@@ -1,8 +1,9 @@
 """Choosing an edit from evidence: candidates from a patching result, judged on held-out pairs.
 
-Candidates: mean-ablation of the top-k heads at the last position (k = 1..5), and, from the
-residual-stream cells, a mean-difference vector (pushed against the behavior) and the
-ablation of its direction at the layer where the behavior's information arrives. Each is
+Candidates: mean-ablation of the top-k heads at the last position (k = 1..max_heads), and,
+from the residual-stream cells at the last token (where the answer is read out), a
+mean-difference vector (pushed against the behavior) and the ablation of its direction at the
+layer where the behavior's information arrives there. Each is
 applied to a held-out split of the training family; the winner removes the largest fraction
 of the behavior shift with neutral KL at most ``kl_max``.
 """
@@ -60,32 +61,27 @@ def candidates(model: Any, fit: Any, table: pd.DataFrame, max_heads: int = 10,
             edit = head_edit(model, chosen, "mean", means=means, family=fit.name, position="all")
             out.append((edit, f"top {k} head(s) at the last position by patching: {evidence}"))
     resid = cells[cells.site.isin(["resid_pre", "resid_post"])]
-    resid = resid[resid.position_name.isin(_position_names(fit))]
+    resid = resid[resid.position_name.map(lambda n: "last" in str(n).split("/"))]
     if len(resid):
-        best_pos = resid.loc[resid.metric.idxmax(), "position_name"]
-        at = resid[resid.position_name == best_pos].sort_values("layer")
+        at = resid.sort_values("layer")
         arrive = at[at.metric >= 0.8 * at.metric.max()].iloc[0]
         layer = int(arrive.layer) - (1 if arrive.site == "resid_pre" and int(arrive.layer) > 0 else 0)
-        why = (f"{arrive.site} at {best_pos} reaches {arrive.metric:.2f} of the shift at layer "
+        why = (f"{arrive.site} at the last token reaches {arrive.metric:.2f} of the shift at layer "
                f"{int(arrive.layer)} (max {at.metric.max():.2f})")
-        vec = train_vector(model, fit, [layer], "mean_diff", position=best_pos)
+        vec = train_vector(model, fit, [layer], "mean_diff", position="last")
         for m in vector_multipliers:
             scaled = Edit(kind="vector", vectors={layer: -m * vec.vectors[layer]}, model=model.name,
-                          family=fit.name, position=best_pos, method=f"mean_diff x -{m:g}",
+                          family=fit.name, position="last", method=f"mean_diff x -{m:g}",
                           d_model=vec.d_model, n_heads=vec.n_heads, head_dim=vec.head_dim,
                           notes={"intent": "reduce"})
             out.append((scaled, why))
         direction = Edit(kind="ablate_direction", vectors={layer: vec.direction}, model=model.name,
-                         family=fit.name, position=best_pos, method="mean_diff",
+                         family=fit.name, position="last", method="mean_diff",
                          d_model=vec.d_model, n_heads=vec.n_heads, head_dim=vec.head_dim)
         out.append((direction, why))
     if not out:
-        raise BehaviorLensError("the patching table has no head cells at 'last' and no resid cells to choose from")
+        raise BehaviorLensError("the patching table has no head or resid cells at the last token to choose from")
     return out
-
-
-def _position_names(cset: Any) -> set[str]:
-    return set(cset[0].spans["positive"])
 
 
 def judge(model: Any, edit: Edit, held: Any, side: SideEffectData, base: dict) -> dict[str, float]:
