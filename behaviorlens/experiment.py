@@ -34,7 +34,7 @@ STEP_KEYS: dict[str, set[str]] = {
     "measure": {"families"},
     "probe": {"sites", "positions", "methods", "folds"},
     "patch": {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"},
-    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate"},
+    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate", "max_accuracy_drop"},
 }
 PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
 
@@ -312,6 +312,7 @@ class Runner:
         train_summary = run_steer_train(
             self.model, train, edit_path, layer=params.get("layer"),
             method=params.get("method", "mean_diff"), from_patching=evidence,
+            max_accuracy_drop=params.get("max_accuracy_drop"),
         )
         edit = Edit.load(edit_path, self.model)
         eval_summary = run_steer_eval(

@@ -196,3 +196,13 @@ def test_builtin_renders_aligned_with_distinct_rows(name, default_model):
         assert len(p.tokens["positive"]) == len(p.tokens["negative"])
         m, n = p.answer_ids
         assert m != n
+
+
+def test_slot_span_leaves_out_a_token_that_only_starts_with_its_trailing_space(default_model):
+    """capitals_opinion's slot ends in ". ": the next token " What" is not the slot's last token."""
+    tok = default_model.tokenizer
+    p = load_family("capitals_opinion").render(tok)[0]
+    a, b = p.spans["positive"]["opinion"]
+    words = [tok.decode([t]) for t in p.tokens["positive"]]
+    assert words[b - 1] == "." and words[b - 2] == " Berlin" and words[b] == " What"
+    assert words[a] == "I"

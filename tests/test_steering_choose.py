@@ -26,5 +26,10 @@ def test_choose_edit_from_patching_table(tiny_llama):
     vectors = [line for line in reason.splitlines() if "steering vector at layer" in line]
     assert len(vectors) == 3 and all("(last)" in line for line in vectors)
     assert any("ablation of the mean_diff direction" in line for line in reason.splitlines())
+    # an accuracy limit no candidate can meet is refused, listing every candidate's cost
+    lines = [line for line in reason.splitlines() if "factual accuracy" in line]
+    assert len(lines) >= len(vectors) + 1
+    with pytest.raises(BehaviorLensError, match="factual accuracy drop <= -100%"):
+        choose_edit(model, cset, table, accuracy_drop_max=-1.0, side_effects=tiny_side_effects(model))
     with pytest.raises(BehaviorLensError, match="lacks columns"):
         choose_edit(model, cset, pd.DataFrame({"site": ["head"]}), side_effects=tiny_side_effects(model))

@@ -75,6 +75,7 @@ def run_patch(
             attribution_exact_pearson=check.pearson,
             attribution_exact_spearman=check.spearman,
             attribution_exact_pearson_pairs=check.pearson_pairs,
+            attribution_exact_mean_abs_error=check.mean_abs_error,
             attribution_verified_cells=len(check.table),
             attribution_wrong_cells=int(check.table["wrong"].sum()),
         )

@@ -212,6 +212,7 @@ class PromptFamily:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         spans: dict[str, tuple[int, int]] = {}
         for name, (a, b) in char_spans.items():
+            a, b = _trim_whitespace(clean, a, b)
             inside = [i for i, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
             if not inside:
                 raise BehaviorLensError(f"{where}, slot {name!r}: the {side} slot text is empty")
@@ -289,6 +290,18 @@ def _resolve(row: dict, where: str) -> dict[str, Any]:
         if not changed:
             break
     return values
+
+
+def _trim_whitespace(text: str, a: int, b: int) -> tuple[int, int]:
+    """A slot's character span without its surrounding whitespace (unless that is all of it).
+
+    A token such as " What" that only starts with a slot's trailing space then stays outside
+    the slot, so the slot's named position is its own last token.
+    """
+    inner = text[a:b]
+    if not inner.strip():
+        return a, b
+    return a + len(inner) - len(inner.lstrip()), b - len(inner) + len(inner.rstrip())
 
 
 def _strip_markers(marked: str, slots: list[str]) -> tuple[str, dict[str, tuple[int, int]]]:

@@ -19,7 +19,7 @@ import torch
 from ..errors import BehaviorLensError
 from .apply import head_edit, head_means, steer
 from .edit import Edit
-from .evaluate import SideEffectData, _neutral_logits, behavior_metrics
+from .evaluate import SideEffectData, _factual_accuracy, _neutral_logits, behavior_metrics
 from .vectors import train_vector
 from ..analysis.metrics import kl_divergence
 
@@ -85,13 +85,15 @@ def candidates(model: Any, fit: Any, table: pd.DataFrame, max_heads: int = 10,
 
 
 def judge(model: Any, edit: Edit, held: Any, side: SideEffectData, base: dict) -> dict[str, float]:
-    """Fraction of the held-out shift removed, and neutral KL, for one candidate."""
+    """Fraction of the held-out shift removed, neutral KL and factual accuracy change of a candidate."""
     with steer(model, edit, 1.0):
         m = behavior_metrics(model, held)
         neutral = _neutral_logits(model, side.neutral, 16)
+        accuracy = _factual_accuracy(model, side.factual, 16)
     shift = float((m[:, 0] - m[:, 1]).mean())
     kl = float(torch.cat([kl_divergence(b, s) for b, s in zip(base["neutral"], neutral)]).mean())
-    return {"shift_removed_fraction": 1 - shift / base["shift"], "neutral_kl": kl}
+    return {"shift_removed_fraction": 1 - shift / base["shift"], "neutral_kl": kl,
+            "factual_accuracy_change": accuracy - base["factual_accuracy"]}
 
 
 def choose_edit(
@@ -101,12 +103,15 @@ def choose_edit(
     test_fraction: float = 0.5,
     seed: int = 0,
     kl_max: float = 0.1,
+    accuracy_drop_max: float | None = None,
     side_effects: SideEffectData | None = None,
 ) -> tuple[Edit, str]:
     """Pick the edit the evidence supports; returns it and a sentence saying what and why.
 
-    Without a patching result, exact head and residual patching at the last token is run on
-    the fitting split (:func:`behaviorlens.patching.patch`).
+    The winner removes the most held-out shift among candidates with neutral KL <= ``kl_max``
+    (and, if given, a factual accuracy drop <= ``accuracy_drop_max``); every candidate's
+    figures are listed. Without a patching result, exact head and residual patching at the
+    last token is run on the fitting split (:func:`behaviorlens.patching.patch`).
     """
     if len(train_set) < 4:
         raise BehaviorLensError(f"set {train_set.name!r} has {len(train_set)} pairs; choosing an edit needs at least 4")
@@ -121,23 +126,32 @@ def choose_edit(
     side = side_effects or SideEffectData(model)
     base_m = behavior_metrics(model, held)
     base = {"shift": float((base_m[:, 0] - base_m[:, 1]).mean()),
-            "neutral": _neutral_logits(model, side.neutral, 16)}
+            "neutral": _neutral_logits(model, side.neutral, 16),
+            "factual_accuracy": _factual_accuracy(model, side.factual, 16)}
     scored = []
     for edit, why in candidates(model, fit, table):
         res = judge(model, edit, held, side, base)
         scored.append((edit, why, res))
-    ok = [s for s in scored if s[2]["neutral_kl"] <= kl_max]
+    limits = f"neutral KL <= {kl_max}"
+    if accuracy_drop_max is not None:
+        limits += f" and factual accuracy drop <= {accuracy_drop_max:.0%}"
+    ok = [s for s in scored if s[2]["neutral_kl"] <= kl_max
+          and (accuracy_drop_max is None or -s[2]["factual_accuracy_change"] <= accuracy_drop_max + 1e-9)]
     lines = [f"  {e.describe()}: removes {r['shift_removed_fraction']:.0%} of the held-out shift, "
-             f"neutral KL {r['neutral_kl']:.3f}" for e, _, r in scored]
+             f"neutral KL {r['neutral_kl']:.3f}, factual accuracy {100 * r['factual_accuracy_change']:+.1f} points"
+             for e, _, r in scored]
     if not ok:
-        raise BehaviorLensError(f"no candidate edit keeps neutral KL <= {kl_max}:\n" + "\n".join(lines))
+        raise BehaviorLensError(f"no candidate edit keeps {limits}:\n" + "\n".join(lines))
     edit, why, res = max(ok, key=lambda s: s[2]["shift_removed_fraction"])
     edit.notes |= {"chosen_because": why, "held_out_shift_removed_fraction": res["shift_removed_fraction"],
-                   "held_out_neutral_kl": res["neutral_kl"], "train_family": train_set.name}
+                   "held_out_neutral_kl": res["neutral_kl"],
+                   "held_out_factual_accuracy_change": res["factual_accuracy_change"],
+                   "train_family": train_set.name}
     reason = (
         f"chose {edit.describe()}: evidence: {why}; on {len(held)} held-out pairs of "
         f"{train_set.name!r} it removes {res['shift_removed_fraction']:.0%} of the behavior shift "
-        f"with neutral KL {res['neutral_kl']:.3f} (best of {len(scored)} candidates with KL <= "
-        f"{kl_max}).\ncandidates:\n" + "\n".join(lines)
+        f"with neutral KL {res['neutral_kl']:.3f} and factual accuracy "
+        f"{100 * res['factual_accuracy_change']:+.1f} points (best of {len(scored)} candidates with "
+        f"{limits}).\ncandidates:\n" + "\n".join(lines)
     )
     return edit, reason

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> None:
     model = model_from_args(args)
     summary = run_steer_train(model, _family(model, args.family), args.out, layer=args.layer,
                               method=args.method, position=args.position, kind=args.kind,
-                              from_patching=args.from_patching)
+                              from_patching=args.from_patching, max_accuracy_drop=args.max_accuracy_drop)
     if summary["reason"]:
         print(summary["reason"])
     print(f"wrote {summary['edit']} to {summary['path']}")
@@ -92,6 +92,8 @@ def add_commands(sub) -> None:
     p.add_argument("--position", default="last")
     p.add_argument("--kind", default="vector", choices=["vector", "ablate_direction"])
     p.add_argument("--from-patching", dest="from_patching", default=None)
+    p.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=float, default=None,
+                   help="with --from-patching: skip edits losing more factual accuracy (e.g. 0.1)")
     p.add_argument("--out", required=True)
     add_model_options(p)
     p.set_defaults(func=_train)

@@ -29,17 +29,19 @@ def run_steer_train(
     position: str = "last",
     kind: str = "vector",
     from_patching: str | Path | pd.DataFrame | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> dict:
     """Train an edit at ``layer`` (or choose one from a patching result) and save it.
 
     With ``from_patching`` (or no ``layer``), :func:`~.choose.choose_edit` picks the edit
-    kind and site and says why; without a patching result it patches heads itself.
+    kind and site and says why (optionally refusing edits that cost more than
+    ``max_accuracy_drop`` of factual accuracy); without a patching result it patches heads itself.
     """
     reason = ""
     if from_patching is not None or layer is None:
         from .choose import choose_edit
 
-        edit, reason = choose_edit(model, train_set, from_patching)
+        edit, reason = choose_edit(model, train_set, from_patching, accuracy_drop_max=max_accuracy_drop)
     else:
         edit = train_vector(model, train_set, [layer], method, position)
         if kind == "ablate_direction":
