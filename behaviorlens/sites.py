@@ -293,6 +293,7 @@ class SiteMap:
             kwargs = calls.for_rows(i, rows, start)
             hidden = _block_output(self.layers(hf_model)[i](hidden, **kwargs))
         return hidden
+
     def logits_from_hidden(self, hf_model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, unembedding and any final logit soft-capping of last-block outputs."""
         logits = hf_model.get_output_embeddings()(self.final_norm(hf_model)(hidden))
@@ -367,13 +368,16 @@ class LayerCalls:
 
     @property
     def can_start_later(self) -> bool:
-        """Whether replays may start at a later column (keys and values were recorded, and
-        every mask is explicit or plain causal for SDPA or eager attention)."""
-        if not self.calls or len(self.keys_values.keys) < len(self.calls):
+        """Whether replays may start at a later column: every block's keys and values were
+        recorded, and its mask is a 4-D SDPA or eager mask (or none: plain causal SDPA)."""
+        if self.attention not in ("sdpa", "eager") or len(self.keys_values.keys) < len(self.calls):
             return False
-        return all(c.get("__cache__") for c in self.calls.values()) and (
-            self.attention in ("sdpa", "eager")
-            or all(isinstance(c.get("attention_mask"), torch.Tensor) for c in self.calls.values()))
+
+        def mask_ok(mask: Any) -> bool:
+            return mask.dim() == 4 if isinstance(mask, torch.Tensor) else mask is None and self.attention == "sdpa"
+
+        return bool(self.calls) and all(c.get("__cache__") and mask_ok(c.get("attention_mask"))
+                                        for c in self.calls.values())
 
     def for_rows(self, layer: int, rows: torch.Tensor | None, start: int = 0) -> dict[str, Any]:
         """Block ``layer``'s arguments by name, batch axes re-indexed by ``rows``, from column ``start``."""
@@ -392,11 +396,8 @@ class LayerCalls:
         keys = self.keys_values.keys[layer]
         length = keys.shape[-2]
         mask = kwargs.get("attention_mask")
-        if mask is None:  # plain causal attention without padding
+        if mask is None:  # SDPA without padding: plain causal attention
             mask = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()[None, None]
-            if self.attention == "eager":
-                mask = torch.zeros(mask.shape, dtype=keys.dtype, device=keys.device).masked_fill(
-                    ~mask, torch.finfo(keys.dtype).min)
         kwargs["attention_mask"] = mask[..., start:, :]
         for name in ("position_ids", "cache_position"):
             if isinstance(kwargs.get(name), torch.Tensor):

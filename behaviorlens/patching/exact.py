@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from ..batching import Batch, chunks
 from ..errors import BehaviorLensError
 from ..model import Model
 from ..prompts.contrast import ContrastSet
-from ..sites import check_edit, saved_edit
+from ..sites import LayerCalls, check_edit, saved_edit
 from .hooks import Overwrite, reading
 from .plan import Cell, Sides, check_site, default_positions, make_cells, resolve_sides
 from .results import PatchResult, build_frame
@@ -42,19 +43,20 @@ class SideRun:
     metric: torch.Tensor  # [rows] float32 behavior metric
     acts: dict[int, torch.Tensor]  # layer -> site activation
     resid: dict[int, torch.Tensor]  # layer -> residual entering the layer
-    calls: object = None  # LayerCalls of this forward
+    calls: LayerCalls | None = None  # with replay: the blocks' calls, keys and values
 
 
 def run_side(model: Model, cset: ContrastSet, pairs: Sequence[int], side: str, site: str,
-             layers: Sequence[int], starts: Sequence[int] = ()) -> SideRun:
-    """Forward one side of some pairs, keeping the site at ``layers`` and residuals at ``starts``."""
+             layers: Sequence[int], starts: Sequence[int] = (), replay: bool = False) -> SideRun:
+    """Forward one side of some pairs, keeping the site at ``layers`` and residuals at ``starts``
+    (and, with ``replay``, what :meth:`SiteMap.run_from` needs to rerun it from there)."""
     sub = [cset[i] for i in pairs]
     batch = model.batch([p.tokens[side] for p in sub])
     answer = batch.columns([p.position(side, "answer") for p in sub])
     ids = torch.tensor([p.answer_ids for p in sub])
     with torch.inference_mode(), reading(model, site, layers) as acts, \
             reading(model, "resid_pre", starts) as resid, \
-            model.sites.capture_layer_calls(model.hf) as calls:
+            (model.sites.capture_layer_calls(model.hf) if replay else nullcontext()) as calls:
         logits = model.logits(batch, answer)
     metric = logit_diff(logits, ids[:, 0], ids[:, 1]).cpu()
     return SideRun(batch, answer, ids, metric, acts, resid, calls)
@@ -105,7 +107,7 @@ def run_cells(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: l
         todo = [k for i in chunk_pairs for k in by_pair.get(i, [])]
         layers = sorted({cells[k].layer for k in todo})
         source = run_side(model, cset, chunk_pairs, sides.source, site, layers)
-        base = run_side(model, cset, chunk_pairs, sides.base, site, [], layers)
+        base = run_side(model, cset, chunk_pairs, sides.base, site, [], layers, replay=True)
         row_of = {p: r for r, p in enumerate(chunk_pairs)}
         for r, p in enumerate(chunk_pairs):
             metrics[sides.source][p] = float(source.metric[r])
