@@ -9,7 +9,7 @@ from .prompts import ContrastPair, ContrastSet, PromptFamily, load_family
 from .sites import SITES, SiteMap
 
 __all__ = [
-    "Batch", "BehaviorLensError", "ContrastPair", "ContrastSet", "Model", "PromptFamily", "SITES",
+    "SITES", "Batch", "BehaviorLensError", "ContrastPair", "ContrastSet", "Model", "PromptFamily",
     "SiteMap", "load_experiment", "load_family", "load_model", "measure", "run_experiment",
 ]
 __version__ = "0.1.0"

@@ -380,7 +380,7 @@ def _seed(seed: int) -> None:
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
             cwd=Path(__file__).parent,
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

@@ -265,7 +265,7 @@ class _Verbosity:
         self.level = self.hf_logging.get_verbosity()
         self.hf_logging.set_verbosity_error()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.hf_logging.set_verbosity(self.level)
         self.hf_logging.enable_progress_bar()
 

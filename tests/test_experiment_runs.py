@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_model
 
 from behaviorlens.experiment import Runner, load_experiment
-from conftest import tiny_model
 
 STEPS = {
     "measure": {},

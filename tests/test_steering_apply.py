@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steering_helpers import tiny_set
 
 from behaviorlens.errors import BehaviorLensError
-from behaviorlens.steering import Edit, ablate_direction, ablate_heads, head_means, scale_heads, steer
-from steering_helpers import tiny_set
+from behaviorlens.steering import (
+    Edit,
+    ablate_direction,
+    ablate_heads,
+    head_means,
+    scale_heads,
+    steer,
+)
 
 
 def _vec(model, layer=1, scale=4.0, seed=1):
@@ -37,9 +44,8 @@ def test_vector_matches_nnsight_write(tiny):
 def test_hooks_removed_on_error(tiny_llama):
     batch = tiny_llama.batch([[3, 4, 5]])
     base = tiny_llama.logits(batch)
-    with pytest.raises(RuntimeError):
-        with steer(tiny_llama, _vec(tiny_llama), 3.0):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), steer(tiny_llama, _vec(tiny_llama), 3.0):
+        raise RuntimeError("boom")
     torch.testing.assert_close(tiny_llama.logits(batch), base)
 
 
@@ -77,7 +83,7 @@ def test_steering_reaches_generated_tokens(tiny_llama):
     assert rest_steered == steered[1:]
     assert rest_steered != rest_plain
     # reference loop: steer everything
-    ctx = lambda: steer(model, edit, 1.0)  # noqa: E731
+    ctx = lambda: steer(model, edit, 1.0)
     assert _greedy(model, ids, n, ctx, ctx) == steered
     # "prompt": only the prompt forward is steered
     with steer(model, edit, 1.0, positions="prompt"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from conftest import tiny_model
+from steering_helpers import tiny_set
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.steering import bake, direction_edit, head_edit, steer, train_vector
-from conftest import tiny_model
-from steering_helpers import tiny_set
 
 IDS = [[3, 4, 5, 6, 7, 8], [9, 33, 34]]
 

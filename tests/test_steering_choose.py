@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from steering_helpers import tiny_set, tiny_side_effects
 
 from behaviorlens.errors import BehaviorLensError
-from behaviorlens.steering import choose_edit
 from behaviorlens.patching import patch
-from steering_helpers import tiny_set, tiny_side_effects
+from behaviorlens.steering import choose_edit
 
 
 def test_choose_edit_from_patching_table(tiny_llama):

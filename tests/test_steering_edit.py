@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from steering_helpers import tiny_set
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.steering import Edit, export_gguf, head_edit, train_vector
 from behaviorlens.steering.gguf_export import gguf_arch, read_gguf
-from steering_helpers import tiny_set
 
 
 def test_vector_round_trip(tiny_llama, tmp_path):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from steering_helpers import tiny_set, tiny_side_effects
 
 from behaviorlens.analysis.metrics import kl_divergence
 from behaviorlens.steering import head_edit, random_control, run_steer_eval, steer, train_vector
 from behaviorlens.steering.evaluate import behavior_metrics, evaluate_steering
-from steering_helpers import tiny_set, tiny_side_effects
 
 
 def test_evaluate_vector_table(tiny_llama):

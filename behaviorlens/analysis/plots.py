@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from ..io import atomic_write  # noqa: E402
+from ..io import atomic_write
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:

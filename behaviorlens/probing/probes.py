@@ -14,9 +14,8 @@ positive (label 1) side.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import warnings
+from abc import ABC, abstractmethod
 
 import numpy as np
 

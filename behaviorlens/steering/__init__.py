@@ -1,7 +1,15 @@
 """Editing a behavior: steering vectors, directional ablation, head edits, baked weights,
 and their evaluation against a random control."""
 
-from .apply import ablate_direction, ablate_heads, direction_edit, head_edit, head_means, scale_heads, steer
+from .apply import (
+    ablate_direction,
+    ablate_heads,
+    direction_edit,
+    head_edit,
+    head_means,
+    scale_heads,
+    steer,
+)
 from .bake import bake, edited_module
 from .choose import choose_edit
 from .edit import Edit, SteeringVector

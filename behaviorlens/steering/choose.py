@@ -16,12 +16,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..analysis.metrics import kl_divergence
 from ..errors import BehaviorLensError
 from .apply import head_edit, head_means, steer
 from .edit import Edit
 from .evaluate import SideEffectData, _factual_accuracy, _neutral_logits, behavior_metrics
 from .vectors import train_vector
-from ..analysis.metrics import kl_divergence
 
 PATCHING_COLUMNS = ("site", "layer", "head", "position_name", "metric")
 

@@ -179,7 +179,7 @@ def evaluate_steering(
     else:
         if layers is not None and list(layers) != edit.layers:
             raise BehaviorLensError(f"a {edit.kind} edit acts on its own layers {edit.layers}; drop --layers")
-        configs = [(edit.layers[0] if edit.kind == "heads" else edit.layers[0], None)]
+        configs = [(edit.layers[0], None)]
     base = _measure(model, eval_set, data, None, batch_size)
     base_shift = base["metrics"][:, 0] - base["metrics"][:, 1]
     shift_unsteered = float(base_shift.mean())
