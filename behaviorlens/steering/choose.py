@@ -3,9 +3,9 @@
 Candidates: mean-ablation of the top-k heads at the last position (k = 1..max_heads), and,
 from the residual-stream cells at the last token (where the answer is read out), a
 mean-difference vector (pushed against the behavior) and the ablation of its direction at the
-layer where the behavior's information arrives there. Each is
-applied to a held-out split of the training family; the winner removes the largest fraction
-of the behavior shift with neutral KL at most ``kl_max``.
+layer where the behavior's information arrives there. Each is applied to a held-out split
+of the training family; the winner removes the largest fraction of the behavior shift within
+the side-effect limits (neutral KL, and optionally factual accuracy).
 """
 
 from __future__ import annotations
