@@ -52,3 +52,22 @@ def test_user_errors_exit_2(tiny_llama, tmp_path, capsys):
                  "--layer", "99"]) == 2
     err = capsys.readouterr().err
     assert "behaviorlens: error:" in err and "layer 99" in err
+
+
+def test_eval_averages_the_requested_number_of_controls(tiny_llama, tmp_path, monkeypatch, capsys):
+    import json
+
+    import behaviorlens.steering.evaluate as ev
+    from steering_helpers import tiny_side_effects
+
+    side = tiny_side_effects(tiny_llama)  # token ids only: the saved copy has the same tokenizer
+    monkeypatch.setattr(ev, "SideEffectData", lambda m: side)
+    folder, fam = _setup(tmp_path, tiny_llama)
+    edit_path = str(tmp_path / "e.safetensors")
+    assert main(["steer", "train", fam, "--layer", "1", "--out", edit_path, "--model", folder]) == 0
+    out = tmp_path / "eval"
+    assert main(["steer", "eval", edit_path, fam, "--multipliers", "-2", "--controls", "2",
+                 "--out", str(out), "--model", folder]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["random_controls"] == 2
+    assert summary["random_control_shift_removed_fraction_sd"] >= 0

@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> None:
     model = model_from_args(args)
     edit = _load_edit(model, args.edit)
     summary = run_steer_eval(model, edit, _family(model, args.family), args.multipliers,
-                             args.layers, args.out, batch_size=args.batch_size)
+                             args.layers, args.out, batch_size=args.batch_size, controls=args.controls)
     print(json.dumps(summary, indent=2))
 
 
@@ -104,6 +104,7 @@ def add_commands(sub) -> None:
     p.add_argument("--multipliers", type=float, nargs="+", default=[1.0])
     p.add_argument("--layers", type=int, nargs="+", default=None)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--controls", type=int, default=3, help="random controls to average (default 3)")
     p.add_argument("--out", required=True)
     add_model_options(p)
     p.set_defaults(func=_eval)

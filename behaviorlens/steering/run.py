@@ -95,10 +95,12 @@ def run_steer_eval(
     out_dir: str | Path = "steering",
     batch_size: int = 16,
     seed: int = 0,
+    controls: int = 3,
 ) -> dict:
     """Evaluate an edit; writes steering.csv, steering_pairs.csv, dose_response.png, summary.json."""
     out_dir = Path(out_dir)
-    frame = evaluate_steering(model, edit, eval_set, multipliers, layers, batch_size, seed=seed)
+    frame = evaluate_steering(model, edit, eval_set, multipliers, layers, batch_size, seed=seed,
+                              controls=controls)
     write_csv(out_dir / "steering.csv", frame)
     write_csv(out_dir / "steering_pairs.csv", frame.attrs["pairs"])
     dose_response(frame, out_dir / "dose_response.png")
