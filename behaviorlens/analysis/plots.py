@@ -14,7 +14,8 @@ from ..io import atomic_write
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Write a figure as PNG atomically and close it."""
+    """Lay out a figure, write it as PNG atomically and close it (every stage's plots end here)."""
+    fig.tight_layout()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return out

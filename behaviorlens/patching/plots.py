@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_write
-
 
 def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig) -> None:
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
@@ -31,10 +29,7 @@ def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> 
     lengths line up at the answer; columns that are zero for every layer (before the first
     difference) are dropped to keep the plot readable.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..analysis.plots import plt, save_figure
 
     grid = means.pivot_table(index="layer", columns="from_end", values="metric", aggfunc="mean")
     keep = [c for c in grid.columns if (grid[c].abs() > 0).any()] or list(grid.columns)
@@ -45,18 +40,12 @@ def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> 
     _diverging(ax, grid.to_numpy(float), xlabels, [str(i) for i in grid.index], title, fig)
     ax.set_xlabel("position (token)")
     ax.set_ylabel("layer")
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def head_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Layer x head heatmap of the mean metric, summed over the patched positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..analysis.plots import plt, save_figure
 
     grid = means.pivot_table(index="layer", columns="head", values="metric", aggfunc="sum")
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(4, 0.2 * len(grid) + 1.5)))
@@ -64,7 +53,4 @@ def head_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path
                title, fig)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -10,23 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_write
-
 
 def _figure(*args, **kwargs):
-    import matplotlib
+    from ..analysis.plots import plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, plt.subplots(*args, **kwargs)
+    return plt.subplots(*args, **kwargs)
 
 
-def _save(plt, fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+def _save(fig, path: str | Path) -> Path:
+    from ..analysis.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -35,7 +29,7 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
     Head rows are summarized by their best head per layer. One panel per site and position.
     """
     panels = list(table.groupby(["site", "position"], sort=False))
-    plt, (fig, axes) = _figure(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = _figure(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, ((site, position), part) in zip(axes[0], panels):
         if site == "head":
             idx = part.groupby(["method", "layer"])["auroc_mean"].idxmax()
@@ -58,7 +52,7 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
         label = f"{site} @ {position}" + (" (best head)" if site == "head" else "")
         ax.set_title(f"{title} {label}".strip())
         ax.legend(fontsize=7, loc="lower right")
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -68,7 +62,7 @@ def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") ->
     heads = heads[heads["position"] == position]
     method = heads.groupby("method")["auroc_mean"].mean().idxmax()
     grid = heads[heads["method"] == method].pivot_table(index="layer", columns="head", values="auroc_mean")
-    plt, (fig, ax) = _figure(figsize=(max(4.5, 1.5 + 0.5 * grid.shape[1]), max(3.5, 1 + 0.25 * grid.shape[0])))
+    fig, ax = _figure(figsize=(max(4.5, 1.5 + 0.5 * grid.shape[1]), max(3.5, 1 + 0.25 * grid.shape[0])))
     im = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
     ax.set_xticks(range(grid.shape[1]), grid.columns)
     ax.set_yticks(range(grid.shape[0]), grid.index)
@@ -76,14 +70,14 @@ def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") ->
     ax.set_ylabel("layer")
     ax.set_title(f"{title} head AUROC ({method} @ {position})".strip(), fontsize=9)
     fig.colorbar(im, ax=ax)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_transfer(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Train family (rows) x test family (columns) AUROC, annotated; diagonal is CV."""
     names = list(dict.fromkeys(list(table["train"]) + list(table["test"])))
     grid = table.pivot_table(index="train", columns="test", values="auroc").reindex(index=names, columns=names)
-    plt, (fig, ax) = _figure(figsize=(2 + 1.1 * len(names), 1.5 + 0.9 * len(names)))
+    fig, ax = _figure(figsize=(2 + 1.1 * len(names), 1.5 + 0.9 * len(names)))
     im = ax.imshow(grid.values, cmap="coolwarm", vmin=0.0, vmax=1.0)
     for i in range(len(names)):
         for j in range(len(names)):
@@ -98,4 +92,4 @@ def plot_transfer(table: pd.DataFrame, path: str | Path, title: str = "") -> Pat
     where = f"{row['site']} L{row['layer']}" + ("" if pd.isna(row["head"]) else f" H{row['head']}")
     ax.set_title(f"{title} transfer AUROC\n{row['method']} probe, {where} @ {row['position']}".strip(), fontsize=9)
     fig.colorbar(im, ax=ax)
-    return _save(plt, fig, path)
+    return _save(fig, path)

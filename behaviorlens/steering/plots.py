@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..io import atomic_write
-
 
 def dose_response(frame: pd.DataFrame, path: str | Path) -> Path:
     """Shift removed and neutral KL vs multiplier, one line per layer, random control dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..analysis.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (layer, rows) in enumerate(frame.groupby("layer")):
@@ -33,8 +28,4 @@ def dose_response(frame: pd.DataFrame, path: str | Path) -> Path:
         ax.legend(fontsize=7)
     kind = frame["kind"].iloc[0] if len(frame) else ""
     fig.suptitle(f"dose response ({kind}); dashed: random control")
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
