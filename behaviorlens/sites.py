@@ -291,7 +291,7 @@ class SiteMap:
         """
         for i in range(layer, self.n_layers):
             kwargs = calls.for_rows(i, rows, start)
-            hidden = _block_output(self.layers(hf_model)[i](hidden, **kwargs))
+            hidden = module_output(self.layers(hf_model)[i](hidden, **kwargs))
         return hidden
 
     def logits_from_hidden(self, hf_model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -338,6 +338,7 @@ class LayerCalls:
         self.blocks = blocks
         self.attention = getattr(config, "_attn_implementation", None)
         self.calls: dict[int, dict[str, Any]] = {}
+        self.cache_args: dict[int, str] = {}  # block -> the name of its cache argument
         self.keys_values = KeyValueRecord()
         self.handles: list[Any] = []
 
@@ -361,7 +362,7 @@ class LayerCalls:
             self.calls[i] = {k: None if _is_cache(v) else v for k, v in named.items()}
             if cache_arg is None:
                 return None
-            self.calls[i]["__cache__"] = cache_arg
+            self.cache_args[i] = cache_arg
             return args[:1], named | {cache_arg: self.keys_values}
 
         return hook
@@ -376,15 +377,14 @@ class LayerCalls:
         def mask_ok(mask: Any) -> bool:
             return mask.dim() == 4 if isinstance(mask, torch.Tensor) else mask is None and self.attention == "sdpa"
 
-        return bool(self.calls) and all(c.get("__cache__") and mask_ok(c.get("attention_mask"))
-                                        for c in self.calls.values())
+        return bool(self.calls) and all(i in self.cache_args and mask_ok(c.get("attention_mask"))
+                                        for i, c in self.calls.items())
 
     def for_rows(self, layer: int, rows: torch.Tensor | None, start: int = 0) -> dict[str, Any]:
         """Block ``layer``'s arguments by name, batch axes re-indexed by ``rows``, from column ``start``."""
         if layer not in self.calls:
             raise RuntimeError(f"no forward pass was captured for block {layer}")
         kwargs = dict(self.calls[layer])
-        cache_arg = kwargs.pop("__cache__", None)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         if rows is not None:
@@ -404,7 +404,7 @@ class LayerCalls:
                 kwargs[name] = kwargs[name][..., start:]
         if kwargs.get("position_embeddings") is not None:
             kwargs["position_embeddings"] = tuple(t[..., start:, :] for t in kwargs["position_embeddings"])
-        kwargs[cache_arg] = KeyValuePrefix(self.keys_values, rows, start)
+        kwargs[self.cache_args[layer]] = KeyValuePrefix(self.keys_values, rows, start)
         return kwargs
 
 
@@ -438,7 +438,8 @@ class KeyValuePrefix:
                 torch.cat([prefix(self.record.values[layer]), values], -2))
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def module_output(out: Any) -> torch.Tensor:
+    """The hidden-state tensor a block or sub-module returned (the first element of a tuple)."""
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from typing_extensions import Self
 
-from ..sites import check_edit
+from ..sites import check_edit, module_output
 
 INPUT_SITES = ("resid_pre", "head")
 
 
 def _heads(model, x: torch.Tensor) -> torch.Tensor:
     return x.view(*x.shape[:-1], model.sites.n_heads, model.sites.head_dim)
-
-
-def _output_tensor(model, out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager
@@ -50,7 +45,7 @@ def reading(model, site: str, layers: Sequence[int], keep_grad: bool = False) ->
             handles.append(module.register_forward_pre_hook(pre))
         else:
             def post(mod, args, out, layer=layer):
-                keep(layer, _output_tensor(model, out))
+                keep(layer, module_output(out))
             handles.append(module.register_forward_hook(post))
     try:
         yield found
@@ -87,7 +82,7 @@ class Overwrite:
             self.handle = module.register_forward_pre_hook(pre)
         else:
             def post(mod, args, out):
-                self._edit(_output_tensor(self.model, out))
+                self._edit(module_output(out))
                 return out
             self.handle = module.register_forward_hook(post)
         return self

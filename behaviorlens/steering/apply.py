@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import BehaviorLensError
+from ..sites import module_output
 from .edit import Edit
 
 POSITIONS = ("all", "prompt", "generated")
@@ -47,10 +48,6 @@ class _Phase:
         return slice(-1, None) if prompt else slice(None)
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _replace(output: Any, new: torch.Tensor) -> Any:
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
@@ -60,7 +57,7 @@ def _add_hook(vec: torch.Tensor, phase: _Phase, positions: str):
         cols = phase.columns(positions)
         if cols is None:
             return None
-        hs = _hidden(output)
+        hs = module_output(output)
         v = vec.to(hs.device, hs.dtype)
         if cols == slice(None):
             return _replace(output, hs + v)
@@ -76,7 +73,7 @@ def _project_hook(direction: torch.Tensor, strength: float, phase: _Phase, posit
         cols = phase.columns(positions)
         if cols is None:
             return None
-        hs = _hidden(output)
+        hs = module_output(output)
         r = direction.to(hs.device, hs.dtype)
         new = hs.clone()
         part = new[:, cols]
