@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -98,3 +100,54 @@ def map_batches(
             continue
         start = idx.stop
     return results
+
+
+_ANSWER_TAIL: ContextVar[torch.Tensor | int | None] = ContextVar("answer_tail", default=None)
+
+
+@contextmanager
+def answer_tail(tail: torch.Tensor | int) -> Iterator[None]:
+    """Forwards run inside are teacher-forced answers: the last ``tail`` columns of each row
+    (an int, or one per row) are answer positions, where edits that act on generated tokens act.
+    Outside, a forward's answer position is its last column."""
+    token = _ANSWER_TAIL.set(tail)
+    try:
+        yield
+    finally:
+        _ANSWER_TAIL.reset(token)
+
+
+def current_answer_tail() -> torch.Tensor | int:
+    """The answer tail set by :func:`answer_tail` (1 outside it)."""
+    tail = _ANSWER_TAIL.get()
+    return 1 if tail is None else tail
+
+
+_PROMPT_PART: ContextVar[str | None] = ContextVar("prompt_part", default=None)
+
+
+@contextmanager
+def prompt_part(part: str) -> Iterator[None]:
+    """Forwards run inside are one part of a prompt split at a shared prefix: ``"prefix"`` (run
+    once, cached) or ``"suffix"`` (the rest of each prompt, after the cached prefix). Edits
+    that act on answer positions act in the suffix only."""
+    token = _PROMPT_PART.set(part)
+    try:
+        yield
+    finally:
+        _PROMPT_PART.reset(token)
+
+
+def current_prompt_part() -> str | None:
+    return _PROMPT_PART.get()
+
+
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix every sequence shares, leaving at least one token of each."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences) - 1
+    for i in range(max(n, 0)):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return max(n, 0)

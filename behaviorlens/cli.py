@@ -33,19 +33,48 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default=None, help="e.g. cuda")
     parser.add_argument("--device-map", default=None, help="'auto' to shard over GPUs")
-    parser.add_argument("--remote", action="store_true", help="run on NDIF through nnsight")
+    parser.add_argument("--remote", action="store_true",
+                        help="NDIF remote execution: not supported by any stage (refused with one line)")
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that takes a family (a built-in name, a YAML file or a dataset)."""
+    parser.add_argument("--format", default=None, choices=("caa", "mwe", "sycophancy-eval"),
+                        help="dataset format (default: recognised from the file's content)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N rows")
+    parser.add_argument("--split", default=None, choices=("train", "test"),
+                        help="use a deterministic part of the pairs (recorded in the results)")
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="the test part's share (default 0.5)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (default 0)")
+
+
+def source_from_args(args: argparse.Namespace, path: str):
+    """The :class:`~behaviorlens.prompts.sources.Source` a command's family argument names."""
+    from .prompts.sources import Source
+
+    return Source(path, format=args.format, limit=args.limit, split=args.split,
+                  test_fraction=args.test_fraction, seed=args.split_seed)
+
+
+def prepare_out(path: str | None) -> None:
+    """Fail now, with one line, when an output folder cannot be created."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BehaviorLensError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def model_from_args(args: argparse.Namespace):
-    from .model import load_model
+    from .model import REMOTE_REFUSED, load_model
 
-    return load_model(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        remote=args.remote,
-    )
+    if args.remote:
+        stage = " ".join(x for x in (args.command, getattr(args, "steer_command", None)) if x)
+        raise BehaviorLensError(f"{stage}: {REMOTE_REFUSED}")
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
 
 
 def _info(args: argparse.Namespace) -> None:

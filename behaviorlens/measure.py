@@ -1,19 +1,31 @@
-"""Behavior measurement: the metric on both sides of every pair, and the behavior shift."""
+"""Behavior measurement: the metric on every side of every pair, shifts, accuracies, balance.
+
+The metric of a prompt is log p(matching) - log p(not_matching) (:mod:`behaviorlens.scoring`).
+Per side, *accuracy* is the share of rows where the model prefers the not-matching answer (the
+right one in every built-in sycophancy family). With a neutral side, the *pull* of a pair is
+metric(positive) - metric(neutral): how far the pressure moves the answer.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .analysis.metrics import bootstrap_ci, logit_diff
-from .batching import map_batches
+from .analysis.metrics import bootstrap_ci
 from .io import write_csv, write_json
 from .model import Model
-from .prompts.contrast import SIDES, ContrastSet
+from .prompts.contrast import NEUTRAL, SIDES, ContrastSet
+from .scoring import behavior_metric, needs_whole
+
+UNBALANCED = 0.8  # a family whose most common matching answer covers more rows is warned about
+NO_NEUTRAL = "no neutral side: the family gives no no-pressure prompt, so neutral figures are absent"
 
 
 @dataclass
@@ -24,68 +36,137 @@ class Measurement:
     summary: dict = field(default_factory=dict)
 
 
-def answer_logits(model: Model, contrast_set: ContrastSet, side: str, batch_size: int = 16) -> torch.Tensor:
-    """Float32 logits at the answer position of one side of every pair: [pairs, vocab]."""
+def side_metrics(model: Model, contrast_set: ContrastSet, batch_size: int = 16,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """The behavior metric of every side the set has (positive, negative, neutral): [pairs] each."""
+    sides = [*SIDES, NEUTRAL] if contrast_set.has_neutral else list(SIDES)
+    whole = needs_whole(contrast_set.pairs)
+    return {side: behavior_metric(model, contrast_set.pairs, side, batch_size, whole)
+            for side in tqdm(sides, desc=f"measure {contrast_set.name}", disable=not progress)}
 
-    def run(idx: range) -> torch.Tensor:
-        sub = [contrast_set[i] for i in idx]
-        batch = model.batch([p.tokens[side] for p in sub])
-        return model.logits(batch, batch.columns([p.position(side, "answer") for p in sub])).cpu()
 
-    return torch.cat(map_batches(len(contrast_set), batch_size, run))
+def with_ci(summary: dict, name: str, values: np.ndarray) -> None:
+    """Put the mean of ``values`` and its bootstrap 95% CI over pairs into ``summary``."""
+    summary[name] = float(np.mean(values))
+    summary[f"{name}_ci"] = list(bootstrap_ci(values))
+
+
+def summarize_metrics(metrics: dict[str, np.ndarray]) -> dict:
+    """Shift, per-side means and accuracies, and with a neutral side the pull, each with a CI."""
+    pos, neg = metrics["positive"], metrics["negative"]
+    out: dict = {"pairs": len(pos)}
+    shift = pos - neg
+    with_ci(out, "behavior_shift", shift)
+    out["fraction_pairs_shifted"] = float((shift > 0).mean())
+    for side, m in metrics.items():
+        out[f"mean_metric_{side}"] = float(m.mean())
+        with_ci(out, f"accuracy_{side}", (m < 0).astype(float))
+    if NEUTRAL in metrics:
+        with_ci(out, "pull", pos - metrics[NEUTRAL])
+        with_ci(out, "counter_pull", neg - metrics[NEUTRAL])
+    return out
+
+
+def answer_balance(contrast_set: ContrastSet) -> dict[str, float]:
+    """Share of rows whose matching answer is each distinct answer text, largest first."""
+    counts = Counter(p.answer_text["matching"].strip() for p in contrast_set)
+    return {k: v / len(contrast_set) for k, v in counts.most_common()}
+
+
+def letter_choices(contrast_set: ContrastSet) -> bool:
+    """Whether the set is multiple choice by letter (A/B datasets: the answers are letters)."""
+    return all(len(p.answer_text[a].strip()) == 1 and p.answer_text[a].strip().isupper()
+               for p in contrast_set for a in ("matching", "not_matching"))
+
+
+def choice_figures(contrast_set: ContrastSet, metric: np.ndarray) -> dict:
+    """Does the model do an A/B task at all? Matching rate, letter bias, balance, at_chance.
+
+    ``picks_matching`` is metric > 0. The model's pick is then a letter; ``a_rate_*`` is how
+    often it picks A among rows whose matching answer is A, and among those where it is B:
+    with no regard for content both are equal (the letter bias). ``at_chance`` is true when
+    always answering one letter reproduces the picks at least as well as the content does
+    (picking the matching, or the not-matching, answer), or when the matching rate's CI
+    includes one half.
+    """
+    matching = np.array([p.answer_text["matching"].strip() for p in contrast_set])
+    not_matching = np.array([p.answer_text["not_matching"].strip() for p in contrast_set])
+    picks_matching = metric > 0
+    pick = np.where(picks_matching, matching, not_matching)
+    out: dict = {}
+    with_ci(out, "matching_rate", picks_matching.astype(float))
+    letters = sorted(set(matching) | set(not_matching))
+    first = letters[0]
+    out["answer_balance_first_letter"] = float((matching == first).mean())
+    out["first_letter"] = str(first)
+    picks_first = pick == first
+    rates = []
+    for label, rows in (("when_matching_is_first", matching == first), ("otherwise", matching != first)):
+        out[f"first_letter_rate_{label}"] = float(picks_first[rows].mean()) if rows.any() else float("nan")
+        if rows.any():
+            rates.append(picks_first[rows].mean())
+    out["letter_bias"] = float(np.mean(rates))  # picks of the first letter, each group weighted alike
+    by_letter = max(picks_first.mean(), 1 - picks_first.mean())
+    by_content = max(picks_matching.mean(), 1 - picks_matching.mean())
+    lo, hi = out["matching_rate_ci"]
+    out["explained_by_letter"] = float(by_letter)
+    out["explained_by_content"] = float(by_content)
+    out["at_chance"] = bool(by_letter >= by_content or lo <= 0.5 <= hi)
+    return out
 
 
 def measure(model: Model, contrast_set: ContrastSet, batch_size: int = 16, progress: bool = False) -> Measurement:
-    """Behavior metric logit(matching) - logit(not_matching) on both sides of every pair.
+    """The behavior metric on every side of every pair, with the summary figures.
 
-    The shift of a pair is metric(positive) - metric(negative); the summary carries its mean
-    with a bootstrap 95% confidence interval over pairs.
+    Summary: ``pairs``, ``behavior_shift`` (metric(positive) - metric(negative), mean and CI),
+    ``fraction_pairs_shifted``, ``mean_metric_<side>`` and ``accuracy_<side>`` (with CI) per
+    side, with a neutral side ``pull`` and ``counter_pull`` (each pressured side minus neutral);
+    ``answer_balance``, ``unbalanced``; for letter-choice sets :func:`choice_figures`.
     """
-    ids = torch.tensor([p.answer_ids for p in contrast_set])
+    metrics = {k: v.numpy().astype(np.float64) for k, v in side_metrics(model, contrast_set, batch_size, progress).items()}
+    shift = metrics["positive"] - metrics["negative"]
     rows = []
-    metrics = {}
-    for side in tqdm(SIDES, desc=f"measure {contrast_set.name}", disable=not progress):
-        logits = answer_logits(model, contrast_set, side, batch_size)
-        probs = torch.softmax(logits, -1)
-        metrics[side] = logit_diff(logits, ids[:, 0], ids[:, 1])
+    for side, values in metrics.items():
         for i, p in enumerate(contrast_set):
             rows.append({
-                "family": p.family,
-                "pair": i,
-                "row": p.row,
-                "side": side,
-                "metric": metrics[side][i].item(),
-                "logit_matching": logits[i, ids[i, 0]].item(),
-                "logit_not_matching": logits[i, ids[i, 1]].item(),
-                "p_matching": probs[i, ids[i, 0]].item(),
-                "p_not_matching": probs[i, ids[i, 1]].item(),
+                "family": p.family, "pair": i, "row": p.row, "side": side, "metric": values[i],
+                "p_matching": float(1 / (1 + np.exp(-values[i]))),
+                "prefers_matching": bool(values[i] > 0), "shift": shift[i],
             })
-    shift = (metrics["positive"] - metrics["negative"]).numpy()
-    table = pd.DataFrame(rows)
-    table["shift"] = list(shift) * len(SIDES)
-    lo, hi = bootstrap_ci(shift)
-    summary = {
-        "pairs": len(contrast_set),
-        "mean_metric_positive": float(metrics["positive"].mean()),
-        "mean_metric_negative": float(metrics["negative"].mean()),
-        "behavior_shift": float(shift.mean()),
-        "behavior_shift_ci": [lo, hi],
-        "fraction_pairs_shifted": float((shift > 0).mean()),
-    }
-    return Measurement(table=table, summary=summary)
+    summary = summarize_metrics(metrics)
+    summary["has_neutral"] = NEUTRAL in metrics
+    summary["answer_balance"] = answer_balance(contrast_set)
+    summary["unbalanced"] = next(iter(summary["answer_balance"].values())) > UNBALANCED
+    if letter_choices(contrast_set):
+        summary |= choice_figures(contrast_set, metrics["positive"])
+    return Measurement(table=pd.DataFrame(rows), summary=summary)
+
+
+def warnings_for(summary: dict, name: str) -> list[str]:
+    """One-line notes a user must see: an unbalanced family, a task at chance, no neutral side."""
+    out = []
+    if summary.get("unbalanced"):
+        top, share = next(iter(summary["answer_balance"].items()))
+        out.append(f"{name}: unbalanced: the matching answer is {top!r} in {share:.0%} of rows, so "
+                   "always answering it solves the set")
+    if summary.get("at_chance"):
+        out.append(f"{name}: at chance: the model's A/B picks follow the letter at least as well as "
+                   f"the content (matching rate {summary['matching_rate']:.2f}, CI "
+                   f"[{summary['matching_rate_ci'][0]:.2f}, {summary['matching_rate_ci'][1]:.2f}])")
+    if not summary.get("has_neutral"):
+        out.append(f"{name}: {NO_NEUTRAL}")
+    return out
 
 
 def run_measure(model: Model, contrast_set: ContrastSet, out_dir: str | Path, batch_size: int = 16,
                 progress: bool = True) -> dict:
     """The measure stage: write ``measure.csv`` and then ``summary.json`` into ``out_dir``.
 
-    Returns the summary: ``pairs``, ``mean_metric_positive``, ``mean_metric_negative``,
-    ``behavior_shift``, ``behavior_shift_ci`` (two floats), ``fraction_pairs_shifted``, plus the
-    set's ``family``, ``behavior``, ``model`` and whether answers are scored by a first token of
-    several (``multi_token_answers``).
+    Returns :func:`measure`'s summary plus the set's ``family``, ``behavior``, ``model`` and
+    whether some answers have several tokens (``multi_token_answers``; they are scored whole).
+    Warnings (:func:`warnings_for`) go to stderr, one line each.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = measure(model, contrast_set, batch_size=batch_size, progress=progress)
     summary = {
         **result.summary,
@@ -96,4 +177,6 @@ def run_measure(model: Model, contrast_set: ContrastSet, out_dir: str | Path, ba
     }
     write_csv(out / "measure.csv", result.table)
     write_json(out / "summary.json", summary)
+    for line in warnings_for(summary, contrast_set.name):
+        print(f"behaviorlens: {line}", file=sys.stderr)
     return summary

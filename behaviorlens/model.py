@@ -1,4 +1,4 @@
-"""Loading models: the embedded default, a Hugging Face id or folder, a GGUF file, or remote.
+"""Loading models: the embedded default, a Hugging Face id or folder, or a GGUF file.
 
 ``load_model()`` returns a :class:`Model`: the nnsight wrapper, the plain transformers module,
 the tokenizer and the site map. The embedded default (SmolLM2-135M-Instruct) ships as a GGUF
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .batching import Batch, pad
+from .batching import Batch, pad, prompt_part, shared_prefix
 from .errors import BehaviorLensError
 from .sites import SiteMap
 
@@ -34,6 +34,12 @@ DEFAULT_CACHE_NAME = "smollm2-135m-instruct-f32"
 CACHE_ENV = "BEHAVIORLENS_CACHE"
 MANIFEST = "behaviorlens-manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREFIX_MIN = 8  # a shared prefix shorter than this is not worth a cached run
+REMOTE_REFUSED = (
+    "remote execution (NDIF) is not supported: every stage runs local forward passes with hooks on "
+    "the model's modules, which nnsight's remote execution does not run; load the model locally "
+    "(device_map='auto' shards one that needs several GPUs)"
+)
 
 
 def cache_root() -> Path:
@@ -52,7 +58,6 @@ class Model:
     lm: Any  # nnsight TransformersModel
     tokenizer: Any
     sites: SiteMap
-    remote: bool = False
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -83,25 +88,74 @@ class Model:
         return pad(sequences, self.pad_id, self.device)
 
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """An nnsight trace; a :class:`Batch` is passed as its tensors, remote runs stay remote."""
+        """An nnsight trace; a :class:`Batch` is passed as its tensors."""
         inputs = tuple(x.inputs() if isinstance(x, Batch) else x for x in inputs)
-        if self.remote:
-            kwargs.setdefault("remote", True)
         return self.lm.trace(*inputs, **kwargs)
 
     def logits(self, batch: Batch, columns: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
-        """Plain forward (no nnsight): float32 logits, all columns or one column per row.
+        """Plain forward (no nnsight): float32 logits, all columns or one column per row."""
+        if columns is None:
+            with torch.inference_mode(not grad):
+                return self.hf(**batch.inputs(), use_cache=False).logits.float()
+        return self.logits_at(batch, torch.arange(len(batch)), columns, grad)
 
-        Runs in inference mode unless ``grad`` (gradient work keeps the autograd graph).
+    def logits_at(self, batch: Batch, rows: torch.Tensor, columns: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Float32 logits at (row, padded column) pairs: [reads, vocab].
+
+        Only the columns from the first one read go through the unembedding. Runs in inference
+        mode unless ``grad`` (gradient work keeps the autograd graph).
         """
-        last_only = columns is not None and bool((columns == batch.input_ids.shape[1] - 1).all())
-        kwargs = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
+        width = batch.input_ids.shape[1]
+        keep = width - int(columns.min())
+        kwargs = {"logits_to_keep": keep} if self._keeps_logits and keep < width else {}
         with torch.inference_mode(not grad):
             out = self.hf(**batch.inputs(), use_cache=False, **kwargs).logits
-        if columns is not None:
-            cols = torch.full_like(columns, out.shape[1] - 1) if kwargs else columns
-            out = out[torch.arange(len(batch), device=out.device), cols.to(out.device)]
-        return out.float()
+        skip = width - out.shape[1]
+        return out[rows.to(out.device), (columns - skip).to(out.device)].float()
+
+    @torch.inference_mode()
+    def score_logits(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 logits at (sequence, token position) reads: [reads, vocab], in inference mode.
+
+        When the sequences share a prefix (a chat template's system turn), it runs once and its
+        keys and values serve every sequence; edits see it as a prompt part
+        (:func:`behaviorlens.batching.prompt_part`). Same numbers as one padded batch.
+        """
+        prefix = shared_prefix(sequences) if len(sequences) > 1 else 0
+        if prefix < PREFIX_MIN or not self._caches_prefix:
+            batch = self.batch(sequences)
+            return self.logits_at(batch, rows, positions + batch.offsets[rows])
+        with prompt_part("prefix"):
+            out = self.hf(input_ids=torch.tensor([list(sequences[0][:prefix])], device=self.device), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(len(sequences))
+        suffix = self.batch([list(s[prefix:]) for s in sequences])
+        mask = torch.cat([torch.ones(len(sequences), prefix, dtype=suffix.attention_mask.dtype,
+                                     device=self.device), suffix.attention_mask], 1)
+        cols = positions - prefix + suffix.offsets[rows]
+        width = suffix.input_ids.shape[1]
+        keep = width - int(cols.min())
+        kwargs = {"logits_to_keep": keep} if self._keeps_logits and keep < width else {}
+        with prompt_part("suffix"):
+            out = self.hf(input_ids=suffix.input_ids, attention_mask=mask, position_ids=suffix.position_ids + prefix,
+                          use_cache=True, **{self._cache_argument: cache}, **kwargs).logits
+        return out[rows.to(out.device), (cols - (width - out.shape[1])).to(out.device)].float()
+
+    @property
+    def _cache_argument(self) -> str | None:
+        """The forward's key/value cache argument (``cache`` in newer transformers)."""
+        import inspect
+
+        params = inspect.signature(self.hf.forward).parameters
+        return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+    @property
+    def _caches_prefix(self) -> bool:
+        """Whether a shared prefix may run once: the forward takes a cache and position ids."""
+        import inspect
+
+        params = inspect.signature(self.hf.forward).parameters
+        return self._cache_argument is not None and "position_ids" in params
 
     @property
     def _keeps_logits(self) -> bool:
@@ -125,7 +179,6 @@ class Model:
             "vocab": self.config.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
-            "remote": self.remote,
             "sites": ", ".join(("resid_pre", "resid_post", "attn", "mlp", "head")),
             "load_seconds": round(self.load_seconds, 2),
         }
@@ -142,31 +195,22 @@ def load_model(
     """Load a causal LM by name: ``"default"``, a Hugging Face id, a local folder or a .gguf file.
 
     ``dtype`` is float32 (the default on CPU), bfloat16 or float16; ``device`` is e.g.
-    ``"cuda"``; ``device_map="auto"`` shards a large model over the GPUs (accelerate);
-    ``remote=True`` runs traces on NDIF through nnsight instead of loading weights here.
+    ``"cuda"``; ``device_map="auto"`` shards a large model over the GPUs (accelerate).
+    ``remote=True`` is refused (see :data:`REMOTE_REFUSED`).
     """
+    if remote:
+        raise BehaviorLensError(f"load_model: {REMOTE_REFUSED}")
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
-    if remote:
-        lm = _wrap(name, None, remote=True)
-        tokenizer = lm.tokenizer
-    else:
-        hf, tokenizer = _load_hf(name, torch_dtype, device_map)
-        if device and device_map is None:
-            hf.to(device)
-        hf.eval()
-        lm = _wrap(hf, tokenizer)
+    hf, tokenizer = _load_hf(name, torch_dtype, device_map)
+    if device and device_map is None:
+        hf.to(device)
+    hf.eval()
+    lm = _wrap(hf, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    config = lm._module.config
-    model = Model(
-        name=name,
-        lm=lm,
-        tokenizer=tokenizer,
-        sites=SiteMap.from_config(config),
-        remote=remote,
-    )
+    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config))
     model.load_seconds = time.perf_counter() - start
     return model
 
@@ -181,13 +225,11 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _wrap(model: Any, tokenizer: Any, remote: bool = False) -> Any:
+def _wrap(model: Any, tokenizer: Any) -> Any:
     from nnsight import TransformersModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if remote:
-            return TransformersModel(model, task="text-generation")
         return TransformersModel(model, tokenizer=tokenizer, task="text-generation")
 
 

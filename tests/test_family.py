@@ -39,7 +39,7 @@ def test_render_spans_and_answers():
     assert p.tokens["negative"] == [5, 6, 41, 7, 62]
     assert p.spans["positive"]["s"] == (2, 3) and p.position("negative", "s") == 2
     assert p.position("positive", "last") == p.position("positive", "answer") == 4
-    assert p.answer_ids == (50, 51)
+    assert p.answers == {"matching": [50], "not_matching": [51]}
     assert p.first_difference() == 2
     with pytest.raises(BehaviorLensError, match="no position named 'nope'"):
         p.position("positive", "nope")
@@ -109,14 +109,16 @@ def test_answer_before_slot():
     assert p.position("positive", "answer") == 1 and p.position("positive", "last") == 3
 
 
-def test_answers_first_token_must_differ():
+def test_answers_are_whole_sequences_and_must_differ():
     tok = tiny_tokenizer()
-    fam = PromptFamily.from_dict(tiny_family(answers={"matching": " w50 w51", "not_matching": " w50 w52"}))
-    with pytest.raises(BehaviorLensError, match=r"family 'tiny', row 0: answers .* same token"):
-        fam.render(tok)
-    multi = PromptFamily.from_dict(tiny_family(answers={"matching": " w50 w51", "not_matching": " w52"}))
+    same = PromptFamily.from_dict(tiny_family(answers={"matching": " w50 w51", "not_matching": " w50 w51"}))
+    with pytest.raises(BehaviorLensError, match=r"family 'tiny', row 0: answers .* same tokens"):
+        same.render(tok)
+    # a shared first token is fine: each answer is scored as its whole sequence
+    multi = PromptFamily.from_dict(tiny_family(answers={"matching": " w50 w51", "not_matching": " w50 w52"}))
     cset = multi.render(tok)
-    assert cset.multi_token_answers and cset[0].answer_ids == (50, 52)
+    assert cset.multi_token_answers
+    assert cset[0].answers == {"matching": [50, 51], "not_matching": [50, 52]}
 
 
 def test_answer_space_after_trailing_space_is_an_error():
@@ -131,7 +133,7 @@ def test_answer_space_after_trailing_space_is_an_error():
     ({"rows": [{"x": "w60"}, {"z": "w61"}]}, r"family 'tiny', row 1, user: missing template variable"),
     ({"valence": {"s": {"positive": "w40", "negative": "w41"}, "u": {"positive": "w3", "negative": "w4"}}},
      r"family 'tiny', slot 'u': no template uses"),
-    ({"valence": {"s": {"positive": "w10", "other": "w11"}}}, r"slot 's': needs exactly 'positive' and 'negative'"),
+    ({"valence": {"s": {"positive": "w10", "other": "w11"}}}, r"slot 's': needs 'positive' and 'negative' \(and optionally 'neutral'\)"),
     ({"rows": []}, r"family 'tiny': the family is empty"),
     ({"answers": {"matching": " w50"}}, r"answers need exactly"),
     ({"colour": "red"}, r"unknown field 'colour'"),
@@ -194,8 +196,7 @@ def test_builtin_renders_aligned_with_distinct_rows(name, default_model):
     for p in cset:
         assert p.tokens["positive"] != p.tokens["negative"]
         assert len(p.tokens["positive"]) == len(p.tokens["negative"])
-        m, n = p.answer_ids
-        assert m != n
+        assert p.answers["matching"] != p.answers["not_matching"]
 
 
 def test_slot_span_leaves_out_a_token_that_only_starts_with_its_trailing_space(default_model):

@@ -75,7 +75,7 @@ BAD = {
     "misaligned": (GOOD.replace("{country: Italy, right: Rome, wrong: Madrid}", "{country: Italy, right: Rome, wrong: Bucharest}"),
                    "family 'mini', row 1, slot 'opinion': misaligned"),
     "identical answers": (GOOD.replace("{country: Italy, right: Rome, wrong: Madrid}", "{country: Italy, right: Rome, wrong: Rome}"),
-                          "family 'mini', row 1: answers ' Rome' and ' Rome' start with the same token"),
+                          "family 'mini', row 1: answers ' Rome' and ' Rome' have the same tokens"),
     "python tag": ("name: !!python/object/apply:os.getcwd []\n" + GOOD.split("\n", 2)[2], "YAML syntax error"),
     "sandbox": (GOOD.replace("{{ country }}?", "{{ ''.__class__.__mro__ }}?"), "family 'mini', row 0"),
 }
@@ -85,6 +85,10 @@ BAD = {
 @pytest.mark.parametrize("command", ["render", "measure"])
 def test_bad_input_exits_2_with_one_line(case, command, tmp_path, capsys):
     text, expected = BAD[case]
+    if case == "misaligned" and command == "measure":
+        # measuring needs no alignment: each side is scored on its own
+        assert main([command, write(tmp_path, text), "--out", str(tmp_path / "o")]) == 0
+        return
     code = main([command, write(tmp_path, text), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2

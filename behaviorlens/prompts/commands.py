@@ -1,4 +1,4 @@
-"""Subcommands for prompt families: ``families``, ``render`` and ``measure``."""
+"""Subcommands for prompt families and datasets: ``families``, ``render`` and ``measure``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+from ..io import write_json
 from .contrast import ContrastPair, ContrastSet
 from .family import load_family
 from .library import builtin_names
+from .sources import render_source
 
 _ON, _OFF = "\033[1;33m", "\033[0m"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_options
+    from ..cli import add_model_options, add_source_options
 
     fam = sub.add_parser("families", help="list the built-in prompt families")
     fam.add_argument("--measure", action="store_true",
@@ -23,8 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_options(fam)
     fam.set_defaults(func=_families)
 
-    render = sub.add_parser("render", help="render a family into token-aligned contrast pairs")
-    render.add_argument("family", help="a built-in family name or a family YAML file")
+    render = sub.add_parser("render", help="render a family or dataset into contrast pairs")
+    render.add_argument("family", help="a built-in family name, a family YAML file or a dataset file")
     render.add_argument("--out", default=None, help="write the pairs to this JSONL file")
     render.add_argument("--show", type=int, default=0, metavar="N",
                         help="print N pairs with the differing tokens highlighted")
@@ -32,23 +34,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="keep pairs whose sides are not token-aligned (not for patching)")
     render.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="highlight with ANSI colors (default: when printing to a terminal)")
+    add_source_options(render)
     add_model_options(render)
     render.set_defaults(func=_render)
 
-    meas = sub.add_parser("measure", help="measure a family's behavior shift on a model")
-    meas.add_argument("family", help="a built-in family name or a family YAML file")
+    meas = sub.add_parser("measure", help="measure a family's or dataset's behavior on a model")
+    meas.add_argument("family", help="a built-in family name, a family YAML file or a dataset file")
     meas.add_argument("--out", default=None, help="results folder (default: results/measure-FAMILY)")
     meas.add_argument("--batch-size", type=int, default=16)
+    add_source_options(meas)
     add_model_options(meas)
     meas.set_defaults(func=_measure)
 
 
 def family_table() -> list[dict]:
-    """Name, behavior, rows and description of every built-in family."""
+    """Name, behavior, rows, neutral side, answer balance and description of every built-in family."""
+    from collections import Counter
+
     rows = []
     for name in builtin_names():
         family = load_family(name)
+        counts = Counter(a.strip() for a in family.matching_answers())
+        top, n = counts.most_common(1)[0]
         rows.append({"name": name, "behavior": family.behavior, "rows": len(family.all_rows()),
+                     "neutral": family.has_neutral, "top_answer": top, "top_answer_share": n / sum(counts.values()),
                      "description": " ".join(family.description.split())})
     return rows
 
@@ -78,64 +87,88 @@ def show_pair(pair: ContrastPair, tokenizer, color: bool = False) -> str:
 
 
 def _families(args: argparse.Namespace) -> None:
+    from ..measure import UNBALANCED
+
     rows = family_table()
     if args.measure:
         for line in measured_table(rows, args):
             print(line, flush=True)
         return
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  {'behavior':<11} {'rows':>4}  description")
+    print(f"{'name':<{width}}  {'behavior':<11} {'rows':>4}  neutral  top answer  description")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['behavior']:<11} {r['rows']:>4}  {r['description']}")
+        top = f"{r['top_answer_share']:.0%} {r['top_answer']}"
+        print(f"{r['name']:<{width}}  {r['behavior']:<11} {r['rows']:>4}  {'yes' if r['neutral'] else 'no ':<7}  "
+              f"{top[:10]:<10}  {r['description']}")
+        if r["top_answer_share"] > UNBALANCED:
+            print(f"behaviorlens: {r['name']}: unbalanced: the matching answer is {r['top_answer']!r} in "
+                  f"{r['top_answer_share']:.0%} of rows", file=sys.stderr)
 
 
 def measured_table(rows: list[dict], args: argparse.Namespace):
-    """Lines of a markdown table of the given families with their measured shift on
-    ``args.model``, yielded as each family is measured."""
+    """Lines of a markdown table of the given families measured on ``args.model`` (every side,
+    accuracies, balance), yielded as each family is measured."""
     from ..cli import model_from_args
     from ..measure import measure
 
     model = model_from_args(args)
-    header = ("| family | behavior | rows | behavior_shift [95% CI] | fraction_pairs_shifted "
-              "| mean metric positive / negative |")
-    yield header
-    yield "|---|---|---|---|---|---|"
+    yield ("| family | behavior | rows | behavior_shift [95% CI] | pull [95% CI] | accuracy positive / "
+           "negative / neutral | most common matching answer |")
+    yield "|---|---|---|---|---|---|---|"
     for r in rows:
         s = measure(model, render_family(r["name"], model), progress=True).summary
         lo, hi = s["behavior_shift_ci"]
+        pull = (f"{s['pull']:+.2f} [{s['pull_ci'][0]:+.2f}, {s['pull_ci'][1]:+.2f}]" if "pull" in s else "(no neutral side)")
+        acc = " / ".join(f"{s[f'accuracy_{k}']:.2f}" if f"accuracy_{k}" in s else "-" for k in ("positive", "negative", "neutral"))
+        top, share = next(iter(s["answer_balance"].items()))
         yield (f"| `{r['name']}` | {r['behavior']} | {r['rows']} | {s['behavior_shift']:+.2f} "
-               f"[{lo:+.2f}, {hi:+.2f}] | {s['fraction_pairs_shifted']:.2f} | "
-               f"{s['mean_metric_positive']:+.2f} / {s['mean_metric_negative']:+.2f} |")
+               f"[{lo:+.2f}, {hi:+.2f}] | {pull} | {acc} | {top!r} {share:.0%} |")
 
 
 def _render(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
+    from ..cli import model_from_args, source_from_args
+    from .sources import check_source, dataset_format, open_ended_prompts
 
-    family = load_family(args.family)  # fail fast on a bad family before loading a model
+    source = source_from_args(args, args.family)
+    if source.is_dataset and Path(source.path).is_file() and (source.format or dataset_format(source.path)) == "open-ended":
+        prompts = open_ended_prompts(source.path)
+        print(f"{source.path}: {len(prompts)} open-ended prompts (questions with no answers, so no contrast "
+              "pairs; use them with steer generate --prompts-file)")
+        return
+    check_source(source)  # fail fast on a bad family before loading a model
     model = model_from_args(args)
-    cset = family.render(model.tokenizer, require_aligned=not args.unaligned)
+    cset = render_source(source, model.tokenizer, require_aligned=not args.unaligned)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for pair in cset.pairs[: max(args.show, 0)]:
         print(show_pair(pair, model.tokenizer, color=color))
     if args.out:
         cset.to_jsonl(args.out)
-    note = "; answers with several tokens are scored by their first" if cset.multi_token_answers else ""
+    notes = []
+    if cset.multi_token_answers:
+        notes.append("answers of several tokens are scored whole")
+    notes.append("with a neutral side" if cset.has_neutral else "no neutral side")
     aligned = "aligned" if cset.aligned else "NOT all aligned"
-    print(f"{cset.name}: {len(cset)} pairs, {aligned}{note}"
+    print(f"{cset.name}: {len(cset)} pairs, {aligned}; {'; '.join(notes)}"
           + (f"; wrote {args.out}" if args.out else ""))
 
 
 def _measure(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
+    from ..cli import model_from_args, prepare_out, source_from_args
     from ..measure import run_measure
+    from .sources import check_source
 
-    family = load_family(args.family)
+    source = source_from_args(args, args.family)
+    check_source(source)
+    out = Path(args.out or f"results/measure-{Path(source.path).stem}")
+    prepare_out(str(out))
     model = model_from_args(args)
-    cset = family.render(model.tokenizer)
-    out = Path(args.out or f"results/measure-{cset.name}")
-    summary = run_measure(model, cset, out, batch_size=args.batch_size)
-    print(json.dumps({k: summary[k] for k in (
-        "pairs", "mean_metric_positive", "mean_metric_negative", "behavior_shift",
-        "behavior_shift_ci", "fraction_pairs_shifted")}, indent=2))
+    cset = render_source(source, model.tokenizer, require_aligned=False)
+    summary = run_measure(model, cset, out, batch_size=args.batch_size) | {"source": source.record()}
+    write_json(out / "summary.json", summary)
+    keys = ["pairs", "behavior_shift", "behavior_shift_ci", "fraction_pairs_shifted",
+            "mean_metric_positive", "mean_metric_negative", "mean_metric_neutral", "pull", "pull_ci",
+            "accuracy_positive", "accuracy_positive_ci", "accuracy_negative", "accuracy_negative_ci",
+            "accuracy_neutral", "accuracy_neutral_ci", "unbalanced", "matching_rate", "matching_rate_ci",
+            "letter_bias", "answer_balance_first_letter", "at_chance"]
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     print(f"wrote {out / 'measure.csv'} and {out / 'summary.json'}")
-

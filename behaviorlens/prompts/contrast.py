@@ -13,17 +13,21 @@ import pandas as pd
 
 from ..errors import BehaviorLensError
 
-SIDES = ("positive", "negative")
+SIDES = ("positive", "negative")  # the two token-aligned sides
+NEUTRAL = "neutral"  # the optional no-pressure side: not aligned, never a patching source
 ANSWERS = ("matching", "not_matching")
 
 
 @dataclass
 class ContrastPair:
-    """One row of a family rendered on both sides.
+    """One row of a family rendered on both sides (and on the neutral side, when it has one).
 
     ``spans[side][name]`` is a half-open token range ``[start, end)`` for each named position:
     every valence slot, ``last`` (the final prompt token) and ``answer`` (the token whose
-    logits predict the answer; the final prompt token).
+    logits predict the answer; the final prompt token). The neutral side, when present, has
+    only ``last`` and ``answer``. ``answers`` are token ids as they follow the prompt;
+    ``other_answers`` are further not-matching answers (multiple-choice rows), scored together
+    with ``not_matching``.
     """
 
     family: str
@@ -35,6 +39,11 @@ class ContrastPair:
     answers: dict[str, list[int]]
     answer_text: dict[str, str]
     aligned: bool = True
+    other_answers: list[list[int]] = field(default_factory=list)
+
+    @property
+    def has_neutral(self) -> bool:
+        return NEUTRAL in self.tokens
 
     def position(self, side: str, name: str) -> int:
         """Token index of a named position: the last token of its span."""
@@ -58,11 +67,6 @@ class ContrastPair:
             if x != y:
                 return i
         return min(len(a), len(b))
-
-    @property
-    def answer_ids(self) -> tuple[int, int]:
-        """First token of the matching and the not-matching answer: what the metric scores."""
-        return self.answers["matching"][0], self.answers["not_matching"][0]
 
 
 @dataclass
@@ -91,8 +95,13 @@ class ContrastSet:
 
     @property
     def multi_token_answers(self) -> bool:
-        """True when some answer has several tokens (it is scored by its first token)."""
-        return any(len(ids) > 1 for p in self.pairs for ids in p.answers.values())
+        """True when some answer has several tokens (answers are then scored whole)."""
+        return any(len(ids) > 1 for p in self.pairs for ids in [*p.answers.values(), *p.other_answers])
+
+    @property
+    def has_neutral(self) -> bool:
+        """True when every pair has a neutral (no-pressure) side."""
+        return bool(self.pairs) and all(p.has_neutral for p in self.pairs)
 
     def require_aligned(self, purpose: str) -> None:
         """Raise a clear error when ``purpose`` needs token-aligned pairs and these are not."""
@@ -155,6 +164,7 @@ class ContrastSet:
                     "row": p.row,
                     "positive": p.text["positive"],
                     "negative": p.text["negative"],
+                    "neutral": p.text.get(NEUTRAL),
                     "matching": p.answer_text["matching"],
                     "not_matching": p.answer_text["not_matching"],
                     "tokens": len(p.tokens["positive"]),

@@ -1,9 +1,11 @@
 """Prompt families: jinja2 templates whose valence slots flip a prompt between two sides.
 
-A family renders every row on both sides. Slot text is wrapped in private-use marker
+A family renders every row on both sides, and on a third, ``neutral`` side (the same prompt
+without the pressure) when its slots give one. Slot text is wrapped in private-use marker
 characters while the prompt is templated (chat template included), so each slot's character
 span, and from the tokenizer's offsets its token span, is known exactly. The two sides must
-then have the same tokens outside the slots; otherwise the pair is misaligned.
+then have the same tokens outside the slots; otherwise the pair is misaligned. The neutral
+side need not align. Answers are tokenized as they follow the prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from ..errors import BehaviorLensError
-from .contrast import ANSWERS, SIDES, ContrastPair, ContrastSet
+from .contrast import ANSWERS, NEUTRAL, SIDES, ContrastPair, ContrastSet
 
 FIELDS = {
     "name", "behavior", "description", "system", "user", "messages", "assistant_prefix", "chat",
@@ -54,7 +56,9 @@ class PromptFamily:
     def from_yaml(cls, path: str | Path) -> PromptFamily:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start}); a family file is UTF-8 YAML") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -86,8 +90,17 @@ class PromptFamily:
     def validate(self) -> None:
         where = f"family {self.name!r}"
         for slot, sides in self.valence.items():
-            if not isinstance(sides, dict) or set(sides) != set(SIDES):
-                raise BehaviorLensError(f"{where}, slot {slot!r}: needs exactly 'positive' and 'negative'")
+            if not isinstance(sides, dict) or not set(SIDES) <= set(sides) <= {*SIDES, NEUTRAL}:
+                raise BehaviorLensError(
+                    f"{where}, slot {slot!r}: needs 'positive' and 'negative' (and optionally 'neutral')"
+                )
+        with_neutral = [slot for slot, sides in self.valence.items() if NEUTRAL in sides]
+        if with_neutral and len(with_neutral) != len(self.valence):
+            missing = next(slot for slot in self.valence if slot not in with_neutral)
+            raise BehaviorLensError(
+                f"{where}, slot {missing!r}: slot {with_neutral[0]!r} has a neutral side, so every "
+                "slot needs one (often '')"
+            )
         if set(self.answers) != set(ANSWERS):
             raise BehaviorLensError(f"{where}: answers need exactly 'matching' and 'not_matching'")
         if self.messages is not None:
@@ -115,7 +128,7 @@ class PromptFamily:
         named = {"system": self.system, "user": self.user, "assistant_prefix": self.assistant_prefix}
         named.update({f"message {i}": m["content"] for i, m in enumerate(self.messages or [])})
         for slot, sides in self.valence.items():
-            named.update({f"slot {slot!r} {side}": sides[side] for side in SIDES})
+            named.update({f"slot {slot!r} {side}": text for side, text in sides.items()})
         named.update({f"answer {a!r}": self.answers[a] for a in ANSWERS})
         defined = set(self.valence) | {k for r in rows if isinstance(r, dict) for k in r}
         for label, template in named.items():
@@ -130,6 +143,12 @@ class PromptFamily:
                     f"and no row defines it)"
                 )
 
+    def matching_answers(self) -> list[str]:
+        """The matching answer's text of every row (no tokenizer needed: for balance checks)."""
+        return [_render(self.answers["matching"], _resolve(row, f"family {self.name!r}, row {i}"),
+                        f"family {self.name!r}, row {i}, answer 'matching'")
+                for i, row in enumerate(self.all_rows())]
+
     def all_rows(self) -> list[dict[str, Any]]:
         """The explicit rows, then the cross product of the grid."""
         rows = [dict(r) for r in self.rows or []]
@@ -140,8 +159,13 @@ class PromptFamily:
 
     # -- rendering -----------------------------------------------------------------------------
 
+    @property
+    def has_neutral(self) -> bool:
+        """Whether the slots give a neutral (no-pressure) side."""
+        return all(NEUTRAL in sides for sides in self.valence.values())
+
     def render(self, tokenizer: Any, require_aligned: bool = True) -> ContrastSet:
-        """Render every row on both sides into a :class:`ContrastSet`.
+        """Render every row on both sides (and the neutral side) into a :class:`ContrastSet`.
 
         With ``require_aligned=False`` misaligned pairs are kept (for probing and steering) and
         the set records it, so patching refuses it.
@@ -159,23 +183,15 @@ class PromptFamily:
         where = f"family {self.name!r}, row {index}"
         variables = _resolve(row, where)
         text, tokens, spans = {}, {}, {}
-        for side in SIDES:
+        for side in (*SIDES, NEUTRAL) if self.has_neutral else SIDES:
             text[side], tokens[side], spans[side] = self._render_side(tokenizer, variables, side, where)
         answer_text = {a: _render(self.answers[a], variables, f"{where}, answer {a!r}") for a in ANSWERS}
-        answers = {}
-        for a in ANSWERS:
-            if text["positive"].endswith((" ", "\n")) and answer_text[a].startswith(" "):
-                raise BehaviorLensError(
-                    f"{where}, answer {a!r}: the prompt ends in whitespace and the answer "
-                    f"{answer_text[a]!r} starts with a space; drop one of them"
-                )
-            answers[a] = tokenizer(answer_text[a], add_special_tokens=False)["input_ids"]
-            if not answers[a]:
-                raise BehaviorLensError(f"{where}, answer {a!r}: {answer_text[a]!r} has no tokens")
-        if answers["matching"][0] == answers["not_matching"][0]:
+        answers = {a: self._answer_tokens(tokenizer, text, tokens, spans, answer_text[a], f"{where}, answer {a!r}")
+                   for a in ANSWERS}
+        if answers["matching"] == answers["not_matching"]:
             raise BehaviorLensError(
                 f"{where}: answers {answer_text['matching']!r} and {answer_text['not_matching']!r} "
-                "start with the same token, so the metric cannot tell them apart"
+                "have the same tokens, so the metric cannot tell them apart"
             )
         aligned = _alignment_problem(self.name, index, tokenizer, tokens, spans)
         if aligned is not None and require_aligned:
@@ -192,12 +208,55 @@ class PromptFamily:
             aligned=aligned is None,
         )
 
+    def _answer_tokens(self, tokenizer: Any, text: dict, tokens: dict, spans: dict, answer: str,
+                       where: str) -> list[int]:
+        """The answer's tokens as they follow the prompt, the same after every side.
+
+        An answer scored before a slot (``answer_before``) must be one token. Elsewhere the
+        prompt plus the answer is tokenized and the prompt's own tokens must come first,
+        unchanged; what follows them is the answer (a SentencePiece tokenizer may split an
+        answer differently after the prompt than alone: the tokens in context are the ones
+        scored).
+        """
+        alone = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not alone:
+            raise BehaviorLensError(f"{where}: {answer!r} has no tokens")
+        if self.answer_before is not None:
+            if len(alone) != 1:
+                raise BehaviorLensError(f"{where}: an answer scored before a slot must be one token, "
+                                        f"{answer!r} has {len(alone)}")
+            return alone
+        found = {}
+        for side, prompt in text.items():
+            if prompt.endswith((" ", "\n")) and answer.startswith(" "):
+                raise BehaviorLensError(
+                    f"{where}: the prompt ends in whitespace and the answer {answer!r} starts with "
+                    "a space; drop one of them"
+                )
+            ids = tokens[side]
+            full = tokenizer(prompt + answer, add_special_tokens=not self.chat)["input_ids"]
+            if full[:len(ids)] != ids or len(full) == len(ids):
+                raise BehaviorLensError(
+                    f"{where}: on the {side} side the answer {answer!r} merges with the prompt's last "
+                    f"token {tokenizer.decode(ids[-1:])!r}, so it cannot be scored after the prompt; "
+                    "end the prompt or start the answer differently"
+                )
+            rest = full[len(ids):]
+            if not self.chat and tokenizer.eos_token_id is not None and rest[-1:] == [tokenizer.eos_token_id] \
+                    and alone[-1:] != [tokenizer.eos_token_id]:
+                rest = rest[:-1]  # a tokenizer that appends EOS to every text
+            found[side] = rest
+        if len({tuple(v) for v in found.values()}) > 1:
+            shown = ", ".join(f"{side} {[tokenizer.decode([t]) for t in v]}" for side, v in found.items())
+            raise BehaviorLensError(f"{where}: {answer!r} tokenizes differently after each side ({shown})")
+        return found[SIDES[0]]
+
     def _render_side(self, tokenizer: Any, variables: dict, side: str, where: str):
         slots = list(self.valence)
         values = dict(variables)
         for k, slot in enumerate(slots):
             inner = _render(self.valence[slot][side], variables, f"{where}, slot {slot!r}")
-            values[slot] = chr(_OPEN + k) + inner + chr(_CLOSE + k)
+            values[slot] = inner if side == NEUTRAL else chr(_OPEN + k) + inner + chr(_CLOSE + k)
         messages = self._messages(values, where)
         prefix = _render(self.assistant_prefix, values, f"{where}, assistant_prefix") if self.assistant_prefix else ""
         if self.chat:

@@ -16,9 +16,12 @@ How one dataset row becomes a contrast pair:
   metric on either side, and a shift of zero by construction.
 * **sycophancy-eval** (``answer.jsonl``): rows come as prompt variants of one question. The pair
   contrasts the template that asserts the incorrect answer ("I think the answer is X, but I'm
-  really not sure.") with the same template asserting the correct answer; the valence slot is
-  the asserted answer, the assistant turn starts "The answer is", and matching = the incorrect
-  answer, as in ``capitals_opinion``.
+  really not sure.") with the same template asserting the correct answer; where the claim
+  follows the question, the valence slot is the whole claim and the neutral side is the plain
+  question (the dataset's own no-opinion variant); the assistant turn starts "The answer is",
+  and matching = the incorrect answer, as in ``capitals_opinion``.
+* Rows with several not-matching answers (multiple choice, e.g. philpapers) score them
+  together: log p(matching) - log sum p(not matching).
 
 Real dataset rows are rarely token-aligned (answers differ in length), so loaders render with
 ``require_aligned=False`` by default and the set records which pairs are unaligned.
@@ -93,13 +96,20 @@ def load_sycophancy_eval(path: str | Path, tokenizer: Any, *, name: str | None =
         rows.append({k: Verbatim(base[k]) for k in ("question", "correct_answer", "incorrect_answer")})
     if template is None:
         raise BehaviorLensError(f"{path}: no row asserts an incorrect answer (prompt_template with {{incorrect_answer}})")
-    user = _jinja_from_format(template.replace("{incorrect_answer}", "\0"), path).replace("\0", "{{ claim }}")
+    if template.startswith("{question}"):  # the claim follows the question: leaving it out gives the plain question
+        claim = _jinja_from_format(template[len("{question}"):].replace("{incorrect_answer}", "\0"), path)
+        user, valence = "{{ question }}{{ claim }}", {
+            "positive": claim.replace("\0", "{{ incorrect_answer }}"),
+            "negative": claim.replace("\0", "{{ correct_answer }}"), "neutral": ""}
+    else:
+        user = _jinja_from_format(template.replace("{incorrect_answer}", "\0"), path).replace("\0", "{{ claim }}")
+        valence = {"positive": "{{ incorrect_answer }}", "negative": "{{ correct_answer }}"}
     family = PromptFamily.from_dict({
         "name": name or path.stem, "behavior": "sycophancy", "chat": True,
         "description": f"sycophancy-eval opinion pairs from {path.name}",
         "sides": {"positive": "user asserts the incorrect answer", "negative": "user asserts the correct answer"},
         "user": user, "assistant_prefix": assistant_prefix,
-        "valence": {"claim": {"positive": "{{ incorrect_answer }}", "negative": "{{ correct_answer }}"}},
+        "valence": {"claim": valence},
         "answers": {"matching": " {{ incorrect_answer }}", "not_matching": " {{ correct_answer }}"},
         "rows": rows[:limit],
     }, source=str(path))
@@ -121,11 +131,15 @@ def _ab_set(items, path, tokenizer, behavior, name, chat, require_aligned, limit
             raise BehaviorLensError(f"{path} item {where}: missing {err.args[0]!r}") from None
         if isinstance(m, list):  # some MWE files list several matching answers
             m = m[0]
-        letters = [_LETTER.match(a) if isinstance(a, str) else None for a in (m, n)]
+        others = n[1:] if isinstance(n, list) else []  # several not-matching answers: scored together
+        n = n[0] if isinstance(n, list) and n else n
+        letters = [_LETTER.match(a) if isinstance(a, str) else None for a in (m, n, *others)]
         if not all(letters):
-            raise BehaviorLensError(f"{path} item {where}: answers must be letters like '(A)', got {m!r} and {n!r}")
+            field = "answer_matching_behavior" if not letters[0] else "answer_not_matching_behavior"
+            raise BehaviorLensError(f"{path} item {where}, field {field!r}: answers must be letters like "
+                                    f"' (A)', got {m!r} and {d['answer_not_matching_behavior']!r}")
         rows.append({"question": Verbatim(question.rstrip()), "matching": letters[0].group(1),
-                     "not_matching": letters[1].group(1)})
+                     "not_matching": letters[1].group(1), "others": [x.group(1) for x in letters[2:]]})
     family = PromptFamily.from_dict({
         "name": name, "behavior": behavior, "chat": chat,
         "description": f"A/B pairs from {Path(path).name}: the answer letter differs",
@@ -133,9 +147,12 @@ def _ab_set(items, path, tokenizer, behavior, name, chat, require_aligned, limit
         "user": "{{ question }}", "assistant_prefix": "({{ choice }}", "answer_before": "choice",
         "valence": {"choice": {"positive": "{{ matching }}", "negative": "{{ not_matching }}"}},
         "answers": {"matching": "{{ matching }}", "not_matching": "{{ not_matching }}"},
-        "rows": rows[:limit],
+        "rows": [{k: v for k, v in r.items() if k != "others"} for r in rows[:limit]],
     }, source=str(path))
-    return family.render(tokenizer, require_aligned=require_aligned)
+    cset = family.render(tokenizer, require_aligned=require_aligned)
+    for pair, row in zip(cset, rows):
+        pair.other_answers = [tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in row["others"]]
+    return cset
 
 
 def _jinja_from_format(template: str, path) -> str:
@@ -152,7 +169,9 @@ def _jinja_from_format(template: str, path) -> str:
 
 def _read_jsonl(path: Path) -> list[dict]:
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise BehaviorLensError(f"cannot read {path}: {err.strerror}") from None
     out = []
@@ -169,7 +188,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise BehaviorLensError(f"cannot read {path}: {err.strerror}") from None
     except json.JSONDecodeError as err:

@@ -1,0 +1,174 @@
+"""The behavior metric of a prompt, each answer scored whole.
+
+metric = log p(matching | prompt) - log p(not_matching | prompt), where an answer's log
+probability is the sum over its tokens, teacher-forced after the prompt: the prompt plus all but
+the answer's last token runs once per answer, and the logits at the answer's positions are
+read. Rows with several not-matching answers (multiple choice) score them together:
+log sum_a p(a). When every answer of a set is one token, the prompt runs once and the metric is
+logit(matching) - logit(not_matching) at the answer position: the same number, since the
+softmax normalizer cancels.
+
+:class:`Scoring` says what to run and which logits to read for a list of prompts; every stage
+that computes the metric (measure, patching, attribution, steering) goes through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .batching import answer_tail, map_batches
+from .errors import BehaviorLensError
+
+
+@dataclass
+class Scoring:
+    """Sequences to run and the logits to read from them to score some prompts.
+
+    Read ``r`` takes the logits at token ``position[r]`` of sequence ``sequence[r]`` and scores
+    token ``token[r]`` for answer ``answer[r]``; an answer belongs to prompt
+    ``answer_prompt[a]`` and is matching or not (``answer_matching[a]``).
+    """
+
+    sequences: list[list[int]]
+    prompt_of: list[int]  # per sequence: the prompt it scores
+    sequence: torch.Tensor  # [reads]
+    position: torch.Tensor  # [reads] token index within the (unpadded) sequence
+    token: torch.Tensor  # [reads]
+    answer: torch.Tensor  # [reads]
+    answer_prompt: torch.Tensor  # [answers]
+    answer_matching: torch.Tensor  # [answers] bool
+    n_prompts: int
+    whole: bool  # True: log-softmax of every answer token; False: raw logits of one-token answers
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """The metric per prompt from the logits of every read ([reads, vocab]), in float32."""
+        logits = logits.float()
+        rows = torch.arange(len(logits), device=logits.device)
+        token = self.token.to(logits.device)
+        scores = torch.log_softmax(logits, -1)[rows, token] if self.whole else logits[rows, token]
+        per_answer = torch.zeros(len(self.answer_prompt), device=logits.device).index_add(
+            0, self.answer.to(logits.device), scores)
+        matching = self.answer_matching.to(logits.device)
+        prompt = self.answer_prompt.to(logits.device)
+        return _group_logsumexp(per_answer[matching], prompt[matching], self.n_prompts) - \
+            _group_logsumexp(per_answer[~matching], prompt[~matching], self.n_prompts)
+
+    def take(self, prompts: Sequence[int]) -> tuple[Scoring, list[int]]:
+        """The scoring of the given prompts (repeats allowed) and, per new sequence, the old one."""
+        seqs_of: dict[int, list[int]] = {}
+        for s, p in enumerate(self.prompt_of):
+            seqs_of.setdefault(p, []).append(s)
+        answers_of: dict[int, list[int]] = {}
+        for a, p in enumerate(self.answer_prompt.tolist()):
+            answers_of.setdefault(p, []).append(a)
+        reads_of: dict[int, list[int]] = {}
+        for r, s in enumerate(self.sequence.tolist()):
+            reads_of.setdefault(s, []).append(r)
+        old_seq, prompt_of, seq, pos, tok, ans, ans_prompt, ans_matching = [], [], [], [], [], [], [], []
+        for new_p, p in enumerate(prompts):
+            answer_map = {}
+            for a in answers_of[p]:
+                answer_map[a] = len(ans_prompt)
+                ans_prompt.append(new_p)
+                ans_matching.append(bool(self.answer_matching[a]))
+            for s in seqs_of[p]:
+                new_s = len(old_seq)
+                old_seq.append(s)
+                prompt_of.append(new_p)
+                for r in reads_of.get(s, []):
+                    seq.append(new_s)
+                    pos.append(int(self.position[r]))
+                    tok.append(int(self.token[r]))
+                    ans.append(answer_map[int(self.answer[r])])
+        taken = Scoring(
+            sequences=[self.sequences[s] for s in old_seq], prompt_of=prompt_of,
+            sequence=torch.tensor(seq), position=torch.tensor(pos), token=torch.tensor(tok),
+            answer=torch.tensor(ans), answer_prompt=torch.tensor(ans_prompt),
+            answer_matching=torch.tensor(ans_matching), n_prompts=len(prompts), whole=self.whole,
+        )
+        return taken, old_seq
+
+    def tails(self) -> torch.Tensor:
+        """Per sequence, how many trailing tokens are answer positions (the ones read)."""
+        lengths = torch.tensor([len(s) for s in self.sequences])
+        first = torch.full((len(self.sequences),), 10**9).scatter_reduce(
+            0, self.sequence, self.position, "amin", include_self=True)
+        return lengths - first
+
+
+def _group_logsumexp(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of ``values`` within each group 0..n-1 (a plain sum where a group has one)."""
+    counts = torch.bincount(groups, minlength=n)
+    if bool((counts == 1).all()):
+        return torch.zeros(n, device=values.device).index_add(0, groups, values)
+    peak = torch.full((n,), -torch.inf, device=values.device).scatter_reduce(
+        0, groups, values.detach(), "amax", include_self=True)
+    total = torch.zeros(n, device=values.device).index_add(0, groups, (values - peak[groups]).exp())
+    return total.log() + peak
+
+
+def needs_whole(pairs: Sequence) -> bool:
+    """Whether some answer of these pairs has several tokens (then every answer is scored whole)."""
+    return any(len(ids) > 1 for p in pairs for ids in [*p.answers.values(), *p.other_answers])
+
+
+def plan(pairs: Sequence, side: str, whole: bool | None = None) -> Scoring:
+    """What to run to score one side of each pair (``whole``: default :func:`needs_whole`)."""
+    whole = needs_whole(pairs) if whole is None else whole
+    sequences: list[list[int]] = []
+    prompt_of, seq, pos, tok, ans, ans_prompt, ans_matching = [], [], [], [], [], [], []
+    for i, p in enumerate(pairs):
+        prompt = list(p.tokens[side])
+        at = p.position(side, "answer")
+        alternatives = [(p.answers["matching"], True), (p.answers["not_matching"], False)]
+        alternatives += [(ids, False) for ids in p.other_answers]
+        if whole and at != len(prompt) - 1:
+            raise BehaviorLensError(
+                f"family {p.family!r}, row {p.row}: answers of several tokens are scored after the "
+                "prompt, but this family scores its answer before the end of the prompt"
+            )
+        if not whole:
+            sequences.append(prompt)
+            prompt_of.append(i)
+        for ids, matching in alternatives:
+            a = len(ans_prompt)
+            ans_prompt.append(i)
+            ans_matching.append(matching)
+            if whole:
+                sequences.append(prompt + list(ids[:-1]))
+                prompt_of.append(i)
+            for t, token in enumerate(ids if whole else ids[:1]):
+                seq.append(len(sequences) - 1)
+                pos.append(at + t)
+                tok.append(token)
+                ans.append(a)
+    return Scoring(
+        sequences=sequences, prompt_of=prompt_of, sequence=torch.tensor(seq),
+        position=torch.tensor(pos), token=torch.tensor(tok), answer=torch.tensor(ans),
+        answer_prompt=torch.tensor(ans_prompt), answer_matching=torch.tensor(ans_matching),
+        n_prompts=len(pairs), whole=whole,
+    )
+
+
+def score(model, scoring: Scoring) -> torch.Tensor:
+    """One batched forward of the scoring's sequences (a shared prefix runs once); the metric per prompt."""
+    with answer_tail(scoring.tails()):
+        logits = model.score_logits(scoring.sequences, scoring.sequence, scoring.position)
+    return scoring.metric(logits)
+
+
+def behavior_metric(model, pairs: Sequence, side: str, batch_size: int = 16,
+                    whole: bool | None = None) -> torch.Tensor:
+    """The behavior metric of one side of every pair: [pairs], float32, on the CPU."""
+    pairs = list(pairs)
+    whole = needs_whole(pairs) if whole is None else whole
+
+    def run(idx: range) -> torch.Tensor:
+        return score(model, plan([pairs[i] for i in idx], side, whole)).cpu()
+
+    if not pairs:
+        return torch.zeros(0)
+    return torch.cat(map_batches(len(pairs), batch_size, run))
