@@ -304,9 +304,14 @@ class SiteMap:
 
     # -- steering (added for behaviorlens.steering) -------------------------------------------
 
+    def attention_module(self, hf_model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        """The attention module of a block (it receives the attention mask)."""
+        self.check("attn", layer)
+        return _get(self.layers(hf_model)[layer], self.arch.attn)
+
     def attention_linears(self, hf_model: torch.nn.Module, layer: int) -> list[torch.nn.Module]:
         """The q, k, v and output projections of a Llama- or Gemma-style attention block."""
-        attn = _get(self.layers(hf_model)[layer], self.arch.attn)
+        attn = self.attention_module(hf_model, layer)
         return [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
 
     def residual_sources(self, hf_model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -25,7 +25,7 @@ def tiny_family(name: str = "tiny", pos: str = "w50 w52", neg: str = "w51 w53", 
         "chat": False,
         "user": "w5 {{ pre }} " + filler + " {{ s }} w7 w8",
         "valence": {"s": {"positive": pos, "negative": neg}},
-        "answers": {"matching": "w60", "not_matching": "w61"},
+        "answers": {"matching": " w60", "not_matching": " w61"},
         "rows": [{"pre": pre[i % len(pre)] + f" w{70 + i}"} for i in range(n)],
     })
 

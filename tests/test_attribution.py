@@ -39,12 +39,12 @@ def test_nonlinear_case_differs_and_steps_converge(tiny_llama):
     off there (the model is not linear), the path-averaged estimate converges to exact."""
     fam = tiny_family(valence={"s": {"positive": "w40", "negative": "w41"}})
     cs = fam.render(tiny_llama.tokenizer)
-    exact = patch(tiny_llama, cs, "resid_pre", [0], ["s"], progress=False).frame["metric"].to_numpy()
-    assert np.allclose(exact, 1, atol=1e-4)  # the slot is the only difference at layer 0
+    exact = patch(tiny_llama, cs, "resid_pre", [0], ["s"], progress=False).frame
+    assert np.allclose(exact["effect"], exact["gap"], atol=1e-4)  # the slot is the only difference at layer 0
     errors = {}
     for steps in (1, 16):
         est = attribution_patch(tiny_llama, cs, "resid_pre", [0], ["s"], steps=steps, progress=False)
-        errors[steps] = np.abs(est.frame["metric"].to_numpy() - exact).max()
+        errors[steps] = np.abs((est.frame["effect"] - exact["effect"]) / exact["gap"]).max()
     assert errors[16] < 0.02 < errors[1]
 
 
@@ -53,7 +53,7 @@ def test_heads_and_noising(tiny_llama):
     est = attribution_patch(tiny_llama, cs, "head", steps=2, direction="noise", progress=False)
     f = est.frame
     assert len(f) == len(cs) * tiny_llama.sites.n_layers * tiny_llama.sites.n_heads
-    assert f["computed"].all() and f["metric"].abs().max() > 0
+    assert f["computed"].all() and f["effect"].abs().max() > 0
     assert est.method == "attribution-ig2"
 
 

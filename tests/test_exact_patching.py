@@ -21,7 +21,7 @@ def tiny_family(**extra) -> PromptFamily:
         "chat": False,
         "user": "w5 w6 {{ a }} w7 {{ s }} w8 w9",
         "valence": {"s": {"positive": "w40 w42", "negative": "w41 w43"}},
-        "answers": {"matching": "w50", "not_matching": "w51"},
+        "answers": {"matching": " w50", "not_matching": " w51"},
         "rows": [{"a": "w60"}, {"a": "w61 w62"}, {"a": "w63 w64 w65"}],
     }
     data.update(extra)
@@ -34,7 +34,7 @@ def assert_same(fast, slow, tol=1e-4):
     b = slow.frame.set_index(keys).sort_index()
     assert a.index.equals(b.index)
     assert (a["patched"] - b["patched"]).abs().max() < tol
-    assert (a["metric"] - b["metric"]).abs().max() < tol * 100  # normalized by small gaps
+    assert (a["effect"] - b["effect"]).abs().max() < tol
     # the sweep did something: some computed cells moved the metric
     moved = a[a["computed"]]
     assert ((moved["patched"] - moved["corrupt"]).abs() > 2e-5).any()
@@ -100,7 +100,12 @@ def test_noising_and_negative_clean_match_reference(tiny_llama):
         f = fast.frame
         base = f["clean"] if direction == "noise" else f["corrupt"]
         source = f["corrupt"] if direction == "noise" else f["clean"]
-        assert ((f["patched"] - base) / (source - base) - f["metric"]).abs().max() < 1e-5
+        assert (f["patched"] - base - f["effect"]).abs().max() < 1e-6
+        assert (source - base - f["gap"]).abs().max() < 1e-6
+        # a cell's value is the ratio of means over pairs, not a mean of per-pair ratios
+        cell = fast.means().iloc[0]
+        rows = f[(f.layer == cell.layer) & (f.from_end == cell.from_end)]
+        assert cell.metric == pytest.approx(rows.effect.sum() / rows.gap.sum(), abs=1e-6)
 
 
 def test_whole_residual_restores_and_nothing_changes_nothing(tiny_llama):
@@ -108,9 +113,9 @@ def test_whole_residual_restores_and_nothing_changes_nothing(tiny_llama):
     cs = tiny_family().render(m.tokenizer)
     for direction in ("denoise", "noise"):
         last = patch_whole(m, cs, "resid_post", None, direction=direction).frame
-        assert (last["metric"] - 1).abs().max() < 1e-4
+        assert (last["effect"] - last["gap"]).abs().max() < 1e-4
         first = patch_whole(m, cs, "resid_pre", 0, direction=direction).frame
-        assert (first["metric"] - 1).abs().max() < 1e-4
+        assert (first["effect"] - first["gap"]).abs().max() < 1e-4
     # positions before the first difference are skipped as no-ops: metric exactly 0 there,
     # and the reference (which does patch them) agrees that nothing changes
     cs = cs.subset([0])
@@ -119,9 +124,9 @@ def test_whole_residual_restores_and_nothing_changes_nothing(tiny_llama):
     first_diff = {i: p.first_difference() for i, p in enumerate(cs)}
     early = fast["position"] < fast["pair"].map(first_diff)
     assert early.any() and not fast.loc[early, "computed"].any()
-    assert (fast.loc[early, "metric"] == 0).all()
+    assert (fast.loc[early, "effect"] == 0).all()
     assert (fast.loc[early, "patched"] == fast.loc[early, "corrupt"]).all()
-    assert (slow.loc[early.values, "metric"].abs() < 1e-5).all()
+    assert (slow.loc[early.values, "effect"].abs() < 1e-5).all()
     assert fast.loc[~early, "computed"].all()
 
 
@@ -152,8 +157,8 @@ def test_batched_equals_one_at_a_time_default(default_model):
     head_fast = patch(m, cs, "head", [last], progress=False)
     head_slow = patch_one_at_a_time(m, cs, "head", [last], progress=False)
     assert_same(head_fast, head_slow)
-    restore = patch_whole(m, cs, "resid_post").frame
-    assert (restore["metric"] - 1).abs().max() < 1e-3
+    restore = patch_whole(m, cs, "resid_post")
+    assert restore.means()["metric"].iloc[0] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -22,9 +22,11 @@ def test_run_patch_writes_artifacts_and_resumes(tiny_llama, tmp_path, monkeypatc
         assert (tmp_path / name).is_file()
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert abs(summary["restore_last_layer"] - 1) < 1e-4
-    assert len(summary["top_sites"]) == 10
-    metrics = [abs(t["metric"]) for t in summary["top_sites"]]
-    assert metrics == sorted(metrics, reverse=True)
+    carry, oppose = summary["top_sites"], summary["opposing_sites"]
+    assert carry and all(t["metric"] > 0 for t in carry) and all(t["metric"] < 0 for t in oppose)
+    assert [t["metric"] for t in carry] == sorted((t["metric"] for t in carry), reverse=True)
+    assert all(t["ci"][0] <= t["metric"] <= t["ci"][1] for t in carry + oppose)
+    assert 0 <= summary["top_k_stability"] <= 1
     table = pd.read_csv(tmp_path / "patching.csv")
     direct = patch(tiny_llama, cs, progress=False).frame
     assert (table["patched"].to_numpy() - direct["patched"].to_numpy()).max() < 1e-6

@@ -89,7 +89,7 @@ def test_transfer_falls_back_to_a_position_every_family_has(tmp_path):
     other = PromptFamily.from_dict({
         "name": "fam_t", "chat": False, "user": "w5 w6 {{ t }} w7 w8 w{{ i }}",
         "valence": {"t": {"positive": "w50 w52", "negative": "w51 w53"}},
-        "answers": {"matching": "w60", "not_matching": "w61"},
+        "answers": {"matching": " w60", "not_matching": " w61"},
         "rows": [{"i": 70 + i} for i in range(6)],
     }).render(model.tokenizer)
     summary = run_probe(model, train, {"fam_t": other}, positions=("s:mean", "last"), methods=("mean_diff",),

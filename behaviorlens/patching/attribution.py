@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.metrics import logit_diff
 from ..batching import chunks
 from ..model import Model
 from ..prompts.contrast import ContrastSet
+from ..scoring import Scoring
 from .exact import run_cells, run_side
 from .hooks import reading
 from .plan import Cell, check_site, default_positions, make_cells, resolve_sides
@@ -72,18 +72,19 @@ def attribution_patch(
         pairs = list(chunk)
         source = run_side(model, contrast_set, pairs, sides.source, site, layers, [0])
         base = run_side(model, contrast_set, pairs, sides.base, site, layers, [0])
-        grads = _mean_gradients(model, contrast_set, pairs, sides.base, site, layers, steps,
-                                base.resid[0], source.resid[0])
+        grads = _mean_gradients(model, base, site, layers, steps, base.resid[0], source.resid[0])
         for r, p in enumerate(pairs):
             metrics[sides.source][p] = float(source.metric[r])
             metrics[sides.base][p] = float(base.metric[r])
+        # rows are scoring sequences; a pair's estimate sums those of its sequences
         estimates = {L: (grads[L] * (source.acts[L] - base.acts[L])).sum(-1) for L in layers}
+        rows_of = {r: [s for s, q in enumerate(base.scoring.prompt_of) if q == r] for r in range(len(pairs))}
         for r, p in enumerate(pairs):
-            offset = int(base.batch.offsets[r])
             first = contrast_set[p].first_difference()
             for k in by_pair.get(p, []):
                 c = cells[k]
-                est = estimates[c.layer][r, [j + offset for j in c.positions]]
+                est = sum(estimates[c.layer][s, [j + int(base.batch.offsets[s]) for j in c.positions]]
+                          for s in rows_of[r])
                 if c.head is not None:
                     est = est[:, c.head]
                 if max(c.positions) < first:
@@ -95,16 +96,17 @@ def attribution_patch(
     return PatchResult(frame, site, direction, clean, "attribution" if steps == 1 else f"attribution-ig{steps}")
 
 
-def _mean_gradients(model: Model, cset: ContrastSet, pairs: list[int], side: str, site: str,
-                    layers: Sequence[int], steps: int, base0: torch.Tensor, source0: torch.Tensor,
-                    ) -> dict[int, torch.Tensor]:
-    """d metric / d site activation at every layer, averaged over the interpolation steps."""
-    sub = [cset[i] for i in pairs]
-    batch = model.batch([p.tokens[side] for p in sub] * steps)
-    answer = batch.columns([p.position(side, "answer") for p in sub] * steps)
-    ids = torch.tensor([p.answer_ids for p in sub] * steps)
+def _mean_gradients(model: Model, base, site: str, layers: Sequence[int], steps: int,
+                    base0: torch.Tensor, source0: torch.Tensor) -> dict[int, torch.Tensor]:
+    """d metric / d site activation at every layer of the base run's sequences, averaged over
+    the interpolation steps."""
+    scoring: Scoring = base.scoring
+    n = len(scoring.sequences)
+    batch = model.batch(scoring.sequences * steps)
+    repeated, _ = scoring.take(list(range(scoring.n_prompts)) * steps)
+    cols = repeated.position + batch.offsets[repeated.sequence]
     alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
-    alpha = alphas.repeat_interleave(len(sub)).to(base0.device, base0.dtype)[:, None, None]
+    alpha = alphas.repeat_interleave(n).to(base0.device, base0.dtype)[:, None, None]
     start = (base0.repeat(steps, 1, 1) + alpha * (source0 - base0).repeat(steps, 1, 1)).detach()
 
     def interpolate(module, args):
@@ -114,7 +116,7 @@ def _mean_gradients(model: Model, cset: ContrastSet, pairs: list[int], side: str
     handle = block0.register_forward_pre_hook(interpolate, prepend=True)
     try:
         with torch.enable_grad(), reading(model, site, layers, keep_grad=True) as live:
-            metric = logit_diff(model.logits(batch, answer, grad=True), ids[:, 0], ids[:, 1])
+            metric = repeated.metric(model.logits_at(batch, repeated.sequence, cols, grad=True))
             tensors = [live[L] for L in layers]
             grads = torch.autograd.grad(metric.sum(), tensors, allow_unused=True)
     finally:
@@ -124,7 +126,7 @@ def _mean_gradients(model: Model, cset: ContrastSet, pairs: list[int], side: str
         g = torch.zeros_like(t) if g is None else g
         if site == "head":
             g = g.view(*g.shape[:-1], model.sites.n_heads, model.sites.head_dim)
-        out[L] = g.detach().float().view(steps, len(sub), *g.shape[1:]).mean(0)
+        out[L] = g.detach().float().view(steps, n, *g.shape[1:]).mean(0)
     return out
 
 
@@ -138,7 +140,7 @@ class Verification:
     table: pd.DataFrame  # one row per verified cell: estimate, exact, ranks, wrong_sign, wrong
     pearson: float
     spearman: float
-    pearson_pairs: float  # over every (cell, pair), not cell means
+    pearson_pairs: float  # of the raw effects over every (cell, pair), not cell values
     mean_abs_error: float  # mean |estimate - exact| over the verified cells
 
     @property
@@ -155,7 +157,8 @@ def verify_top_k(model: Model, contrast_set: ContrastSet, result: PatchResult, k
     but do not make a cell wrong).
     """
     sides = resolve_sides(result.clean, result.direction)
-    top = result.top(k)
+    means = result.means()
+    top = means.reindex(means["metric"].abs().sort_values(ascending=False).index).head(k)
     cells = []
     for _, row in top.iterrows():
         head = None if pd.isna(row["head"]) else int(row["head"])
@@ -174,13 +177,13 @@ def verify_top_k(model: Model, contrast_set: ContrastSet, result: PatchResult, k
     table["wrong_sign"] = np.sign(table["estimate"]) != np.sign(table["exact"])
     ratio = table["exact"] / table["estimate"].where(table["estimate"] != 0)
     table["wrong"] = table["wrong_sign"] | ~ratio.between(0.5, 2.0)
-    pairs = result.frame.merge(exact.frame[["site", "layer", "head", "position", "pair", "metric"]],
+    pairs = result.frame.merge(exact.frame[["site", "layer", "head", "position", "pair", "effect"]],
                                on=["site", "layer", "head", "position", "pair"], suffixes=("", "_exact"))
     return Verification(
         table=table,
         pearson=correlation(table["estimate"], table["exact"], "pearson"),
         spearman=correlation(table["estimate"], table["exact"], "spearman"),
-        pearson_pairs=correlation(pairs["metric"], pairs["metric_exact"], "pearson"),
+        pearson_pairs=correlation(pairs["effect"], pairs["effect_exact"], "pearson"),
         mean_abs_error=float((table["estimate"] - table["exact"]).abs().mean()),
     )
 
@@ -197,14 +200,14 @@ def correlation(a: Sequence[float], b: Sequence[float], kind: str = "pearson") -
 
 
 def compare(estimate: PatchResult, exact: PatchResult) -> dict[str, float]:
-    """Pearson and Spearman of estimate vs exact over cell means and over (cell, pair) rows."""
+    """Pearson and Spearman of estimate vs exact over cell values and over (cell, pair) effects."""
     keys = ["site", "layer", "head", "position", "pair"]
-    rows = estimate.frame.merge(exact.frame[keys + ["metric"]], on=keys, suffixes=("", "_exact"))
+    rows = estimate.frame.merge(exact.frame[keys + ["effect"]], on=keys, suffixes=("", "_exact"))
     means = estimate.means().merge(exact.means()[CELL_KEYS + ["metric"]], on=CELL_KEYS,
                                    suffixes=("", "_exact"))
     return {
         "pearson": correlation(means["metric"], means["metric_exact"], "pearson"),
         "spearman": correlation(means["metric"], means["metric_exact"], "spearman"),
-        "pearson_pairs": correlation(rows["metric"], rows["metric_exact"], "pearson"),
-        "spearman_pairs": correlation(rows["metric"], rows["metric_exact"], "spearman"),
+        "pearson_pairs": correlation(rows["effect"], rows["effect_exact"], "pearson"),
+        "spearman_pairs": correlation(rows["effect"], rows["effect_exact"], "spearman"),
     }

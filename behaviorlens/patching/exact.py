@@ -9,8 +9,9 @@
 3. it also starts at the first patched column: earlier columns are unchanged, so they enter
    attention as the base run's recorded keys and values and are not recomputed (cells are
    sorted by column, so each batch of copies starts as late as it can);
-4. only the answer position goes through the final norm and the unembedding;
-5. the patched copies of the base prompt (one per cell) run as one batch.
+4. only the answer positions go through the final norm and the unembedding;
+5. the patched copies of the base prompt (one per cell, or one per cell and answer when
+   answers of several tokens are teacher-forced: :mod:`behaviorlens.scoring`) run as one batch.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.metrics import logit_diff
 from ..batching import Batch, chunks
 from ..errors import BehaviorLensError
 from ..model import Model
 from ..prompts.contrast import ContrastSet
+from ..scoring import Scoring, needs_whole, plan
 from ..sites import LayerCalls, check_edit, saved_edit
 from .hooks import Overwrite, reading
 from .plan import Cell, Sides, check_site, default_positions, make_cells, resolve_sides
@@ -35,12 +36,12 @@ from .results import PatchResult, build_frame
 
 @dataclass
 class SideRun:
-    """One forward of one side of a chunk of pairs: batch, answer columns, metric, activations."""
+    """One forward of one side of a chunk of pairs: the scoring sequences' batch, the metric per
+    pair and the activations (rows are the scoring's sequences)."""
 
     batch: Batch
-    answer: torch.Tensor  # padded answer column per row
-    ids: torch.Tensor  # [rows, 2] matching / not-matching token ids
-    metric: torch.Tensor  # [rows] float32 behavior metric
+    scoring: Scoring
+    metric: torch.Tensor  # [pairs] float32 behavior metric
     acts: dict[int, torch.Tensor]  # layer -> site activation
     resid: dict[int, torch.Tensor]  # layer -> residual entering the layer
     calls: LayerCalls | None = None  # with replay: the blocks' calls, keys and values
@@ -50,16 +51,14 @@ def run_side(model: Model, cset: ContrastSet, pairs: Sequence[int], side: str, s
              layers: Sequence[int], starts: Sequence[int] = (), replay: bool = False) -> SideRun:
     """Forward one side of some pairs, keeping the site at ``layers`` and residuals at ``starts``
     (and, with ``replay``, what :meth:`SiteMap.run_from` needs to rerun it from there)."""
-    sub = [cset[i] for i in pairs]
-    batch = model.batch([p.tokens[side] for p in sub])
-    answer = batch.columns([p.position(side, "answer") for p in sub])
-    ids = torch.tensor([p.answer_ids for p in sub])
+    scoring = plan([cset[i] for i in pairs], side, needs_whole(cset.pairs))
+    batch = model.batch(scoring.sequences)
+    cols = scoring.position + batch.offsets[scoring.sequence]
     with torch.inference_mode(), reading(model, site, layers) as acts, \
             reading(model, "resid_pre", starts) as resid, \
             (model.sites.capture_layer_calls(model.hf) if replay else nullcontext()) as calls:
-        logits = model.logits(batch, answer)
-    metric = logit_diff(logits, ids[:, 0], ids[:, 1]).cpu()
-    return SideRun(batch, answer, ids, metric, acts, resid, calls)
+        logits = model.logits_at(batch, scoring.sequence, cols)
+    return SideRun(batch, scoring, scoring.metric(logits).cpu(), acts, resid, calls)
 
 
 def patch(
@@ -120,9 +119,10 @@ def run_cells(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: l
             else:
                 live.append(k)
         bar.update(len(todo) - len(live))
+        first_row = {r: base.scoring.prompt_of.index(r) for r in range(len(chunk_pairs))}
         for layer in layers:
-            at_layer = sorted((k for k in live if cells[k].layer == layer),
-                              key=lambda k: min(cells[k].positions) + int(base.batch.offsets[row_of[cells[k].pair]]))
+            at_layer = sorted((k for k in live if cells[k].layer == layer), key=lambda k: min(cells[k].positions)
+                              + int(base.batch.offsets[first_row[row_of[cells[k].pair]]]))
             for part in chunks(len(at_layer), batch_size):
                 ks = [at_layer[i] for i in part]
                 values = _patched_runs(model, site, layer, [cells[k] for k in ks],
@@ -137,19 +137,23 @@ def run_cells(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: l
 @torch.inference_mode()
 def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: list[int],
                   source: SideRun, base: SideRun) -> list[float]:
-    """One batched forward from ``layer``: copy k is base row rows[k] with cell k patched in."""
+    """One batched forward from ``layer``: cell k patched into copies of the base sequences of
+    pair row rows[k] (one copy per scoring sequence); its patched metric per cell."""
     device = model.device
+    copies, seq_of_copy = base.scoring.take(rows)
+    offsets = base.batch.offsets
     copy_idx, row_idx, col_idx, head_idx = [], [], [], []
-    for k, (c, r) in enumerate(zip(cells, rows)):
-        for j in c.positions:
-            copy_idx.append(k)
-            row_idx.append(r)
-            col_idx.append(j + int(base.batch.offsets[r]))
-            head_idx.append(c.head)
+    for c, seq in enumerate(seq_of_copy):
+        cell = cells[copies.prompt_of[c]]
+        for j in cell.positions:
+            copy_idx.append(c)
+            row_idx.append(seq)  # the source batch has the same sequences, lengths and padding
+            col_idx.append(j + int(offsets[seq]))
+            head_idx.append(cell.head)
+    seq_t = torch.tensor(seq_of_copy)
+    read_cols = copies.position + offsets[seq_t][copies.sequence]
+    start = min(min(col_idx), int(read_cols.min())) if base.calls.can_start_later else 0
     src = source.acts[layer]
-    rows_t = torch.tensor(rows, device=device)
-    answer = base.answer.to(device)[rows_t]
-    start = min(min(col_idx), int(answer.min())) if base.calls.can_start_later else 0
     col_t = torch.tensor(col_idx, device=src.device)
     row_src = torch.tensor(row_idx, device=src.device)
     if site == "head":
@@ -160,13 +164,13 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
         values = src[row_src, col_t]
         index = (torch.tensor(copy_idx), col_t - start)
     index = tuple(t.to(device) for t in index)
+    rows_t = seq_t.to(device)
     hidden = base.resid[layer].index_select(0, rows_t)[:, start:]
     with Overwrite(model, site, layer, index, values):
         out = model.sites.run_from(model.hf, layer, hidden, base.calls, rows_t, start)
-    last = out[torch.arange(len(rows), device=out.device), answer.to(out.device) - start]
-    logits = model.sites.logits_from_hidden(model.hf, last).float()
-    ids = base.ids[rows_t.cpu()]
-    return logit_diff(logits, ids[:, 0], ids[:, 1]).cpu().tolist()
+    read = out[copies.sequence.to(out.device), (read_cols - start).to(out.device)]
+    logits = model.sites.logits_from_hidden(model.hf, read).float()
+    return copies.metric(logits).cpu().tolist()
 
 
 # -- the reference: one nnsight forward per cell --------------------------------------------
@@ -200,41 +204,47 @@ def patch_one_at_a_time(
 def cells_one_at_a_time(model: Model, cset: ContrastSet, site: str, sides: Sides,
                         cells: list[Cell], progress: bool = False) -> tuple[list[float], dict[str, list[float]]]:
     metrics: dict[str, list[float]] = {sides.clean: [0.0] * len(cset), sides.corrupt: [0.0] * len(cset)}
+    whole = needs_whole(cset.pairs)
     sources: dict[int, dict[int, torch.Tensor]] = {}
     for i, p in enumerate(cset):
         layers = sorted({c.layer for c in cells if c.pair == i})
-        sources[i], metrics[sides.source][i] = _nnsight_read(model, p, sides.source, site, layers)
-        metrics[sides.base][i] = _nnsight_read(model, p, sides.base, site, [])[1]
+        sources[i], metrics[sides.source][i] = _nnsight_run(model, plan([p], sides.source, whole), site, layers)
+        metrics[sides.base][i] = _nnsight_run(model, plan([p], sides.base, whole), site, [])[1]
     patched = []
     for c in tqdm(cells, desc=f"patch {site} (one at a time)", disable=not progress):
-        p = cset[c.pair]
-        batch = model.batch([p.tokens[sides.base]])
-        cols = list(c.positions)
-        index = (0, cols) if c.head is None else (0, cols, c.head)
-        value = sources[c.pair][c.layer][index[1:]]
-        with torch.inference_mode(), model.trace(batch):
-            live = model.sites.write(model.lm, site, c.layer, value, index)
-            saved = saved_edit(live, index)
-            logits = model.lm.output.logits[0, p.position(sides.base, "answer")].save()
-        check_edit(saved, value, f"{site} at layer {c.layer}")
-        patched.append(_metric(logits, p))
+        scoring = plan([cset[c.pair]], sides.base, whole)
+        patched.append(_nnsight_run(model, scoring, site, [], (c, sources[c.pair][c.layer]))[1])
     return patched, metrics
 
 
-def _nnsight_read(model: Model, pair, side: str, site: str, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], float]:
-    batch = model.batch([pair.tokens[side]])
+def _nnsight_run(model: Model, scoring: Scoring, site: str, layers: Sequence[int],
+                 write: tuple[Cell, torch.Tensor] | None = None) -> tuple[dict[int, torch.Tensor], float]:
+    """One nnsight forward of one pair's scoring sequences: the site at ``layers`` (of the first
+    sequence, by unpadded position) and the metric; ``write`` patches a cell with the source
+    activations it is given (every sequence at the cell's positions)."""
+    batch = model.batch(scoring.sequences)
+    offsets = batch.offsets
     saved = {}
+    if write is not None:  # (values an nnsight trace uses are prepared before it)
+        cell, source = write
+        rows = [r for r in range(len(batch)) for _ in cell.positions]
+        cols = [j + int(offsets[r]) for r in range(len(batch)) for j in cell.positions]
+        index = (rows, cols) if cell.head is None else (rows, cols, cell.head)
+        value = source[list(cell.positions) * len(batch)]
+        if cell.head is not None:
+            value = value[:, cell.head]
     with torch.inference_mode(), model.trace(batch):
         for layer in layers:
-            saved[layer] = model.sites.read(model.lm, site, layer)[0].detach().clone().save()
-        logits = model.lm.output.logits[0, pair.position(side, "answer")].save()
-    return {k: torch.as_tensor(v) for k, v in saved.items()}, _metric(logits, pair)
-
-
-def _metric(logits: torch.Tensor, pair) -> float:
-    m, n = pair.answer_ids
-    logits = torch.as_tensor(logits).float()
-    return float(logits[m] - logits[n])
+            saved[layer] = model.sites.read(model.lm, site, layer)[0, int(offsets[0]):].detach().clone().save()
+        if write is not None:
+            live = model.sites.write(model.lm, site, cell.layer, value, index)
+            edited = saved_edit(live, index)
+        logits = model.lm.output.logits.save()
+    if write is not None:
+        check_edit(edited, value, f"{site} at layer {cell.layer}")
+    cols = scoring.position + offsets[scoring.sequence]
+    metric = scoring.metric(torch.as_tensor(logits)[scoring.sequence, cols])
+    return {k: torch.as_tensor(v) for k, v in saved.items()}, float(metric[0])
 
 
 def patch_whole(model: Model, contrast_set: ContrastSet, site: str = "resid_post", layer: int | None = None,

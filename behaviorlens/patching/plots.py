@@ -8,11 +8,17 @@ import numpy as np
 import pandas as pd
 
 
-def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig) -> None:
+def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig,
+               unsure: np.ndarray | None = None) -> None:
+    """A diverging heatmap; cells where ``unsure`` (their CI includes 0) get a small grey dot."""
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     limit = limit or 1.0
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
                       interpolation="nearest", origin="lower")
+    if unsure is not None:
+        ys, xs = np.nonzero(unsure & (np.abs(np.nan_to_num(grid)) > 0))
+        ax.scatter(xs, ys, s=3, c="grey", marker=".", linewidths=0)
+        title += " (dot: 95% CI over pairs includes 0)"
     ax.set_xticks(range(len(xlabels)))
     ax.set_xticklabels(xlabels, rotation=90, fontsize=7)
     step = max(1, len(ylabels) // 15)
@@ -23,7 +29,7 @@ def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], tit
 
 
 def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Layer x position heatmap of the mean metric, token strings on the x axis.
+    """Layer x position heatmap of the cell values, token strings on the x axis.
 
     Positions are keyed by distance from the end (``from_end``), so pairs of different
     lengths line up at the answer; columns that are zero for every layer (before the first
@@ -34,23 +40,26 @@ def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> 
     grid = means.pivot_table(index="layer", columns="from_end", values="metric", aggfunc="mean")
     keep = [c for c in grid.columns if (grid[c].abs() > 0).any()] or list(grid.columns)
     grid = grid[keep]
+    unsure = ~means.pivot_table(index="layer", columns="from_end", values="significant", aggfunc="all")[keep]
     labels = means.drop_duplicates("from_end").set_index("from_end")["token"]
     xlabels = [repr(str(labels.get(c, "")))[1:-1] for c in grid.columns]
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(xlabels) + 2), max(4, 0.2 * len(grid) + 1.5)))
-    _diverging(ax, grid.to_numpy(float), xlabels, [str(i) for i in grid.index], title, fig)
+    _diverging(ax, grid.to_numpy(float), xlabels, [str(i) for i in grid.index], title, fig,
+               unsure.to_numpy(bool))
     ax.set_xlabel("position (token)")
     ax.set_ylabel("layer")
     return save_figure(fig, path)
 
 
 def head_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Layer x head heatmap of the mean metric, summed over the patched positions."""
+    """Layer x head heatmap of the cell values, summed over the patched positions."""
     from ..analysis.plots import plt, save_figure
 
     grid = means.pivot_table(index="layer", columns="head", values="metric", aggfunc="sum")
+    unsure = ~means.pivot_table(index="layer", columns="head", values="significant", aggfunc="all")
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(4, 0.2 * len(grid) + 1.5)))
     _diverging(ax, grid.to_numpy(float), [str(h) for h in grid.columns], [str(i) for i in grid.index],
-               title, fig)
+               title, fig, unsure.to_numpy(bool))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     return save_figure(fig, path)

@@ -1,9 +1,16 @@
-"""Patching results: one tidy row per (site, layer, head, position, pair), and per-cell means."""
+"""Patching results: one tidy row per (site, layer, head, position, pair), and per-cell figures.
+
+A cell's value is a ratio of means over pairs: the summed change of the behavior metric divided
+by the summed gap between the two sides, ``sum(patched - base) / sum(source - base)``. Pairs
+are never normalized one by one (a pair whose two sides barely differ would divide by nearly
+zero and dominate). Each cell carries a bootstrap CI over pairs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from ..prompts.contrast import ContrastSet
@@ -11,20 +18,22 @@ from .plan import Cell, Sides, position_names
 
 COLUMNS = [
     "site", "layer", "head", "position", "from_end", "position_name", "token", "pair", "row",
-    "patched", "clean", "corrupt", "metric", "computed",
+    "patched", "clean", "corrupt", "effect", "gap", "computed",
 ]
 CELL_KEYS = ["site", "layer", "head", "from_end"]
+N_BOOT = 1000
 
 
 @dataclass
 class PatchResult:
     """A patching sweep: ``frame`` has one row per cell and pair.
 
-    ``patched``, ``clean`` and ``corrupt`` are raw behavior metrics (logit differences);
-    ``metric`` is ``(patched - base) / (source - base)`` where the base is the side that ran
-    (corrupt when denoising, clean when noising): 0 = no effect, 1 = fully the source side.
-    ``computed`` is False for cells skipped as provable no-ops (positions before the first
-    token where the sides differ: their activations are identical), whose metric is exactly 0.
+    ``patched``, ``clean`` and ``corrupt`` are raw behavior metrics; ``effect`` is
+    ``patched - base`` and ``gap`` is ``source - base``, where the base is the side that ran
+    (corrupt when denoising, clean when noising). ``computed`` is False for cells skipped as
+    provable no-ops (positions before the first token where the sides differ: their activations
+    are identical), whose effect is exactly 0. :meth:`means` gives each cell's value: 0 = no
+    effect, 1 = fully the source side.
     """
 
     frame: pd.DataFrame
@@ -33,32 +42,69 @@ class PatchResult:
     clean: str
     method: str = "exact"
 
-    def means(self) -> pd.DataFrame:
-        """Mean over pairs per cell (positions keyed by distance from the end, ``from_end``).
-
-        ``metric`` is the mean of per-pair normalized metrics; ``metric_pooled`` normalizes
-        the mean raw change by the mean clean-corrupt gap (steadier when a gap is small).
-        """
+    def _matrices(self) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """Cells (one row each) and their effect and gap per pair ([cells, pairs], 0 where absent)."""
         f = self.frame
-        base, source = ("corrupt", "clean") if self.direction == "denoise" else ("clean", "corrupt")
-        g = f.groupby(CELL_KEYS, dropna=False, sort=True)
-        out = g.agg(
-            metric=("metric", "mean"),
-            patched=("patched", "mean"),
-            base=(base, "mean"),
-            source=(source, "mean"),
-            pairs=("pair", "nunique"),
-            position=("position", "max"),
-            position_name=("position_name", _mode),
-            token=("token", _mode),
-        ).reset_index()
-        out["metric_pooled"] = (out["patched"] - out["base"]) / (out["source"] - out["base"])
-        return out.drop(columns=["base", "source"])
+        cells = f.groupby(CELL_KEYS, dropna=False, sort=True).ngroup()
+        pairs = f["pair"].to_numpy()
+        n_cells, n_pairs = int(cells.max()) + 1, int(pairs.max()) + 1
+        effect, gap = np.zeros((n_cells, n_pairs)), np.zeros((n_cells, n_pairs))
+        effect[cells, pairs] = f["effect"].to_numpy()
+        gap[cells, pairs] = f["gap"].to_numpy()
+        return f.assign(cell=cells.to_numpy()), effect, gap
 
-    def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` cells with the largest mean |metric|."""
+    def bootstrap(self, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+        """Cell values over bootstrap resamples of the pairs: [n_boot, cells] (cells as in :meth:`means`)."""
+        _, effect, gap = self._matrices()
+        draws = np.random.default_rng(seed).integers(0, effect.shape[1], size=(n_boot, effect.shape[1]))
+        weights = np.stack([np.bincount(d, minlength=effect.shape[1]) for d in draws]).T  # [pairs, n_boot]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return ((effect @ weights) / (gap @ weights)).T
+
+    def means(self, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+        """One row per cell (positions keyed by distance from the end, ``from_end``).
+
+        ``metric`` is the ratio of means over pairs; ``metric_ci_low``/``_high`` its bootstrap
+        95% CI over pairs; ``significant`` whether that CI excludes 0; ``patched``, ``base`` and
+        ``source`` the mean raw metrics.
+        """
+        f, effect, gap = self._matrices()
+        g = f.groupby("cell", sort=True)
+        out = g.agg(
+            site=("site", "first"), layer=("layer", "first"), head=("head", "first"),
+            from_end=("from_end", "first"), patched=("patched", "mean"), pairs=("pair", "nunique"),
+            position=("position", "max"), position_name=("position_name", _mode), token=("token", _mode),
+        ).reset_index(drop=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.insert(4, "metric", effect.sum(1) / gap.sum(1))
+        boot = self.bootstrap(n_boot, seed)
+        out["metric_ci_low"] = np.nanquantile(boot, 0.025, axis=0)
+        out["metric_ci_high"] = np.nanquantile(boot, 0.975, axis=0)
+        out["significant"] = (out["metric_ci_low"] > 0) | (out["metric_ci_high"] < 0)
+        out["head"] = out["head"].astype("Int64")
+        return out
+
+    def carriers(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` cells that carry the behavior most: largest positive value."""
         m = self.means()
-        return m.reindex(m["metric"].abs().sort_values(ascending=False).index).head(k)
+        return m[m["metric"] > 0].sort_values("metric", ascending=False).head(k)
+
+    def opposers(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` cells that oppose it most: most negative value."""
+        m = self.means()
+        return m[m["metric"] < 0].sort_values("metric").head(k)
+
+    def top_k_stability(self, k: int = 5, n_boot: int = N_BOOT, seed: int = 0) -> float:
+        """Mean share of the top-``k`` carrying cells that stay in the top ``k`` when the pairs are
+        resampled (1 = the same cells every time)."""
+        values = self.means()["metric"].to_numpy()
+        k = min(k, int(np.isfinite(values).sum()))
+        if k == 0:
+            return float("nan")
+        top = set(np.argsort(-np.nan_to_num(values, nan=-np.inf))[:k])
+        boot = np.nan_to_num(self.bootstrap(n_boot, seed), nan=-np.inf)
+        overlap = [len(top & set(np.argsort(-b)[:k])) / k for b in boot]
+        return float(np.mean(overlap))
 
 
 def _mode(values: pd.Series) -> str:
@@ -111,7 +157,8 @@ def build_frame(
             "patched": value,
             "clean": clean,
             "corrupt": corrupt,
-            "metric": 0.0 if not done else (value - base) / (source - base),
+            "effect": value - base if done else 0.0,
+            "gap": source - base,
             "computed": done,
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -21,7 +21,7 @@ from .plan import check_site, default_positions
 from .plots import head_heatmap, position_heatmap
 from .results import PatchResult
 
-METHODS = ("exact", "attribution")
+METHODS = ("exact", "attribution", "ablation")
 LAYERS_PER_CACHE_FILE = 5
 
 
@@ -45,13 +45,22 @@ def run_patch(
 
     Exact sweeps cache each finished layer under ``out_dir/cache`` so a rerun resumes.
     Attribution runs verify their ``verify_k`` strongest cells with exact patching and report
-    ``attribution_exact_pearson`` / ``_spearman`` over them. ``summary.json`` is written last.
+    ``attribution_exact_pearson`` / ``_spearman`` over them. Cell values are ratios of means over
+    pairs with bootstrap CIs; the summary lists the carrying cells (``top_sites``, largest
+    positive) apart from the opposing ones (``opposing_sites``), ``top_cell`` (e.g. ``L23H1``),
+    ``top_k_stability`` (the mean share of the top 5 that stays in the top 5 when pairs are
+    resampled) and, for residual sites, ``arrival_layer``: the first layer whose last-token cell
+    holds 80% of the largest last-token value. ``summary.json`` is written last.
     """
     if method not in METHODS:
         raise BehaviorLensError(f"unknown patching method {method!r}; use one of {', '.join(METHODS)}")
     contrast_set.require_aligned("activation patching")
     if n_pairs is not None:
+        if n_pairs < 1:
+            raise BehaviorLensError(f"patching needs at least one pair, got n_pairs={n_pairs}")
         contrast_set = contrast_set.subset(range(min(n_pairs, len(contrast_set))))
+    if len(contrast_set) == 0:
+        raise BehaviorLensError(f"set {contrast_set.name!r} has no pairs to patch")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers, _ = check_site(model, site, None, heads)
@@ -89,9 +98,19 @@ def run_patch(
         position_heatmap(means, out / "heatmap.png", title)
     restore = patch_whole(model, contrast_set, "resid_post", None, clean, direction, batch_size)
     f = result.frame.drop_duplicates("pair")
+    last = means[(means["from_end"] == 0) & means["head"].isna()].sort_values("layer")
+    if len(last) and last["metric"].max() > 0:
+        summary["arrival_layer"] = int(last[last["metric"] >= 0.8 * last["metric"].max()]["layer"].iloc[0])
+    carriers = result.carriers(10)
+    if len(carriers):
+        top = carriers.iloc[0]
+        summary["top_cell"] = f"L{int(top['layer'])}" + ("" if pd.isna(top["head"]) else f"H{int(top['head'])}")
     summary.update(
-        top_sites=_top(result),
-        restore_last_layer=float(restore.frame["metric"].mean()),
+        top_sites=_cells(carriers),
+        opposing_sites=_cells(result.opposers(5)),
+        top_k_stability=result.top_k_stability(5),
+        significant_cells=int(means["significant"].sum()),
+        restore_last_layer=float(restore.means()["metric"].iloc[0]),
         mean_clean=float(f["clean"].mean()),
         mean_corrupt=float(f["corrupt"].mean()),
         seconds=round(time.perf_counter() - start, 2),
@@ -100,9 +119,43 @@ def run_patch(
     return summary
 
 
-def _top(result: PatchResult, k: int = 10) -> list[dict]:
+def run_ablation(model: Model, contrast_set: ContrastSet, site: str = "head", convention: str = "mean",
+                 out_dir: str | Path = "ablation", n_pairs: int | None = None, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """An ablation scan (:func:`~.ablation.ablation_scan`): writes ``ablation.csv``, a layer x
+    head (or layer) heatmap and ``summary.json`` (the components whose knock-out lowers the
+    behavior most, and those whose knock-out raises it)."""
+    from .ablation import ablation_scan
+
+    if n_pairs is not None:
+        if n_pairs < 1:
+            raise BehaviorLensError(f"an ablation scan needs at least one pair, got n_pairs={n_pairs}")
+        contrast_set = contrast_set.subset(range(min(n_pairs, len(contrast_set))))
+    out = Path(out_dir)
+    table = ablation_scan(model, contrast_set, site, convention, seed=seed, progress=progress)
+    write_csv(out / "ablation.csv", table)
+    grid = table.rename(columns={"value": "metric"}).assign(
+        significant=(table.ci_low > 0) | (table.ci_high < 0),
+        head=table["head"].fillna(0) if site != "head" else table["head"])
+    head_heatmap(grid, out / "heatmap_ablation.png",
+                 f"{contrast_set.name}: {convention}-ablation of each {site} ({model.name})")
+
+    def named(rows: pd.DataFrame) -> list[dict]:
+        return [{"layer": int(r.layer), "head": None if pd.isna(r["head"]) else int(r["head"]),
+                 "value": float(r.value), "ci": [float(r.ci_low), float(r.ci_high)]} for _, r in rows.iterrows()]
+
+    summary = {"family": contrast_set.name, "model": model.name, "site": site, "method": "ablation",
+               "convention": convention, "pairs": len(contrast_set),
+               "top_sites": named(table[table.value > 0].sort_values("value", ascending=False).head(10)),
+               "opposing_sites": named(table[table.value < 0].sort_values("value").head(5))}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _cells(cells: pd.DataFrame) -> list[dict]:
+    """Cells as plain records (site, layer, head, position, token, value and its CI)."""
     rows = []
-    for _, r in result.top(k).iterrows():
+    for _, r in cells.iterrows():
         rows.append({
             "site": r["site"],
             "layer": int(r["layer"]),
@@ -111,6 +164,7 @@ def _top(result: PatchResult, k: int = 10) -> list[dict]:
             "position_name": r["position_name"],
             "token": r["token"],
             "metric": float(r["metric"]),
+            "ci": [float(r["metric_ci_low"]), float(r["metric_ci_high"])],
         })
     return rows
 

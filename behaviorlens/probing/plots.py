@@ -24,7 +24,8 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """AUROC by layer, one line per method (95% CI band), the shuffled-label control shaded.
+    """AUROC by layer, one line per method (95% CI band), the shuffled-label control shaded,
+    and the wording baseline dashed.
 
     Head rows are summarized by their best head per layer. One panel per site and position.
     """
@@ -45,6 +46,9 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
             line, = ax.plot(rows["layer"], rows["auroc_mean"], marker=".", label=method)
             ax.fill_between(rows["layer"], rows["auroc_ci_low"], rows["auroc_ci_high"],
                             color=line.get_color(), alpha=0.12)
+        if "wording_auroc" in part:
+            ax.axhline(float(part["wording_auroc"].max()), color="darkred", ls="--", lw=1,
+                       label="wording baseline (words alone)")
         ax.axhline(0.5, color="black", lw=0.6)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("layer")

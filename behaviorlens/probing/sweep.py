@@ -9,7 +9,10 @@ swap at every layer), and the AUROC of a random direction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,6 +73,18 @@ def _auroc_grouped(inverse: np.ndarray, n_groups: int, labels: np.ndarray, weigh
     return float(np.dot(pos, below + 0.5 * neg) / total)
 
 
+def _auroc_grouped_many(inverse: np.ndarray, n_groups: int, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`_auroc_grouped` for each row of ``weights`` [n_boot, samples] at once."""
+    onehot = np.zeros((len(labels), n_groups))
+    onehot[np.arange(len(labels)), inverse] = 1.0
+    pos = (weights * (labels == 1)) @ onehot
+    neg = (weights * (labels == 0)) @ onehot
+    total = pos.sum(1) * neg.sum(1)
+    below = np.cumsum(neg, 1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total == 0, np.nan, (pos * (below + 0.5 * neg)).sum(1) / total)
+
+
 def bootstrap_auroc(
     scores: np.ndarray, labels: np.ndarray, pair_ids: np.ndarray, n_boot: int = 1000,
     level: float = 0.95, seed: int = 0, folds: list[np.ndarray] | None = None,
@@ -86,13 +101,14 @@ def bootstrap_auroc(
     groups = [_tie_groups(np.asarray(scores)[f]) for f in parts]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(pairs), size=(n_boot, len(pairs)))
-    values = np.empty(n_boot)
-    for b in range(n_boot):
-        weights = np.bincount(draws[b], minlength=len(pairs))[pair_index]
-        per_fold = [
-            _auroc_grouped(inv, n, labels[f], weights[f]) for f, (inv, n) in zip(parts, groups)
-        ]
-        values[b] = np.nanmean(per_fold) if not np.all(np.isnan(per_fold)) else np.nan
+    counts = np.zeros((n_boot, len(pairs)))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), len(pairs)), draws.ravel()), 1)
+    weights = counts[:, pair_index]  # [n_boot, samples]: each sample weighted by its pair's draws
+    per_fold = np.stack([_auroc_grouped_many(inv, n, labels[f], weights[:, f])
+                         for f, (inv, n) in zip(parts, groups)])
+    with warnings.catch_warnings():  # a draw whose folds all lack one class is dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        values = np.nanmean(per_fold, 0)
     values = values[~np.isnan(values)]
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
@@ -130,6 +146,15 @@ def _units(acts: Activations, sites, positions, layers):
                     yield site, pos, layer, head
 
 
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "", progress: bool = False) -> list:
+    """``[fn(x) for x in items]`` on a thread per core, in order (scikit-learn's solvers
+    release the GIL, so probes of different layers fit side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress))
+
+
 def probe_sweep(
     activations: Activations,
     methods: Sequence[str] = METHODS,
@@ -149,17 +174,19 @@ def probe_sweep(
     splits = pair_folds(groups, folds, seed)
     y_control = shuffled_labels(y, groups, seed)
     units = list(_units(activations, sites, positions, layers))
-    rows = []
-    for site, pos, layer, head in tqdm(units, desc="probe sweep", disable=not progress):
+
+    def unit_rows(unit: tuple) -> list[dict]:
+        site, pos, layer, head = unit
         X = activations.features(site, pos, layer, head)
         rng = np.random.default_rng([seed, layer, 0 if head is None else head + 1])
         r = rng.normal(size=X.shape[1])
         random_auc = auroc(X @ (r / np.linalg.norm(r)), y)
+        out = []
         for method in methods:
             oof, aucs, accs = cross_validate(method, X, y, groups, splits, seed)
             _, c_aucs, c_accs = cross_validate(method, X, y_control, groups, splits, seed)
             low, high = bootstrap_auroc(oof, y, groups, n_boot, seed=seed, folds=[t for _, t in splits])
-            rows.append({
+            out.append({
                 "site": site,
                 "layer": layer,
                 "head": head,
@@ -178,6 +205,9 @@ def probe_sweep(
                 "n_pairs": len(np.unique(groups)),
                 "folds": len(splits),
             })
+        return out
+
+    rows = [r for unit in parallel_map(unit_rows, units, "probe sweep", progress) for r in unit]
     table = pd.DataFrame(rows)
     table["head"] = table["head"].astype("Int64")
     return table
