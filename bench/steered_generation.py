@@ -2,9 +2,10 @@
 
 Prints the median wall time of greedy generation (same prompts, same number of new tokens,
 ``min_new_tokens`` forces the length) with no edit, with a steering vector at every position,
-and with a head mean-ablation, and their ratios to the unsteered run. Target: <= 1.1x.
+with a head mean-ablation, and with any saved edit (``--edit``, e.g. the demo's chosen one), and
+their ratios to the unsteered run. Target: <= 1.1x.
 
-    .venv/bin/python bench/steered_generation.py [--new-tokens 48] [--repeats 5]
+    .venv/bin/python bench/steered_generation.py [--new-tokens 48] [--repeats 5] [--edit FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from behaviorlens import load_model
 from behaviorlens.prompts import load_family
-from behaviorlens.steering import head_edit, steer, train_vector
+from behaviorlens.steering import Edit, head_edit, steer, train_vector
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--edit", default=None, help="a saved edit to time as well (e.g. results/sycophancy/steer/edit.safetensors)")
     args = ap.parse_args()
     model = load_model()
     cset = load_family("capitals_opinion").render(model.tokenizer).subset(range(8))
@@ -46,6 +48,10 @@ def main() -> None:
         "vector (all positions)": lambda: steer(model, vector, -2.0),
         "heads (3 mean-ablated)": lambda: steer(model, heads, 1.0),
     }
+    if args.edit:
+        chosen = Edit.load(args.edit, model)
+        print(f"--edit: {chosen.describe()}")
+        cases["--edit"] = lambda: steer(model, chosen, 1.0)
     run(nullcontext())  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.repeats):  # interleaved so that load changes hit every case alike

@@ -24,9 +24,35 @@ def tiny_set(model, n: int = 8, name: str = "tiny_opinion"):
     return fam.render(model.tokenizer)
 
 
-def tiny_side_effects(model):
-    from behaviorlens.steering.evaluate import SideEffectData
+def tiny_side_effects(model, half: str = "all"):
+    from behaviorlens.steering.side_effects import SideEffectData
 
     factual = tiny_set(model, 4, "tiny_factual")
-    return SideEffectData(model, neutral=["w3 w4 w5 w6", "w40 w41 w42", "w7 w8 w9 w33 w34"],
-                          reference="w32 w33 w34 w35 w36 w37 w38 w39", factual=factual)
+    return SideEffectData(model, half, neutral=["w3 w4 w5 w6", "w40 w41 w42", "w7 w8 w9 w33 w34", "w36 w37"],
+                          reference=" ".join(f"w{30 + i % 60}" for i in range(600)), factual=factual)
+
+
+def planted_model(family: str = "llama"):
+    """A tiny random model with a planted 'pressure': the last token w44 (positive side) pulls
+    the answer toward w50, w45 (negative side) toward w51; without it (neutral) neither."""
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model(family)
+    with torch.no_grad():
+        emb, out = model.sites.embedding(model.hf).weight, model.sites.unembed(model.hf).weight
+        for t in (44, 45):
+            emb[t] = emb[t] / emb[t].norm() * 3
+        out[50] += 0.06 * emb[44] - 0.015 * emb[45]
+        out[51] += 0.06 * emb[45] - 0.015 * emb[44]
+    return model
+
+
+def planted_set(model, n: int = 12, name: str = "planted"):
+    """A family with a neutral side whose pressure the planted model follows (pull about 2 logits)."""
+    rows = [{"a": f"w{60 + i}", "b": f"w{90 + i % 30}"} for i in range(n)]
+    return PromptFamily.from_dict({
+        "name": name, "behavior": "test", "chat": False, "user": "w5 {{ a }} w6 {{ b }} w7{{ s }}",
+        "valence": {"s": {"positive": " w44", "negative": " w45", "neutral": ""}},
+        "answers": {"matching": " w50", "not_matching": " w51"}, "rows": rows,
+    }).render(model.tokenizer)

@@ -1,35 +1,80 @@
-"""Choosing an edit from a patching result."""
+"""Choosing an edit: pairs that built or patched nothing judge, limits are kept, every
+candidate is listed, the choice's tables are written."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
-from steering_helpers import tiny_set, tiny_side_effects
+from steering_helpers import planted_model, planted_set, tiny_side_effects
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.patching import patch
-from behaviorlens.steering import choose_edit
+from behaviorlens.steering.choose import Evidence, choose_edit, split_for_choice
+from behaviorlens.steering.run import run_steer_train
 
 
-def test_choose_edit_from_patching_table(tiny_llama):
-    model = tiny_llama
-    cset = tiny_set(model, 8)
-    table = patch(model, cset, "head", progress=False).frame
-    edit, reason = choose_edit(model, cset, table, side_effects=tiny_side_effects(model))
-    assert reason.startswith("chose ") and "candidates:" in reason and "held-out" in reason
-    assert edit.notes["held_out_neutral_kl"] <= 0.1
-    cands = reason.split("candidates:")[1]
-    assert cands.count("removes") >= 2  # several candidates were judged
-    # residual cells of a map over every position: vector candidates come from the last token
-    table = pd.concat([table, patch(model, cset, "resid_pre", positions="all", progress=False).frame])
-    _, reason = choose_edit(model, cset, table, side_effects=tiny_side_effects(model))
-    vectors = [line for line in reason.splitlines() if "steering vector at layer" in line]
-    assert len(vectors) == 3 and all("(last)" in line for line in vectors)
-    assert any("ablation of the mean_diff direction" in line for line in reason.splitlines())
-    # an accuracy limit no candidate can meet is refused, listing every candidate's cost
-    lines = [line for line in reason.splitlines() if "factual accuracy" in line]
-    assert len(lines) >= len(vectors) + 1
-    with pytest.raises(BehaviorLensError, match="factual accuracy drop <= -100%"):
-        choose_edit(model, cset, table, accuracy_drop_max=-1.0, side_effects=tiny_side_effects(model))
-    with pytest.raises(BehaviorLensError, match="lacks columns"):
-        choose_edit(model, cset, pd.DataFrame({"site": ["head"]}), side_effects=tiny_side_effects(model))
+@pytest.fixture(scope="module")
+def planted():
+    model = planted_model()
+    cset = planted_set(model, 20)
+    patched = cset.subset(range(6))
+    evidence = Evidence(pd.concat([patch(model, patched, "head", progress=False).means(),
+                                   patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
+                        {p.row for p in patched})
+    return model, cset, evidence, tiny_side_effects(model, "select")
+
+
+def test_judging_pairs_were_never_patched_or_used_to_build(planted):
+    _, cset, evidence, _ = planted
+    fit, judge, roles = split_for_choice(cset, evidence.rows, seed=0)
+    judged = {p.row for p in judge}
+    assert not judged & evidence.rows and not judged & {p.row for p in fit}
+    assert set(roles[roles.role == "judge"].row) == judged
+    assert set(roles[roles.role == "patched"].row) == evidence.rows
+    with pytest.raises(BehaviorLensError, match="only 2 pairs remain"):
+        split_for_choice(cset.subset(range(10)), evidence.rows)
+
+
+def test_choice_is_the_best_within_the_limits_and_every_candidate_is_listed(planted):
+    model, cset, evidence, side = planted
+    groups = ["head ablation", "per-head steering", "knockout", "vector", "direction ablation", "gated"]
+    choice = choose_edit(model, cset, evidence, groups=groups, side_effects=side)
+    table = choice.candidates
+    assert set(table.group) == set(groups) and table.chosen.sum() == 1
+    ok = table[table.within_limits]
+    chosen = table[table.chosen].iloc[0]
+    assert chosen.within_limits and chosen.pressure_removed_fraction == ok.pressure_removed_fraction.max()
+    limits_ok = (~ok.collapse.astype(bool)) & (ok.neutral_kl <= 0.05) & \
+        (ok[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1) >= -0.02 - 1e-9)
+    assert limits_ok.all()
+    assert choice.edit.notes["multiplier"] == 1.0 and "judging pairs" in choice.reason
+    assert {"detector_recall", "gate_recall", "gate_fires_on_requests"} <= set(choice.probes)
+    # a limit nobody can keep is refused, listing every candidate
+    with pytest.raises(BehaviorLensError, match="no candidate edit keeps"):
+        choose_edit(model, cset, evidence, kl_max=-1.0, groups=["vector"], side_effects=side)
+
+
+def test_a_family_without_a_neutral_side_is_refused(planted):
+    model, cset, evidence, side = planted
+    flat = cset.subset(range(len(cset)))
+    flat.pairs = [type(p)(**{**p.__dict__, "tokens": {k: v for k, v in p.tokens.items() if k != "neutral"}})
+                  for p in flat.pairs]
+    with pytest.raises(BehaviorLensError, match="no neutral side"):
+        choose_edit(model, flat, evidence, side_effects=side)
+
+
+def test_steer_train_writes_the_choice_tables(planted, tmp_path):
+    model, cset, evidence, side = planted
+    import behaviorlens.steering.choose as choose_module
+
+    original = choose_module.SideEffectData
+    choose_module.SideEffectData = lambda m, half, requests=None: side
+    try:
+        summary = run_steer_train(model, cset, tmp_path / "e.safetensors", from_patching=evidence,
+                                  groups=["vector", "head ablation"])
+    finally:
+        choose_module.SideEffectData = original
+    folder = tmp_path / "e.choice"
+    for name in ("candidates.csv", "choice_pairs.csv", "mechanism.csv", "probes.json", "pareto.png"):
+        assert (folder / name).is_file(), name
+    assert summary["reason"].startswith("chose ")

@@ -57,17 +57,27 @@ def test_user_errors_exit_2(tiny_llama, tmp_path, capsys):
 def test_eval_averages_the_requested_number_of_controls(tiny_llama, tmp_path, monkeypatch, capsys):
     import json
 
-    import behaviorlens.steering.evaluate as ev
-    from steering_helpers import tiny_side_effects
+    from steering_helpers import planted_model, tiny_side_effects
 
-    side = tiny_side_effects(tiny_llama)  # token ids only: the saved copy has the same tokenizer
-    monkeypatch.setattr(ev, "SideEffectData", lambda m: side)
-    folder, fam = _setup(tmp_path, tiny_llama)
+    import behaviorlens.steering.evaluate as ev
+
+    model = planted_model()
+    side = tiny_side_effects(model)  # token ids only: the saved copy has the same tokenizer
+    monkeypatch.setattr(ev, "SideEffectData", lambda m, half: side)
+    folder = tmp_path / "planted"
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    fam = tmp_path / "planted.yaml"
+    fam.write_text(yaml.safe_dump({
+        "name": "planted", "chat": False, "user": "w5 {{ a }} w6 w7{{ s }}",
+        "valence": {"s": {"positive": " w44", "negative": " w45", "neutral": ""}},
+        "answers": {"matching": " w50", "not_matching": " w51"}, "rows": [{"a": f"w{60 + i}"} for i in range(10)]}))
     edit_path = str(tmp_path / "e.safetensors")
-    assert main(["steer", "train", fam, "--layer", "1", "--out", edit_path, "--model", folder]) == 0
+    assert main(["steer", "train", str(fam), "--layer", "2", "--out", edit_path, "--model", str(folder)]) == 0
     out = tmp_path / "eval"
-    assert main(["steer", "eval", edit_path, fam, "--multipliers", "-2", "--controls", "2",
-                 "--out", str(out), "--model", folder]) == 0
+    assert main(["steer", "eval", edit_path, str(fam), "--multipliers", "-2", "--controls", "2",
+                 "--out", str(out), "--model", str(folder)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["random_controls"] == 2
-    assert summary["random_control_shift_removed_fraction_sd"] >= 0
+    assert summary["random_control_pressure_removed_fraction_sd"] >= 0
+    assert "pressure_removed_fraction" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Editing a behavior: steering vectors, directional ablation, head edits, baked weights,
-and their evaluation against a random control."""
+"""Editing a behavior: steering vectors, directional ablation, head edits, attention knockouts,
+subspace clamps, weight edits, gates; choosing one from evidence, and scoring it honestly
+against a no-pressure reference and random controls."""
 
 from .apply import (
     ablate_direction,
@@ -7,20 +8,21 @@ from .apply import (
     direction_edit,
     head_edit,
     head_means,
+    knockout,
     scale_heads,
     steer,
 )
 from .bake import bake, edited_module
-from .choose import choose_edit
-from .edit import Edit, SteeringVector
+from .choose import choose_edit, load_evidence
+from .edit import Edit, Readout, SteeringVector
 from .evaluate import evaluate_steering, random_control
 from .gguf_export import export_gguf
 from .run import generate_examples, run_steer_eval, run_steer_train
 from .vectors import train_vector
 
 __all__ = [
-    "Edit", "SteeringVector", "ablate_direction", "ablate_heads", "bake", "choose_edit",
+    "Edit", "Readout", "SteeringVector", "ablate_direction", "ablate_heads", "bake", "choose_edit",
     "direction_edit", "edited_module", "evaluate_steering", "export_gguf", "generate_examples",
-    "head_edit", "head_means", "random_control", "run_steer_eval", "run_steer_train",
-    "scale_heads", "steer", "train_vector",
+    "head_edit", "head_means", "knockout", "load_evidence", "random_control", "run_steer_eval",
+    "run_steer_train", "scale_heads", "steer", "train_vector",
 ]

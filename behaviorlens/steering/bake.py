@@ -6,9 +6,13 @@
   same as runtime ablation at every layer and position. Tied input/output embeddings are
   untied first (the unembedding reads the residual stream and stays as it was).
 - ``heads``: each edited head's columns of its attention output projection are zeroed
-  (or scaled), and a mean ablation's constant contribution ``W[:, head] @ mean`` moves into
-  the projection's bias. Llama and Gemma get that bias through their ``attention_bias``
-  config flag (the new q/k/v biases are zero).
+  (or scaled), and a mean ablation's constant contribution ``W[:, head] @ mean`` (or a per-head
+  steering vector's ``W[:, head] @ vector``) moves into the projection's bias. Llama and Gemma
+  get that bias through their ``attention_bias`` config flag (the new q/k/v biases are zero).
+- ``weights``: the stored differences are added to the parameters.
+
+Vectors, knockouts, subspace clamps, gated edits and edits of some positions only depend on the
+input and are refused with one line saying so.
 """
 
 from __future__ import annotations
@@ -27,22 +31,34 @@ from ..errors import BehaviorLensError
 from .edit import Edit
 
 EDIT_FILE = "behaviorlens_edit.json"
+NOT_WEIGHTS = {
+    "vector": "a steering vector is added at run time and has no exact weight form (bake its direction "
+              "instead: steer train --kind ablate_direction)",
+    "knockout": "blocking attention to the tokens a probe flags depends on the input, not on weights",
+    "subspace": "clamping a subspace to a point depends on the input, not on weights",
+}
 
 
 @torch.no_grad()
 def edited_module(model: Any, edit: Edit, multiplier: float = 1.0) -> torch.nn.Module:
     """A copy of ``model.hf`` with the edit baked into its weights (``model`` is untouched)."""
     edit.check(model)
+    if edit.gate is not None or edit.positions != "all":
+        where = "a gate decides per prompt" if edit.gate is not None else f"it acts on {edit.positions} positions only"
+        raise BehaviorLensError(f"{edit.describe()}: {where}, which fixed weights cannot express; apply it "
+                                "at run time (steer eval / steer generate)")
+    if edit.kind in NOT_WEIGHTS:
+        raise BehaviorLensError(f"{edit.describe()}: {NOT_WEIGHTS[edit.kind]}; apply it at run time "
+                                "(steer eval / steer generate)")
     hf = copy.deepcopy(model.hf)
     if edit.kind == "ablate_direction":
         _orthogonalize(model.sites, hf, edit.direction, multiplier)
     elif edit.kind == "heads":
         _bake_heads(model.sites, hf, edit, multiplier)
     else:
-        raise BehaviorLensError(
-            "a steering vector is added at run time and has no exact weight form; bake its "
-            "direction instead (steer train --kind ablate_direction) or use it with steer()"
-        )
+        params = dict(hf.named_parameters())
+        for name, delta in edit.weights.items():
+            params[name].add_(multiplier * delta.to(params[name].device, params[name].dtype))
     return hf
 
 
@@ -83,6 +99,9 @@ def _bake_heads(sites: Any, hf: torch.nn.Module, edit: Edit, strength: float) ->
             block = w[:, cols].float().clone()  # .float() of a float32 view is the view itself
             if edit.head_mode == "scale":
                 w[:, cols] = (block * (1 + strength * (edit.scale - 1))).to(w.dtype)
+                continue
+            if edit.head_mode == "add":
+                add += strength * (block @ edit.head_values[layer][h].to(w.device))
                 continue
             w[:, cols] = (block * (1 - strength)).to(w.dtype)
             if edit.head_mode == "mean":

@@ -1,11 +1,22 @@
 """One file format for every edit: safetensors tensors + JSON metadata.
 
-An :class:`Edit` is one of three kinds:
+An :class:`Edit` is one of six kinds:
 
 - ``vector``: a steering vector per layer, added to the residual stream leaving that layer;
 - ``ablate_direction``: one unit direction projected out of the residual stream everywhere;
 - ``heads``: a set of attention heads per layer, replaced by stored values (zero or mean
-  ablation) or scaled.
+  ablation), scaled, or with a stored vector added to their output (``add``: per-head steering);
+- ``knockout``: in a set of heads, the attention from the positions the edit acts on to the
+  tokens its ``detector`` flags (a per-token linear read of the residual stream) is blocked;
+- ``subspace``: a low-rank subspace of the residual stream leaving a layer (orthonormal
+  ``basis``) is clamped to the coordinates of a stored point (``vectors``: the mean residual
+  over no-pressure prompts);
+- ``weights``: stored differences added to named parameters (a weight edit, e.g. head-localized
+  fine-tuning).
+
+Any kind may carry a ``gate``: a linear read of the last token's residual stream; the edit then
+acts only on prompts where the gate fires. ``positions`` says where in a sequence the edit acts
+by default (see :mod:`.apply`).
 """
 
 from __future__ import annotations
@@ -20,14 +31,49 @@ import torch
 from ..errors import BehaviorLensError
 from ..io import atomic_write
 
-KINDS = ("vector", "ablate_direction", "heads")
-HEAD_MODES = ("zero", "mean", "scale")
+KINDS = ("vector", "ablate_direction", "heads", "knockout", "subspace", "weights")
+HEAD_MODES = ("zero", "mean", "scale", "add")
+POSITIONS = ("all", "prompt", "generated")
 _META_KEY = "behaviorlens_edit"
 
 
 @dataclass
+class Readout:
+    """A linear read of the residual stream leaving ``layer``: it fires where
+    ``hidden @ direction + bias > 0`` (a probe turned into a detector or a gate). A detector
+    also flags the tokens between two flagged tokens at most ``gap`` tokens apart: a claim is
+    one span, and its middle (the claimed answer itself) is the part least like the training
+    family's claims."""
+
+    layer: int
+    direction: torch.Tensor  # [d_model]
+    bias: float = 0.0
+    gap: int = 0
+
+    def __post_init__(self) -> None:
+        self.layer = int(self.layer)
+        self.direction = torch.as_tensor(self.direction).detach().float().cpu().flatten()
+        self.bias = float(self.bias)
+        self.gap = int(self.gap)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.float() @ self.direction.to(hidden.device) + self.bias
+
+    def close(self, flags: torch.Tensor) -> torch.Tensor:
+        """``flags`` [batch, tokens] with every run of at most ``gap`` unflagged tokens between
+        two flagged ones flagged too."""
+        if self.gap <= 0 or flags.shape[1] < 3:
+            return flags
+        idx = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+        big = flags.shape[1] + self.gap + 2
+        before = torch.cummax(torch.where(flags, idx, -big), 1).values
+        after = torch.flip(torch.cummin(torch.flip(torch.where(flags, idx, 2 * big), [1]), 1).values, [1])
+        return flags | (after - before <= self.gap + 1)
+
+
+@dataclass
 class Edit:
-    """A steering vector, a direction to ablate, or a head edit, with where it came from."""
+    """An edit of one of :data:`KINDS`, with where it came from (``notes``)."""
 
     kind: str
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_model]
@@ -35,6 +81,11 @@ class Edit:
     head_values: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_heads, head_dim]
     head_mode: str = "mean"
     scale: float = 0.0  # for head_mode "scale": the factor applied to the heads
+    basis: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_model, rank]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> difference
+    detector: Readout | None = None
+    gate: Readout | None = None
+    positions: str = "all"
     model: str = ""
     family: str = ""
     position: str = "last"
@@ -49,25 +100,43 @@ class Edit:
             raise BehaviorLensError(f"unknown edit kind {self.kind!r}; kinds are {', '.join(KINDS)}")
         if self.head_mode not in HEAD_MODES:
             raise BehaviorLensError(f"unknown head mode {self.head_mode!r}; modes are {', '.join(HEAD_MODES)}")
-        self.vectors = {int(k): v.detach().float().cpu() for k, v in self.vectors.items()}
-        self.heads = {int(k): sorted(int(h) for h in v) for k, v in self.heads.items()}
-        self.head_values = {int(k): v.detach().float().cpu() for k, v in self.head_values.items()}
-        if self.kind in ("vector", "ablate_direction") and not self.vectors:
-            raise BehaviorLensError(f"a {self.kind} edit needs at least one vector")
+        if self.positions not in POSITIONS:
+            raise BehaviorLensError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
+
+        def tensors(d: dict) -> dict:
+            return {k: v.detach().float().cpu() for k, v in d.items()}
+
+        self.vectors = {int(k): v for k, v in tensors(self.vectors).items()}
+        self.heads = {int(k): sorted(int(h) for h in v) for k, v in self.heads.items() if len(v)}
+        self.head_values = {int(k): v for k, v in tensors(self.head_values).items()}
+        self.basis = {int(k): v for k, v in tensors(self.basis).items()}
+        self.weights = tensors(self.weights)
+        need = {"vector": self.vectors, "ablate_direction": self.vectors, "heads": self.heads,
+                "knockout": self.heads, "subspace": self.basis, "weights": self.weights}[self.kind]
+        if not need:
+            raise BehaviorLensError(f"a {self.kind} edit needs at least one "
+                                    f"{'head' if self.kind in ('heads', 'knockout') else 'tensor'}")
         if self.kind == "ablate_direction" and len(self.vectors) != 1:
             raise BehaviorLensError("an ablate_direction edit holds exactly one direction")
-        if self.kind == "heads" and not any(self.heads.values()):
-            raise BehaviorLensError("a heads edit needs at least one head")
-        if self.kind == "heads" and self.head_mode == "mean":
+        if self.kind == "heads" and self.head_mode in ("mean", "add"):
             missing = [layer for layer in self.heads if layer not in self.head_values]
             if missing:
-                raise BehaviorLensError(f"mean head ablation needs mean values for layers {missing}")
+                raise BehaviorLensError(f"{self.head_mode} head edit needs head values for layers {missing}")
+        if self.kind == "knockout" and self.detector is None:
+            raise BehaviorLensError("a knockout edit needs a detector that finds the tokens to block")
+        if self.kind == "subspace" and set(self.basis) != set(self.vectors):
+            raise BehaviorLensError("a subspace edit needs a point (vector) for every basis")
 
     # -- facts -------------------------------------------------------------------------------
 
     @property
     def layers(self) -> list[int]:
-        return sorted(self.heads if self.kind == "heads" else self.vectors)
+        """The layers the edit acts on (a weights edit: those its parameter names give)."""
+        if self.kind in ("heads", "knockout"):
+            return sorted(self.heads)
+        if self.kind == "weights":
+            return sorted({int(p) for name in self.weights for p in name.split(".") if p.isdigit()})
+        return sorted(self.vectors)
 
     @property
     def norm(self) -> dict[int, float]:
@@ -85,18 +154,40 @@ class Edit:
     def n_edited_heads(self) -> int:
         return sum(len(h) for h in self.heads.values())
 
+    def head_names(self) -> str:
+        """``L23H1, L29H1``; a layer whose every head is edited reads ``L23 (all heads)``."""
+        names = []
+        for layer in sorted(self.heads):
+            hs = self.heads[layer]
+            if self.n_heads and sorted(hs) == list(range(self.n_heads)):
+                names.append(f"L{layer} (all heads)")
+            else:
+                names += [f"L{layer}H{h}" for h in hs]
+        return ", ".join(names)
+
     def describe(self) -> str:
-        if self.kind == "heads":
-            heads = ", ".join(f"L{layer}H{h}" for layer in sorted(self.heads) for h in self.heads[layer])
-            return f"{self.head_mode}-ablation of heads {heads}" if self.head_mode != "scale" else (
-                f"scaling heads {heads} by {self.scale:g}")
+        gate = f", gated by a probe at layer {self.gate.layer}" if self.gate is not None else ""
         layers = ",".join(str(x) for x in self.layers)
-        if self.kind == "ablate_direction":
-            return f"ablation of the {self.method} direction from layer {layers} ({self.position})"
-        return f"{self.method} steering vector at layer {layers} ({self.position})"
+        if self.kind == "heads":
+            text = {"scale": f"scaling heads {self.head_names()} by {self.scale:g}",
+                    "add": f"per-head steering of {self.head_names()} ({self.method})"}.get(
+                self.head_mode, f"{self.head_mode}-ablation of heads {self.head_names()}")
+        elif self.kind == "knockout":
+            text = (f"attention knockout in heads {self.head_names()} to the tokens a per-token probe "
+                    f"at layer {self.detector.layer} flags")
+        elif self.kind == "subspace":
+            rank = next(iter(self.basis.values())).shape[1]
+            text = f"rank-{rank} subspace clamp at layer {layers} ({self.positions}, {self.method})"
+        elif self.kind == "weights":
+            text = f"{self.method or 'weight'} edit of {len(self.weights)} tensors (layers {layers})"
+        elif self.kind == "ablate_direction":
+            text = f"ablation of the {self.method} direction from layer {layers} ({self.position})"
+        else:
+            text = f"{self.method} steering vector at layer {layers} ({self.position})"
+        return text + gate
 
     def check(self, model: Any) -> None:
-        """Raise if this edit does not fit the model (width, layers, heads)."""
+        """Raise if this edit does not fit the model (width, layers, heads, parameters)."""
         s = model.sites
         for layer, v in self.vectors.items():
             if v.shape != (s.d_model,):
@@ -104,37 +195,61 @@ class Edit:
                     f"edit vector at layer {layer} has width {tuple(v.shape)}, but the model "
                     f"{model.name!r} has d_model {s.d_model}"
                 )
-            if self.kind == "vector":
+            if self.kind in ("vector", "subspace"):
                 s.check("resid_post", layer)
         for layer, heads in self.heads.items():
             for h in heads:
                 s.check("head", layer, h)
-            vals = self.head_values.get(layer)
-            if vals is not None and vals.shape != (s.n_heads, s.head_dim):
+        for layer, vals in self.head_values.items():
+            if vals.shape != (s.n_heads, s.head_dim):
                 raise BehaviorLensError(
                     f"edit head values at layer {layer} have shape {tuple(vals.shape)}, but the "
                     f"model {model.name!r} has {s.n_heads} heads of width {s.head_dim}"
                 )
+        for layer, b in self.basis.items():
+            if b.dim() != 2 or b.shape[0] != s.d_model:
+                raise BehaviorLensError(f"subspace at layer {layer} has basis {tuple(b.shape)}; d_model is {s.d_model}")
+        for readout in (self.detector, self.gate):
+            if readout is not None:
+                s.check("resid_post", readout.layer)
+                if readout.direction.shape != (s.d_model,):
+                    raise BehaviorLensError(f"probe at layer {readout.layer} has width "
+                                            f"{tuple(readout.direction.shape)}; d_model is {s.d_model}")
+        if self.weights:
+            params = dict(model.hf.named_parameters())
+            for name, delta in self.weights.items():
+                if name not in params or params[name].shape != delta.shape:
+                    raise BehaviorLensError(f"the model {model.name!r} has no parameter {name!r} of shape "
+                                            f"{tuple(delta.shape)}")
 
     # -- files -------------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("vectors", "head_values"):
+        for key in ("vectors", "head_values", "basis", "weights", "detector", "gate"):
             d.pop(key)
+        for key in ("detector", "gate"):
+            readout = getattr(self, key)
+            d[key] = None if readout is None else {"layer": readout.layer, "bias": readout.bias, "gap": readout.gap}
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         d["layers"] = self.layers
         d["norm"] = {str(k): v for k, v in self.norm.items()}
         return d
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the edit under its file name."""
+        out = {f"vector.{k}": v for k, v in self.vectors.items()}
+        out |= {f"head_values.{k}": v for k, v in self.head_values.items()}
+        out |= {f"basis.{k}": v for k, v in self.basis.items()}
+        out |= {f"weight.{k}": v for k, v in self.weights.items()}
+        out |= {key: r.direction for key, r in (("detector", self.detector), ("gate", self.gate)) if r is not None}
+        return {k: v.contiguous() for k, v in out.items()}
+
     def save(self, path: str | Path) -> Path:
         """Write the edit as one safetensors file with its metadata as JSON inside."""
         from safetensors.torch import save_file
 
-        tensors = {f"vector.{k}": v.contiguous() for k, v in self.vectors.items()}
-        tensors |= {f"head_values.{k}": v.contiguous() for k, v in self.head_values.items()}
-        if not tensors:  # safetensors needs at least one tensor; zero ablation has none
-            tensors["empty"] = torch.zeros(0)
+        tensors = self.tensors() or {"empty": torch.zeros(0)}  # safetensors needs a tensor
         meta = {_META_KEY: json.dumps(self.metadata(), default=str)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -159,9 +274,16 @@ class Edit:
             for key in ("layers", "norm"):
                 meta.pop(key, None)
             meta["heads"] = {int(k): v for k, v in meta.get("heads", {}).items()}
-            vectors = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("vector.")}
-            values = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("head_values.")}
-            edit = cls(vectors=vectors, head_values=values, **meta)
+            for key in ("detector", "gate"):
+                r = meta.get(key)
+                meta[key] = None if r is None else Readout(r["layer"], tensors[key], r["bias"], r.get("gap", 0))
+
+            def named(prefix: str, as_int: bool = True) -> dict:
+                items = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+                return {int(k) if as_int else k: v for k, v in items.items()}
+
+            edit = cls(vectors=named("vector"), head_values=named("head_values"), basis=named("basis"),
+                       weights=named("weight", as_int=False), **meta)
         except (TypeError, ValueError, KeyError) as err:
             raise BehaviorLensError(f"{path}: corrupt edit metadata ({err})") from None
         if model is not None:

@@ -1,148 +1,193 @@
-"""What an edit does and what it costs: behavior shift removed, side effects, random control.
+"""What an edit does and what it costs, scored so that breaking the model cannot pass as removal.
 
-Every row of :func:`evaluate_steering` is one (layer, multiplier) of the edit, with the same
-numbers for a matching random control (``random_*``, the mean over several draws): a random
-direction of the same norm for vectors and directions, the same number of heads the edit does
-not touch (same layers) for head edits.
+The reference is the unedited model's answer without pressure (the family's neutral side):
+
+- ``pressure_removed_fraction`` = (m_pos unedited - m_pos edited) / (m_pos unedited - m_neutral
+  unedited), a ratio of means over pairs: how much of the pull of the wrong claim the edit takes
+  away, measured on the pressured side (``counter_pressure_removed_fraction`` likewise on the
+  negative side). It rises only when the pressured answer moves back toward the unpressured one.
+- ``collapse``: the edit moved the no-pressure answer by more than a quarter of the unedited
+  pull, or left the counter-pressured answer further toward the wrong answer than the unedited
+  no-pressure answer by more than half the pull: it damaged recall instead of removing deference.
+- per side, the metric and the accuracy (share of rows preferring the not-matching answer),
+  edited and unedited; the side effects of :mod:`.side_effects`.
+- ``shift_removed_fraction`` = 1 - shift edited / shift unedited stays for reference; it also
+  rises when an edit makes the model unsure of everything, so nothing chooses by it.
+
+Every row has a matching random control (``random_*``: the mean over several draws, with its
+spread, of the behavior figures; a control's side effects are not measured): a random direction of the same norm for vectors and directions, the same number of
+heads drawn uniformly from every head the edit leaves alone (with their patching effect, when
+given) for head edits, a random subspace of the same rank, random weight changes of the same
+norm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from ..analysis.metrics import kl_divergence, logit_diff
-from ..batching import chunks
+from ..analysis.metrics import bootstrap_ci, ratio_ci, ratio_of_means
 from ..errors import BehaviorLensError
-from ..measure import answer_logits
+from ..measure import letter_choices, side_metrics
+from ..prompts.contrast import NEUTRAL
 from .apply import steer
 from .edit import Edit
+from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
+
+NO_NEUTRAL = ("has no neutral side, so pressure_removed_fraction, collapse and the neutral figures "
+              "are absent; only shift-based figures are reported")
 
 
-class SideEffectData:
-    """The prompts side effects are measured on, tokenized once for a model."""
+@dataclass
+class Observation:
+    """What one model state (unedited, or with an edit) gives on a set and the side-effect data."""
 
-    def __init__(self, model: Any, neutral: Sequence[str] | None = None,
-                 reference: str | None = None, factual: Any = None) -> None:
-        from . import data
-
-        tok = model.tokenizer
-        texts = list(neutral) if neutral is not None else data.neutral_prompts()
-        self.neutral = [tok(t)["input_ids"] for t in texts]
-        text = reference if reference is not None else data.reference_text()
-        self.reference = tok(text)["input_ids"]
-        if len(self.reference) < 2:
-            raise BehaviorLensError("the reference text needs at least two tokens")
-        if factual is None:
-            from ..prompts import load_family
-
-            family = load_family(str(data.factual_family_path()))
-            family.chat = getattr(tok, "chat_template", None) is not None  # base models: plain text
-            factual = family.render(tok)
-        self.factual = factual
+    metrics: dict[str, np.ndarray]  # side -> metric per pair
+    side: SideEffects | None
 
 
-@torch.inference_mode()
-def behavior_metrics(model: Any, cset: Any, batch_size: int = 16) -> torch.Tensor:
-    """Behavior metric per pair and side: [pairs, 2] (positive, negative)."""
-    ids = torch.tensor([p.answer_ids for p in cset])
-    cols = [logit_diff(answer_logits(model, cset, side, batch_size), ids[:, 0], ids[:, 1])
-            for side in ("positive", "negative")]
-    return torch.stack(cols, 1)
+def observe(model: Any, eval_set: Any, data: SideEffectData | None, batch_size: int = 16,
+            edit: Edit | None = None, multiplier: float = 1.0, layers: Sequence[int] | None = None,
+            positions: str | None = None) -> Observation:
+    """Metrics of every side of ``eval_set`` and (with ``data``) the side effects, with ``edit``
+    applied at ``multiplier`` (none: the unedited model)."""
+    def apply(where: str | None = None) -> Any:
+        if edit is None or multiplier == 0:
+            return nullcontext()
+        return steer(model, edit, multiplier, layers=layers, positions=where or positions)
+
+    with apply():
+        metrics = {k: v.numpy().astype(np.float64) for k, v in side_metrics(model, eval_set, batch_size).items()}
+    side = measure_side_effects(model, data, batch_size, apply) if data is not None else None
+    return Observation(metrics, side)
 
 
-@torch.inference_mode()
-def _neutral_logits(model: Any, seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-    out = []
-    for idx in chunks(len(seqs), batch_size):
-        batch = model.batch([seqs[i] for i in idx])
-        logits = model.logits(batch).cpu()
-        for j, i in enumerate(idx):
-            out.append(logits[j, int(batch.offsets[j]):])
+def require_behavior(metrics: Mapping[str, np.ndarray], name: str) -> None:
+    """Stop when there is no behavior to remove: the unedited pull (or, without a neutral side,
+    the shift) has the wrong sign or a CI that includes 0."""
+    if NEUTRAL in metrics:
+        what, values = "pull metric(positive) - metric(neutral)", metrics["positive"] - metrics[NEUTRAL]
+    else:
+        what, values = "shift metric(positive) - metric(negative)", metrics["positive"] - metrics["negative"]
+    lo, hi = bootstrap_ci(values)
+    mean = float(np.mean(values))
+    if mean <= 0 or lo <= 0:
+        why = "has the wrong sign" if mean <= 0 else "has a 95% CI that includes 0"
+        raise BehaviorLensError(
+            f"{name}: no behavior to remove: the unedited {what} is {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+            f"and {why}, so fractions of it would be fractions of nothing"
+        )
+
+
+def pressure_figures(base: Mapping[str, np.ndarray], edited: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per-side metrics and accuracies, pressure removed and collapse, from per-pair metrics."""
+    out: dict[str, Any] = {}
+    for side in base:
+        out[f"metric_{side}"] = float(edited[side].mean())
+        out[f"metric_{side}_unedited"] = float(base[side].mean())
+        out[f"accuracy_{side}"] = float((edited[side] < 0).mean())
+        out[f"accuracy_{side}_unedited"] = float((base[side] < 0).mean())
+        out[f"accuracy_{side}_change"] = out[f"accuracy_{side}"] - out[f"accuracy_{side}_unedited"]
+    shift_u = base["positive"] - base["negative"]
+    shift_e = edited["positive"] - edited["negative"]
+    out["shift"] = float(shift_e.mean())
+    out["shift_unedited"] = float(shift_u.mean())
+    out["shift_removed_fraction"] = 1 - ratio_of_means(shift_e, shift_u)
+    if NEUTRAL not in base:
+        out |= {"pull_unedited": float("nan"), "pressure_removed_fraction": float("nan"),
+                "pressure_removed_fraction_ci": [float("nan")] * 2,
+                "counter_pressure_removed_fraction": float("nan"), "neutral_metric_change": float("nan"),
+                "collapse": None}
+        return out
+    pos_u, neg_u, neu_u = base["positive"], base["negative"], base[NEUTRAL]
+    pos_e, neg_e, neu_e = edited["positive"], edited["negative"], edited[NEUTRAL]
+    pull = float((pos_u - neu_u).mean())
+    out["pull_unedited"] = pull
+    out["pressure_removed_fraction"] = ratio_of_means(pos_u - pos_e, pos_u - neu_u)
+    out["pressure_removed_fraction_ci"] = list(ratio_ci(pos_u - pos_e, pos_u - neu_u))
+    out["counter_pressure_removed_fraction"] = ratio_of_means(neg_u - neg_e, neg_u - neu_u)
+    out["neutral_metric_change"] = float((neu_e - neu_u).mean())
+    moved_neutral = abs(out["neutral_metric_change"]) > 0.25 * pull
+    counter_toward_wrong = float(neg_e.mean() - neu_u.mean()) > 0.5 * pull
+    out["collapse"] = bool(moved_neutral or counter_toward_wrong)
     return out
 
 
-@torch.inference_mode()
-def _perplexity(model: Any, ids: list[int]) -> float:
-    batch = model.batch([ids])
-    logits = model.logits(batch)[0].cpu()
-    target = torch.tensor(ids[1:])
-    nll = torch.nn.functional.cross_entropy(logits[:-1], target)
-    return float(nll.exp())
-
-
-def _factual_accuracy(model: Any, cset: Any, batch_size: int) -> float:
-    ids = torch.tensor([p.answer_ids for p in cset])
-    logits = answer_logits(model, cset, "positive", batch_size)
-    return float((logit_diff(logits, ids[:, 0], ids[:, 1]) > 0).float().mean())
-
-
-def _measure(model: Any, cset: Any, data: SideEffectData, base_neutral: list[torch.Tensor] | None,
-             batch_size: int) -> dict[str, Any]:
-    metrics = behavior_metrics(model, cset, batch_size)
-    neutral = _neutral_logits(model, data.neutral, batch_size)
-    kl = None
-    if base_neutral is not None:
-        per_token = torch.cat([kl_divergence(b, s) for b, s in zip(base_neutral, neutral)])
-        kl = float(per_token.mean())
-    return {
-        "metrics": metrics,
-        "neutral": neutral,
-        "neutral_kl": kl,
-        "perplexity": _perplexity(model, data.reference),
-        "factual_accuracy": _factual_accuracy(model, data.factual, batch_size),
-    }
-
-
 def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
-    """The matching random edit: same kind, norm per layer, or number of heads per layer."""
+    """The matching random edit (see the module doc); gates and detectors are kept."""
     g = torch.Generator().manual_seed(seed)
     s = model.sites
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        r = torch.randn(t.shape, generator=g)
+        return r / r.norm() * t.norm()
+
+    common = dict(kind=edit.kind, model=edit.model, family="random", position=edit.position,
+                  positions=edit.positions, d_model=edit.d_model, n_heads=edit.n_heads,
+                  head_dim=edit.head_dim, gate=edit.gate, detector=edit.detector)
     if edit.kind in ("vector", "ablate_direction"):
-        vectors = {}
-        for layer, v in edit.vectors.items():
-            r = torch.randn(v.shape[0], generator=g)
-            vectors[layer] = r / r.norm() * v.norm()
-        return Edit(kind=edit.kind, vectors=vectors, model=edit.model, family="random",
-                    position=edit.position, method="random", d_model=edit.d_model,
-                    n_heads=edit.n_heads, head_dim=edit.head_dim)
-    heads = _untouched_heads(edit.heads, s.n_heads, g)
-    return Edit(kind="heads", heads=heads, head_values=edit.head_values, head_mode=edit.head_mode,
-                scale=edit.scale, model=edit.model, family="random", position=edit.position,
-                method="random_heads", d_model=edit.d_model, n_heads=edit.n_heads, head_dim=edit.head_dim)
+        return Edit(vectors={layer: like(v) for layer, v in edit.vectors.items()}, method="random", **common)
+    if edit.kind == "subspace":
+        basis = {layer: torch.linalg.qr(torch.randn(b.shape, generator=g))[0] for layer, b in edit.basis.items()}
+        return Edit(basis=basis, vectors=edit.vectors, method="random subspace", **common)
+    if edit.kind == "weights":
+        return Edit(weights={k: like(v) for k, v in edit.weights.items()}, method="random weights", **common)
+    readouts = [r.layer for r in (edit.gate, edit.detector) if r is not None]
+    first = max(readouts) + 1 if readouts else 0  # heads a gate or detector is read before
+    heads = untouched_heads(edit.heads, s.n_layers, s.n_heads, g, first)
+    values = edit.head_values
+    if edit.head_mode == "add":  # each drawn head gets a random vector of the edit's mean size
+        size = torch.stack([edit.head_values[layer][h].norm() for layer, hs in edit.heads.items() for h in hs]).mean()
+        values = {layer: torch.zeros(s.n_heads, s.head_dim) for layer in heads}
+        for layer, hs in heads.items():
+            for h in hs:
+                r = torch.randn(s.head_dim, generator=g)
+                values[layer][h] = r / r.norm() * size
+    return Edit(heads=heads, head_values=values, head_mode=edit.head_mode, scale=edit.scale,
+                method="random heads", **common)
 
 
-def _untouched_heads(chosen: dict[int, list[int]], n_heads: int, g: torch.Generator) -> dict[int, list[int]]:
-    """As many heads as ``chosen``, none of them chosen, drawn within the same layers.
-
-    Each layer gets its own count where it has enough untouched heads; the shortfall is drawn
-    from the untouched heads left in the other layers (a control that shares heads with the
-    edit would measure the edit itself).
-    """
-    def shuffled(items: list) -> list:
-        return [items[int(i)] for i in torch.randperm(len(items), generator=g)]
-
-    free = {layer: shuffled([h for h in range(n_heads) if h not in hs]) for layer, hs in chosen.items()}
-    heads = {layer: free[layer][: len(hs)] for layer, hs in chosen.items()}
-    short = sum(len(hs) for hs in chosen.values()) - sum(len(hs) for hs in heads.values())
-    rest = shuffled([(layer, h) for layer in chosen for h in free[layer][len(heads[layer]):]])
-    for layer, h in rest[:short]:
-        heads[layer].append(h)
-    return {layer: sorted(hs) for layer, hs in heads.items() if hs}
+def untouched_heads(chosen: dict[int, list[int]], n_layers: int, n_heads: int,
+                    g: torch.Generator, first_layer: int = 0) -> dict[int, list[int]]:
+    """As many heads as ``chosen``, drawn uniformly from every head it leaves alone in layers
+    ``first_layer`` on (a control that shared heads with the edit would measure the edit itself)."""
+    taken = {(layer, h) for layer, hs in chosen.items() for h in hs}
+    free = [(layer, h) for layer in range(first_layer, n_layers) for h in range(n_heads) if (layer, h) not in taken]
+    count = len(taken)
+    if count > len(free):
+        raise BehaviorLensError(f"the edit uses {count} heads, leaving {len(free)} for a random control")
+    drawn: dict[int, list[int]] = {}
+    for i in torch.randperm(len(free), generator=g)[:count].tolist():
+        layer, h = free[i]
+        drawn.setdefault(layer, []).append(h)
+    return {layer: sorted(hs) for layer, hs in sorted(drawn.items())}
 
 
 def _intended(edit: Edit, multiplier: float) -> float:
-    """+1 if the edit is meant to raise the behavior shift, -1 to lower it."""
+    """+1 if the edit is meant to raise the behavior, -1 to lower it."""
     if edit.kind == "vector" and edit.notes.get("intent") != "reduce":
         return float(np.sign(multiplier))
     if edit.kind == "vector":
         return -float(np.sign(multiplier))
     return -1.0 if multiplier > 0 else 1.0
+
+
+def _figures(edit: Edit, m: float, base: Observation, obs: Observation) -> dict[str, Any]:
+    values = pressure_figures(base.metrics, obs.metrics)
+    values["p_matching"] = float((1 / (1 + np.exp(-obs.metrics["positive"]))).mean())
+    values["p_matching_unedited"] = float((1 / (1 + np.exp(-base.metrics["positive"]))).mean())
+    moved = (obs.metrics["positive"] - base.metrics["positive"]) * _intended(edit, m)
+    values["anti_steerable_fraction"] = float((moved < 0).mean()) if m != 0 else 0.0
+    if obs.side is not None:
+        values |= compare_side_effects(base.side, obs.side)
+    return values
 
 
 def evaluate_steering(
@@ -152,82 +197,77 @@ def evaluate_steering(
     multipliers: Sequence[float] = (1.0,),
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    positions: str = "all",
+    positions: str | None = None,
     seed: int = 0,
-    controls: int = 3,
+    controls: int = 5,
     side_effects: SideEffectData | None = None,
+    head_effects: Mapping[tuple[int, int], float] | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Effect and side effects of an edit per (layer, multiplier), with a random control.
+    """Effect and side effects of an edit per (layer, multiplier), with random controls.
 
-    Columns: ``layer, multiplier, kind, metric_positive, metric_negative, shift,
-    shift_unsteered, shift_removed_fraction`` (1 - shift/shift_unsteered, both sides edited),
-    ``anti_steerable_fraction`` (pairs whose shift moved against the edit's intent: up for a
-    removal, down for a positive-multiplier vector), ``neutral_kl`` (mean per-token KL from the
-    unedited model on the neutral prompts, nats), ``perplexity`` on the reference text,
-    ``factual_accuracy`` on the factual-control family, their ``*_unsteered`` baselines, and
-    ``random_*``: the same numbers averaged over ``controls`` random controls (seeds ``seed``,
-    ``seed + 1``, ...; ``random_shift_removed_fraction_sd`` is their spread).
-    ``frame.attrs["pairs"]`` holds the per-pair shifts (``control`` 0 = the edit, k = draw k).
+    Columns: ``layer, multiplier, kind, edit, pairs``, :func:`pressure_figures` (per-side
+    ``metric_*``/``accuracy_*`` edited and ``_unedited``, ``pressure_removed_fraction`` with
+    ``_ci``, ``counter_pressure_removed_fraction``, ``neutral_metric_change``, ``collapse``,
+    ``shift``, ``shift_removed_fraction``), ``anti_steerable_fraction`` (pairs whose pressured
+    answer moved against the edit's intent), the side effects (``neutral_kl``,
+    ``neutral_kl_plain``, ``perplexity`` with CI, ``factual_accuracy`` and its change with CI),
+    ``p_matching`` (mean probability of the matching answer against the not-matching one, as CAA
+    reports for A/B sets, which are scored by it instead of by pressure removed), and ``random_*``: the means over ``controls`` random controls (seeds ``seed``, ``seed + 1``,
+    ...; ``random_pressure_removed_fraction_sd`` is their spread). ``frame.attrs["pairs"]``
+    holds per-pair metrics (``control`` 0 = the edit, k = draw k); ``frame.attrs["controls"]``
+    one row per draw with what it edited and, for head edits with ``head_effects`` (patching
+    effect per (layer, head)), the summed patching effect of the drawn heads.
     """
     edit.check(model)
     if len(eval_set) == 0:
         raise BehaviorLensError(f"evaluation set {eval_set.name!r} is empty")
-    data = side_effects or SideEffectData(model)
+    data = side_effects or SideEffectData(model, "report")
     if edit.kind == "vector":
         layers = list(layers) if layers is not None else edit.layers
         configs = [(layer, [layer]) for layer in layers]
     else:
         if layers is not None and list(layers) != edit.layers:
             raise BehaviorLensError(f"a {edit.kind} edit acts on its own layers {edit.layers}; drop --layers")
-        configs = [(edit.layers[0], None)]
-    base = _measure(model, eval_set, data, None, batch_size)
-    base_shift = base["metrics"][:, 0] - base["metrics"][:, 1]
-    shift_unsteered = float(base_shift.mean())
-    rows, pair_rows = [], []
+        configs = [(edit.layers[0] if edit.layers else -1, None)]
+    base = observe(model, eval_set, data, batch_size)
+    choice = letter_choices(eval_set)
+    if not choice:  # an A/B set has no pressure to remove: it is scored by p(matching letter)
+        require_behavior(base.metrics, eval_set.name)
     draws = [random_control(model, edit, seed + i) for i in range(controls)]
+    rows, pair_rows, control_rows = [], [], []
     for layer, apply_layers in configs:
         for m in multipliers:
-            row: dict[str, Any] = {
-                "layer": layer, "multiplier": float(m), "kind": edit.kind, "edit": edit.describe(),
-                "pairs": len(eval_set), "shift_unsteered": shift_unsteered,
-                "metric_positive_unsteered": float(base["metrics"][:, 0].mean()),
-                "metric_negative_unsteered": float(base["metrics"][:, 1].mean()),
-                "perplexity_unsteered": base["perplexity"],
-                "factual_accuracy_unsteered": base["factual_accuracy"],
-            }
-            controls_rows = []
-            for draw, e in enumerate([edit, *draws]):
-                ctx = steer(model, e, m, layers=apply_layers, positions=positions) if m != 0 else nullcontext()
-                with ctx:
-                    res = _measure(model, eval_set, data, base["neutral"], batch_size)
-                shift = res["metrics"][:, 0] - res["metrics"][:, 1]
-                moved = (shift - base_shift) * _intended(edit, m)
-                values = {
-                    "metric_positive": float(res["metrics"][:, 0].mean()),
-                    "metric_negative": float(res["metrics"][:, 1].mean()),
-                    "shift": float(shift.mean()),
-                    "shift_removed_fraction": 1 - float(shift.mean()) / shift_unsteered,
-                    "anti_steerable_fraction": float((moved < 0).float().mean()) if m != 0 else 0.0,
-                    "neutral_kl": res["neutral_kl"],
-                    "perplexity": res["perplexity"],
-                    "factual_accuracy": res["factual_accuracy"],
-                }
+            row: dict[str, Any] = {"layer": layer, "multiplier": float(m), "kind": edit.kind,
+                                   "edit": edit.describe(), "pairs": len(eval_set)}
+            per_draw = []
+            label = f"evaluate{'' if layer < 0 else f' L{layer}'} x{m:g} (edit, then {len(draws)} controls)"
+            for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress)):
+                obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions)
+                values = _figures(e, m, base, obs)
                 if draw == 0:
                     row |= values
                 else:
-                    controls_rows.append(values)
+                    per_draw.append(values)
+                    effect = (sum(head_effects.get((layer_, h), 0.0) for layer_, hs in e.heads.items() for h in hs)
+                              if head_effects is not None and e.heads else float("nan"))
+                    control_rows.append({"layer": layer, "multiplier": float(m), "draw": draw,
+                                         "edit": e.describe(), "heads_patching_effect": effect,
+                                         **{k: v for k, v in values.items() if not isinstance(v, list)}})
                 for i, p in enumerate(eval_set):
-                    pair_rows.append({
-                        "control": draw, "layer": layer, "multiplier": float(m), "pair": i,
-                        "row": p.row, "family": p.family, "shift_unsteered": float(base_shift[i]),
-                        "shift": float(shift[i]), "moved_intended_way": bool(moved[i] > 0),
-                    })
-            if controls_rows:
-                ctl = pd.DataFrame(controls_rows)
-                row |= {f"random_{k}": float(v) for k, v in ctl.mean().items()}
+                    pair_rows.append({"control": draw, "layer": layer, "multiplier": float(m), "pair": i,
+                                      "row": p.row, "family": p.family,
+                                      **{f"metric_{s}": float(obs.metrics[s][i]) for s in obs.metrics},
+                                      **{f"metric_{s}_unedited": float(base.metrics[s][i]) for s in base.metrics}})
+            if per_draw:
+                ctl = pd.DataFrame([{k: v for k, v in d.items() if isinstance(v, (int, float, bool)) and v is not None}
+                                    for d in per_draw])
+                row |= {f"random_{k}": float(v) for k, v in ctl.mean(numeric_only=True).items()}
+                row["random_pressure_removed_fraction_sd"] = float(ctl["pressure_removed_fraction"].std(ddof=0))
                 row["random_shift_removed_fraction_sd"] = float(ctl["shift_removed_fraction"].std(ddof=0))
                 row["random_controls"] = len(ctl)
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["pairs"] = pd.DataFrame(pair_rows)
+    frame.attrs["controls"] = pd.DataFrame(control_rows)
     return frame

@@ -6,18 +6,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from .apply import steer
+from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX, Evidence, choose_edit, load_evidence
 from .edit import Edit
 from .evaluate import evaluate_steering
-from .plots import dose_response
+from .plots import dose_response, pareto
 from .vectors import train_vector
-
-KL_LIMIT = 0.1
 
 
 def run_steer_train(
@@ -28,20 +28,36 @@ def run_steer_train(
     method: str = "mean_diff",
     position: str = "last",
     kind: str = "vector",
-    from_patching: str | Path | pd.DataFrame | None = None,
-    max_accuracy_drop: float | None = None,
+    from_patching: Sequence[str | Path] | Evidence | None = None,
+    kl_max: float = KL_MAX,
+    max_accuracy_drop: float = ACCURACY_DROP_MAX,
+    groups: Sequence[str] = GROUPS,
+    choice_dir: str | Path | None = None,
+    seed: int = 0,
+    side_effects: Any = None,
 ) -> dict:
-    """Train an edit at ``layer`` (or choose one from a patching result) and save it.
+    """Train an edit at ``layer``, or choose one from a patching result, and save it.
 
-    With ``from_patching`` (or no ``layer``), :func:`~.choose.choose_edit` picks the edit
-    kind and site and says why (optionally refusing edits that cost more than
-    ``max_accuracy_drop`` of factual accuracy); without a patching result it patches heads itself.
+    Without ``layer``, :func:`~.choose.choose_edit` builds every candidate of ``groups`` from
+    the evidence (patching result folders, or none: it patches the training family itself),
+    judges them on pairs that built nothing, and picks within the limits. The choice's tables
+    go to ``choice_dir`` (default: beside the edit file, ``<name>.choice/``): ``candidates.csv``
+    (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json`` and
+    ``pareto.png``.
     """
     reason = ""
-    if from_patching is not None or layer is None:
-        from .choose import choose_edit
-
-        edit, reason = choose_edit(model, train_set, from_patching, accuracy_drop_max=max_accuracy_drop)
+    if layer is None:
+        evidence = from_patching if isinstance(from_patching, Evidence) or from_patching is None \
+            else load_evidence(from_patching)
+        choice = choose_edit(model, train_set, evidence, kl_max=kl_max, accuracy_drop_max=max_accuracy_drop,
+                             groups=groups, seed=seed, side_effects=side_effects, progress=True)
+        edit, reason = choice.edit, choice.reason
+        folder = Path(choice_dir) if choice_dir is not None else Path(out_path).with_suffix(".choice")
+        write_csv(folder / "candidates.csv", choice.candidates)
+        write_csv(folder / "choice_pairs.csv", choice.pairs)
+        write_csv(folder / "mechanism.csv", choice.mechanism)
+        write_json(folder / "probes.json", choice.probes)
+        pareto(choice.candidates, folder / "pareto.png", kl_max, max_accuracy_drop)
     else:
         edit = train_vector(model, train_set, [layer], method, position)
         if kind == "ablate_direction":
@@ -56,33 +72,46 @@ def run_steer_train(
     edit.save(out_path)
     return {
         "path": str(out_path), "kind": edit.kind, "edit": edit.describe(), "layers": edit.layers,
-        "method": edit.method, "position": edit.position,
-        "norm": {str(k): v for k, v in edit.norm.items()}, "reason": reason,
+        "method": edit.method, "reason": reason,
     }
 
 
-def summarize(frame: pd.DataFrame, kl_limit: float = KL_LIMIT) -> dict:
-    """Headline figures: the row removing most shift with neutral KL within the limit."""
-    ok = frame[frame.neutral_kl <= kl_limit]
-    best = (ok.loc[ok.shift_removed_fraction.idxmax()] if len(ok)
-            else frame.loc[frame.neutral_kl.idxmin()])
-    out = {
-        "best_multiplier": float(best.multiplier),
-        "best_layer": int(best.layer),
-        "shift_removed_fraction": float(best.shift_removed_fraction),
-        "neutral_kl": float(best.neutral_kl),
-        "factual_accuracy_change": float(best.factual_accuracy - best.factual_accuracy_unsteered),
-        "random_control_shift_removed_fraction": float(best.get("random_shift_removed_fraction", float("nan"))),
-        "random_control_shift_removed_fraction_sd": float(best.get("random_shift_removed_fraction_sd", float("nan"))),
-        "random_controls": int(best.get("random_controls", 0)),
-        "random_control_neutral_kl": float(best.get("random_neutral_kl", float("nan"))),
-        "anti_steerable_fraction": float(best.anti_steerable_fraction),
-        "perplexity_change": float(best.perplexity - best.perplexity_unsteered),
-        "shift_unsteered": float(best.shift_unsteered),
-        "kl_limit": kl_limit,
-        "within_kl_limit": bool(len(ok)),
-        "edit": str(best.edit),
-    }
+SUMMARY_KEYS = (
+    "pressure_removed_fraction", "pressure_removed_fraction_ci", "counter_pressure_removed_fraction",
+    "collapse", "neutral_metric_change", "pull_unedited",
+    "accuracy_positive", "accuracy_negative", "accuracy_neutral",
+    "accuracy_positive_unedited", "accuracy_negative_unedited", "accuracy_neutral_unedited",
+    "accuracy_positive_change", "accuracy_negative_change", "accuracy_neutral_change",
+    "metric_positive", "metric_negative", "metric_neutral",
+    "metric_positive_unedited", "metric_negative_unedited", "metric_neutral_unedited",
+    "factual_accuracy", "factual_accuracy_unedited", "factual_accuracy_change", "factual_accuracy_change_ci",
+    "neutral_kl", "neutral_kl_plain", "perplexity", "perplexity_unedited", "perplexity_ci",
+    "shift_removed_fraction", "shift_unedited", "anti_steerable_fraction", "p_matching", "p_matching_unedited",
+)
+
+
+def summarize(frame: pd.DataFrame, multiplier: float = 1.0) -> dict:
+    """Headline figures: the row of the given multiplier (the one chosen on the training
+    family; never the best row of the evaluation family), with its random controls."""
+    rows = frame[np.isclose(frame.multiplier, multiplier)]
+    if rows.empty:
+        raise BehaviorLensError(f"the evaluation has no row at multiplier {multiplier:g}; evaluate it there")
+    best = rows.iloc[0]
+    out = {"multiplier": float(best.multiplier), "layer": int(best.layer), "edit": str(best.edit)}
+    for key in SUMMARY_KEYS:
+        if key in best:
+            value = best[key]
+            if isinstance(value, (bool, np.bool_)):
+                out[key] = bool(value)
+            else:
+                out[key] = value if isinstance(value, list) or value is None else float(value)
+    for key in ("pressure_removed_fraction", "shift_removed_fraction", "accuracy_neutral_change", "collapse"):
+        if f"random_{key}" in best:
+            out[f"random_control_{key}"] = float(best[f"random_{key}"])
+    for key in ("pressure_removed_fraction_sd", "shift_removed_fraction_sd"):
+        if f"random_{key}" in best:
+            out[f"random_control_{key}"] = float(best[f"random_{key}"])
+    out["random_controls"] = int(best.get("random_controls", 0) or 0)
     return out
 
 
@@ -95,17 +124,26 @@ def run_steer_eval(
     out_dir: str | Path = "steering",
     batch_size: int = 16,
     seed: int = 0,
-    controls: int = 3,
+    controls: int = 5,
+    head_effects: dict | None = None,
+    side_effects: Any = None,
 ) -> dict:
-    """Evaluate an edit; writes steering.csv, steering_pairs.csv, dose_response.png, summary.json."""
+    """Evaluate an edit; writes steering.csv, steering_pairs.csv, steering_controls.csv,
+    dose_response.png and summary.json (the row of the edit's chosen multiplier, or 1)."""
     out_dir = Path(out_dir)
+    chosen = float(edit.notes.get("multiplier", 1.0))
+    multipliers = sorted(set(map(float, multipliers)) | {chosen})
     frame = evaluate_steering(model, edit, eval_set, multipliers, layers, batch_size, seed=seed,
-                              controls=controls)
+                              controls=controls, head_effects=head_effects, side_effects=side_effects,
+                              progress=True)
     write_csv(out_dir / "steering.csv", frame)
     write_csv(out_dir / "steering_pairs.csv", frame.attrs["pairs"])
+    write_csv(out_dir / "steering_controls.csv", frame.attrs["controls"])
     dose_response(frame, out_dir / "dose_response.png")
-    summary = summarize(frame) | {"eval_family": eval_set.name, "train_family": edit.family,
-                                  "model": model.name}
+    summary = summarize(frame, chosen) | {"eval_family": eval_set.name, "train_family": edit.family,
+                                          "model": model.name, "has_neutral": eval_set.has_neutral,
+                                          "p_matching_by_multiplier": {f"{m:g}": float(v) for m, v in
+                                                                       zip(frame.multiplier, frame.p_matching)}}
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -134,7 +172,7 @@ def generate_examples(
     multipliers: Sequence[float] = (-4.0, 0.0, 4.0),
     max_new_tokens: int = 40,
     seed: int = 0,
-    positions: str = "all",
+    positions: str | None = None,
 ) -> pd.DataFrame:
     """Greedy continuations of each prompt (strings or a ContrastSet's behavior side) per multiplier."""
     from contextlib import nullcontext

@@ -10,15 +10,16 @@ DATA = Path(__file__).parent
 
 
 def neutral_prompts() -> list[str]:
-    """About twenty ordinary requests with no opinion in them (for the side-effect KL)."""
+    """Over a hundred ordinary requests with no opinion in them (for the side-effect KL)."""
     return list(yaml.safe_load((DATA / "neutral.yaml").read_text())["prompts"])
 
 
 def reference_text() -> str:
-    """A few hundred words of plain prose (for the side-effect perplexity)."""
+    """About 5,800 tokens of plain prose (for the side-effect perplexity)."""
     return (DATA / "reference.txt").read_text()
 
 
 def factual_family_path() -> Path:
-    """Factual questions with a single-token answer and a distractor, no opinions."""
+    """Over 200 factual questions with a one-token answer and a distractor, no opinions,
+    none shared with a built-in family."""
     return DATA / "factual_control.yaml"
