@@ -1,9 +1,12 @@
 """One experiment YAML -> every step -> one results folder with tables, plots and a report.
 
-An experiment names a model, its families (one to train on, others to test on) and the steps
-to run. It is validated completely before any model loads. Each step writes into its own
-subfolder and finishes by writing ``summary.json`` there; a rerun skips steps whose summary
-exists with the same parameters (``force`` reruns them), so an interrupted run resumes.
+An experiment names a model, its families (one to train on, others to test on; built-in names,
+family YAML files or dataset files) and the steps to run, and may state predictions before it
+runs. It is validated completely before any model loads. Each step writes into its own
+subfolder and finishes by writing ``summary.json`` there; a rerun skips a step whose
+fingerprint (its parameters, the experiment's, and the fingerprints of the steps it reads) is
+unchanged (``force`` reruns them), so an interrupted run resumes and a changed upstream step
+reruns what depends on it.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from .io import write_json
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 STEPS = ("measure", "probe", "patch", "steer")
-TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size"}
+TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size", "predictions"}
 MODEL_KEYS = {"name", "dtype", "device", "device_map", "remote"}
 FAMILY_KEYS = {"train", "test"}
 STEP_KEYS: dict[str, set[str]] = {
     "measure": {"families"},
     "probe": {"sites", "positions", "methods", "folds"},
     "patch": {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"},
-    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "generate", "max_accuracy_drop"},
+    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "multiplier", "generate",
+              "max_accuracy_drop", "kl_max", "candidates", "controls", "side_effects"},
 }
+DEPENDS = {"steer": ("patch", "probe")}  # a step's fingerprint includes these steps' fingerprints
+PREDICTION_KEYS = {"what", "key", "equals", "at_least", "at_most"}
 PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
 
 
@@ -45,23 +51,31 @@ class Experiment:
 
     name: str
     model: dict[str, Any]
-    train: str
-    test: list[str]
+    train: Any  # a family name or path, or a dataset mapping (prompts.sources)
+    test: list[Any]
     steps: dict[str, dict[str, Any]]
     question: str = ""
     seed: int = 0
     batch_size: int = 16
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def families(self) -> list[str]:
+    def families(self) -> list[Any]:
         return [self.train, *[f for f in self.test if f != self.train]]
 
     def fingerprint(self) -> str:
-        """Identifies what the experiment computes (everything but its step list)."""
-        core = {k: v for k, v in self.raw.items() if k not in ("steps", "question")}
-        return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Identifies what the experiment computes (everything but its steps, question and predictions)."""
+        core = {k: v for k, v in self.raw.items() if k not in ("steps", "question", "predictions")}
+        return _hash(core)
+
+    def predictions_hash(self) -> str:
+        return _hash(self.predictions)
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def builtin_experiments() -> list[str]:
@@ -88,8 +102,8 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
 
 
 def validate(data: Any, source: str) -> Experiment:
-    """Check every key, step and family name; raise one clear error for the first problem."""
-    from .prompts import load_family
+    """Check every key, step, family and prediction; raise one clear error for the first problem."""
+    from .prompts.sources import check_source, source_from
 
     if not isinstance(data, dict):
         raise BehaviorLensError(f"{source}: an experiment must be a mapping")
@@ -98,12 +112,16 @@ def validate(data: Any, source: str) -> Experiment:
     if isinstance(model, str):
         model = {"name": model}
     _known(model, MODEL_KEYS, f"{source}: model")
+    if model.get("remote"):
+        from .model import REMOTE_REFUSED
+
+        raise BehaviorLensError(f"{source}: model.remote: steps {', '.join(data.get('steps') or {})}: {REMOTE_REFUSED}")
     families = data.get("families") or {}
     _known(families, FAMILY_KEYS, f"{source}: families")
     if "train" not in families:
         raise BehaviorLensError(f"{source}: families needs a 'train' family")
     test = families.get("test") or []
-    test = [test] if isinstance(test, str) else list(test)
+    test = [test] if isinstance(test, (str, dict)) else list(test)
     steps = data.get("steps") or {}
     if not isinstance(steps, dict) or not steps:
         raise BehaviorLensError(f"{source}: 'steps' must map step names ({', '.join(STEPS)}) to parameters")
@@ -111,6 +129,15 @@ def validate(data: Any, source: str) -> Experiment:
         if step not in STEP_KEYS:
             raise BehaviorLensError(f"{source}: unknown step {step!r}; steps are {', '.join(STEPS)}")
         _known(params or {}, STEP_KEYS[step], f"{source}: step {step!r}")
+    predictions = data.get("predictions") or []
+    if not isinstance(predictions, list):
+        raise BehaviorLensError(f"{source}: predictions must be a list")
+    for i, pred in enumerate(predictions):
+        _known(pred, PREDICTION_KEYS, f"{source}: prediction {i + 1}")
+        tests = [k for k in ("equals", "at_least", "at_most") if k in pred]
+        if "key" not in pred or len(tests) != 1:
+            raise BehaviorLensError(f"{source}: prediction {i + 1} needs a 'key' (step.figure of summary.json) "
+                                    "and one of equals, at_least, at_most")
     exp = Experiment(
         name=data.get("name") or Path(source).stem,
         model={"name": "default", **model},
@@ -122,12 +149,16 @@ def validate(data: Any, source: str) -> Experiment:
         batch_size=int(data.get("batch_size", 16)),
         source=source,
         raw=data,
+        predictions=predictions,
     )
-    names = set(exp.families) | set(exp.steps.get("measure", {}).get("families", []))
+    names = [*exp.families, *exp.steps.get("measure", {}).get("families", [])]
     if "eval_family" in exp.steps.get("steer", {}):
-        names.add(exp.steps["steer"]["eval_family"])
-    for name in sorted(names):
-        load_family(name)  # raises a clear error for an unknown or broken family
+        names.append(exp.steps["steer"]["eval_family"])
+    for spec in names:
+        check_source(source_from(spec, f"{source}: family"))  # a clear error for an unknown or broken family
+    layer = exp.steps.get("steer", {}).get("layer")
+    if layer == "probe" and "probe" not in exp.steps:
+        raise BehaviorLensError(f"{source}: step 'steer': layer 'probe' needs a probe step")
     return exp
 
 
@@ -151,7 +182,8 @@ class Runner:
         self.force = force
         self.log = log
         self._model = None
-        self._sets: dict[str, Any] = {}
+        self._sets: dict[Any, Any] = {}
+        self._fingerprints: dict[str, str] = {}
 
     # lazily loaded so that a fully finished run needs no model
     @property
@@ -161,37 +193,59 @@ class Runner:
 
             m = self.exp.model
             self.log(f"loading model {m['name']!r}")
-            self._model = load_model(
-                m["name"], device=m.get("device"), dtype=m.get("dtype"),
-                device_map=m.get("device_map"), remote=bool(m.get("remote", False)),
-            )
+            self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
+                                     device_map=m.get("device_map"))
         return self._model
 
-    def contrast_set(self, name: str, aligned: bool = True):
-        from .prompts import load_family
+    def contrast_set(self, spec: Any, aligned: bool = True):
+        from .prompts.sources import render_source, source_from
 
-        key = (name, aligned)
+        source = source_from(spec)
+        key = (source, aligned)
         if key not in self._sets:
-            self._sets[key] = load_family(name).render(self.model.tokenizer, require_aligned=aligned)
+            self._sets[key] = render_source(source, self.model.tokenizer, require_aligned=aligned)
         return self._sets[key]
+
+    def side_effects(self, params: dict, half: str, requests: int | None = None):
+        """Side-effect data for the steer step: its own files where it names them, else the built-in sets."""
+        from .steering.side_effects import SideEffectData
+
+        spec = params.get("side_effects") or {}
+        factual = self.contrast_set(spec["factual"], aligned=False) if "factual" in spec else None
+        return SideEffectData(self.model, half, factual=factual, requests=requests, **_side_effect_sources(params))
+
+    def fingerprint(self, step: str) -> str:
+        """The step's parameters, the experiment's fingerprint and those of the steps it reads."""
+        upstream = {s: self._fingerprints.get(s) for s in DEPENDS.get(step, ()) if s in self.exp.steps}
+        return _hash({"params": self.exp.steps[step], "experiment": self.exp.fingerprint(), "upstream": upstream})
 
     def run(self) -> dict[str, Any]:
         self._prepare_folder()
         _seed(self.exp.seed)
         summary: dict[str, Any] = {}
+        self._fingerprints.clear()
         for i, step in enumerate(self.exp.steps, 1):
             folder = self.out / step
-            params = self.exp.steps[step]
-            if not self.force and _finished(folder, params):
+            fingerprint = self.fingerprint(step)
+            self._fingerprints[step] = fingerprint
+            if not self.force and _finished(folder, fingerprint):
                 self.log(f"[{i}/{len(self.exp.steps)}] {step}: finished earlier, skipped")
             else:
                 self.log(f"[{i}/{len(self.exp.steps)}] {step}")
+                record: dict[str, Any] = {"params": self.exp.steps[step], "fingerprint": fingerprint,
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                if i == 1:  # the predictions as they stood before anything ran
+                    record["predictions_hash"] = self.exp.predictions_hash()
+                    record["predictions"] = self.exp.predictions
+                write_json(folder / "step.json", record | {"finished": False})
                 start = time.perf_counter()
-                step_summary = getattr(self, f"_{step}")(folder, params)
+                step_summary = getattr(self, f"_{step}")(folder, self.exp.steps[step])
                 step_summary["seconds"] = round(time.perf_counter() - start, 1)
-                write_json(folder / "step.json", {"params": params, "seconds": step_summary["seconds"]})
                 write_json(folder / "summary.json", step_summary)
+                write_json(folder / "step.json", record | {"finished": True, "seconds": step_summary["seconds"]})
             summary[step] = json.loads((folder / "summary.json").read_text())
+        if self.exp.predictions:
+            summary["predictions"] = score_predictions(self.exp, self.out, summary)
         write_json(self.out / "summary.json", summary)
         from .analysis.report import write_report
 
@@ -214,8 +268,8 @@ class Runner:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(config_path, self._config())
-        except PermissionError:
-            raise BehaviorLensError(f"output folder {self.out} is not writable") from None
+        except OSError as err:
+            raise BehaviorLensError(f"cannot write {self.out}: {err.strerror or err}") from None
 
     def _config(self) -> dict[str, Any]:
         versions = {}
@@ -251,8 +305,9 @@ class Runner:
             cs = self.contrast_set(name, aligned=False)
             s = run_measure(self.model, cs, folder / cs.name)
             rows.append({"family": cs.name, "behavior": cs.behavior, "aligned": cs.aligned,
-                         **{k: v for k, v in s.items() if k != "behavior_shift_ci"},
-                         "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1]})
+                         **{k: v for k, v in s.items() if not isinstance(v, (list, dict))},
+                         "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1],
+                         "top_answer_share": max(s["answer_balance"].values())})
             examples[cs.name] = _examples(self.model.tokenizer, cs)
         table = pd.DataFrame(rows)
         write_csv(folder / "shifts.csv", table)
@@ -260,13 +315,13 @@ class Runner:
         plot_shifts(table, folder / "shifts.png")
         train_name = self.contrast_set(self.exp.train, aligned=False).name
         train = table.set_index("family").loc[train_name]
-        return {
-            "train_family": train_name,
-            "behavior_shift": float(train["behavior_shift"]),
-            "behavior_shift_ci": [float(train["ci_low"]), float(train["ci_high"])],
-            "fraction_pairs_shifted": float(train["fraction_pairs_shifted"]),
-            "shifts": {r["family"]: r["behavior_shift"] for r in rows},
-        }
+        out = {"train_family": train_name}
+        for key in ("behavior_shift", "pull", "accuracy_positive", "accuracy_negative", "accuracy_neutral",
+                    "fraction_pairs_shifted"):
+            if key in train and not pd.isna(train[key]):
+                out[key] = float(train[key])
+        out["behavior_shift_ci"] = [float(train["ci_low"]), float(train["ci_high"])]
+        return out
 
     def _probe(self, folder: Path, params: dict) -> dict:
         from .probing import run_probe
@@ -295,35 +350,52 @@ class Runner:
         return _flatten(summary)
 
     def _steer(self, folder: Path, params: dict) -> dict:
-        import pandas as pd
-
         from .io import write_csv
         from .steering import Edit, generate_examples, run_steer_eval, run_steer_train
+        from .steering.choose import (
+            ACCURACY_DROP_MAX,
+            CHOICE_REQUESTS,
+            GROUPS,
+            KL_MAX,
+            load_evidence,
+        )
 
         train = self.contrast_set(self.exp.train, aligned=False)
-        eval_name = params.get("eval_family") or (self.exp.test[0] if self.exp.test else self.exp.train)
-        eval_set = self.contrast_set(eval_name, aligned=False)
-        evidence = None
-        if "layer" not in params:  # where to steer comes from this run's patching tables
-            tables = sorted((self.out / "patch").glob("*/patching.csv"))
-            tables = [t for t in tables if t.parent.name != "attribution"]
-            evidence = pd.concat([pd.read_csv(t) for t in tables]) if tables else None
+        eval_spec = params.get("eval_family") or (self.exp.test[0] if self.exp.test else self.exp.train)
+        eval_set = self.contrast_set(eval_spec, aligned=False)
+        evidence, head_effects = None, None
+        if "layer" not in params:  # what to edit comes from this run's patching results
+            folders = [f for f in sorted((self.out / "patch").glob("*")) if (f / "patching_means.csv").is_file()
+                       and f.name != "attribution"]
+            evidence = load_evidence(folders) if folders else None
+            if evidence is not None:
+                head_effects = {(int(r.layer), int(r["head"])): float(r.metric)
+                                for _, r in evidence.cells[evidence.cells.site == "head"].iterrows()
+                                if int(r.from_end) == 0}
+        layer = params.get("layer")
+        if layer == "probe":  # the layer where the probe step read the behavior best
+            layer = int(json.loads((self.out / "probe" / "summary.json").read_text())["best_layer"])
         edit_path = folder / "edit.safetensors"
         train_summary = run_steer_train(
-            self.model, train, edit_path, layer=params.get("layer"),
+            self.model, train, edit_path, layer=layer,
             method=params.get("method", "mean_diff"), from_patching=evidence,
-            max_accuracy_drop=params.get("max_accuracy_drop"),
+            kl_max=params.get("kl_max", KL_MAX), max_accuracy_drop=params.get("max_accuracy_drop", ACCURACY_DROP_MAX),
+            groups=params.get("candidates", GROUPS), choice_dir=folder / "choice", seed=self.exp.seed,
+            side_effects=self.side_effects(params, "select", CHOICE_REQUESTS) if layer is None else None,
         )
         edit = Edit.load(edit_path, self.model)
+        if "multiplier" in params:  # the headline multiplier, stated before the run
+            edit.notes["multiplier"] = float(params["multiplier"])
         eval_summary = run_steer_eval(
-            self.model, edit, eval_set, multipliers=params.get("multipliers", [0.5, 1.0]),
+            self.model, edit, eval_set, multipliers=params.get("multipliers", [1.0]),
             layers=params.get("layers"), out_dir=folder / "eval", batch_size=self.exp.batch_size,
-            seed=self.exp.seed,
+            seed=self.exp.seed, controls=params.get("controls", 5), head_effects=head_effects,
+            side_effects=self.side_effects(params, "report"),
         )
         gen = params.get("generate") or {}
         if gen.get("prompts"):
             frame = generate_examples(
-                self.model, edit, gen["prompts"], [0.0, eval_summary["best_multiplier"]],
+                self.model, edit, gen["prompts"], [0.0, eval_summary["multiplier"]],
                 max_new_tokens=gen.get("max_new_tokens", 24), seed=self.exp.seed,
             )
             write_csv(folder / "generations.csv", frame)
@@ -331,12 +403,54 @@ class Runner:
                 "reason": train_summary["reason"], **eval_summary}
 
 
-def _finished(folder: Path, params: dict) -> bool:
+def _side_effect_sources(params: dict) -> dict[str, Any]:
+    """The steer step's own side-effect data, if it names any (else the built-in sets)."""
+    spec = params.get("side_effects") or {}
+    out: dict[str, Any] = {}
+    if "neutral" in spec:
+        out["neutral"] = list(yaml.safe_load(Path(spec["neutral"]).read_text(encoding="utf-8"))["prompts"])
+    if "reference" in spec:
+        out["reference"] = Path(spec["reference"]).read_text(encoding="utf-8")
+    return out
+
+
+def _finished(folder: Path, fingerprint: str) -> bool:
     try:
-        done = json.loads((folder / "step.json").read_text())["params"] == params
-    except (OSError, ValueError, KeyError):
+        record = json.loads((folder / "step.json").read_text())
+    except (OSError, ValueError):
         return False
-    return done and (folder / "summary.json").exists()
+    return record.get("finished") is True and record.get("fingerprint") == fingerprint and \
+        (folder / "summary.json").exists()
+
+
+def _lookup(summary: dict, key: str) -> Any:
+    """``step.figure`` in the experiment summary (a flat key after the step name)."""
+    step, _, figure = key.partition(".")
+    value = summary.get(step, {})
+    return value.get(figure) if isinstance(value, dict) else None
+
+
+def score_predictions(exp: Experiment, out: Path, summary: dict) -> dict[str, Any]:
+    """Each prediction held or failed beside the measured value, and whether the predictions
+    were written before the run (their hash in the first step's ``step.json``)."""
+    first = out / next(iter(exp.steps)) / "step.json"
+    try:
+        recorded = json.loads(first.read_text()).get("predictions_hash")
+    except (OSError, ValueError):
+        recorded = None
+    rows = []
+    for pred in exp.predictions:
+        value = _lookup(summary, pred["key"])
+        if "equals" in pred:
+            test, held = f"= {pred['equals']}", value == pred["equals"] or str(value) == str(pred["equals"])
+        elif "at_least" in pred:
+            test, held = f">= {pred['at_least']}", isinstance(value, (int, float)) and value >= pred["at_least"]
+        else:
+            test, held = f"<= {pred['at_most']}", isinstance(value, (int, float)) and value <= pred["at_most"]
+        rows.append({"what": pred.get("what", pred["key"]), "key": pred["key"], "predicted": test,
+                     "measured": value, "held": bool(held) if value is not None else None})
+    return {"written_before_the_run": recorded == exp.predictions_hash(), "recorded_hash": recorded,
+            "results": rows}
 
 
 def _flatten(summary: dict, prefix: str = "") -> dict:

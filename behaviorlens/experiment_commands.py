@@ -16,7 +16,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run an experiment YAML (or a built-in experiment) end to end")
-    run.add_argument("experiment", help="path to an experiment YAML, or sycophancy | deception | llama2_7b")
+    run.add_argument("experiment", help="path to an experiment YAML, or a built-in one: sycophancy, deception, caa_sycophancy, "
+                     "llama2_7b, caa_sycophancy_llama2_7b")
     run.add_argument("--out", default=None, help="results folder (default: results/NAME)")
     run.add_argument("--force", action="store_true", help="rerun finished steps / overwrite")
     run.set_defaults(func=_run)

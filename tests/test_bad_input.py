@@ -79,10 +79,20 @@ def tiny_family(tmp_path):
     path.write_text(yaml.safe_dump({
         "name": "tiny", "chat": False, "user": "w5 w6 {{ s }} w7 w8",
         "valence": {"s": {"positive": "w10", "negative": "w11"}},
-        "answers": {"matching": "w20", "not_matching": "w21"}, "rows": [{}] * 4,
+        "answers": {"matching": " w20", "not_matching": " w21"}, "rows": [{}] * 4,
     }))
     return str(path)
 
+
+# every command that writes results, without its --out
+OUT_COMMANDS = [
+    ["measure", "capitals_opinion"],
+    ["probe", "capitals_opinion"],
+    ["patch", "capitals_opinion"],
+    ["steer", "eval", "edit.safetensors", "capitals_opinion"],
+    ["run", "sycophancy"],
+]
+STAGE = {"measure": "measure", "probe": "probe", "patch": "patch"}
 
 # (id, argv built from tmp_path, words the one-line message must contain)
 CASES = [
@@ -128,12 +138,33 @@ CASES = [
      ["different experiment"]),
     ("NaN in activations", lambda t: ["probe", tiny_family(t), "--model", nan_model(t), "--out", str(t / "p")],
      ["row 0", "NaN or inf", "layer 1"]),
+    ("family file that is not UTF-8", lambda t: ["measure", _write_bytes(t, "latin.yaml", "name: caf\xe9\n".encode("latin-1"))],
+     ["latin.yaml", "not UTF-8"]),
+    ("no pairs to patch", lambda t: ["patch", "capitals_opinion", "--pairs", "0", "--out", str(t / "p")],
+     ["--pairs 0", "at least one pair"]),
+    ("a selection that leaves no pairs", lambda t: ["measure", "capitals_opinion", "--limit", "1", "--split", "train",
+                                                    "--out", str(t / "m")], ["capitals_opinion", "leaves no pairs"]),
+    ("a dataset in no known format", lambda t: ["render", _write(t, "odd.json", '[{"text": "x"}]')],
+     ["odd.json line 1", "not a known dataset"]),
+    *[(f"{' '.join(cmd[:2])}: output below a file", lambda t, cmd=cmd: [*cmd, "--out", _file(t) + "/sub"],
+       ["cannot write", "a-file/sub"]) for cmd in OUT_COMMANDS],
+    *[(f"{' '.join(cmd[:2])}: output on a read-only file system", lambda t, cmd=cmd: [*cmd, "--out", "/sys/behaviorlens-x"],
+       ["cannot write", "/sys/behaviorlens-x"]) for cmd in OUT_COMMANDS],
+    *[(f"{' '.join(cmd[:2])}: --remote", lambda t, cmd=cmd: [*cmd, "--remote", "--out", str(t / "r")],
+       [STAGE[cmd[0]] if cmd[0] != "steer" else f"steer {cmd[1]}", "remote execution (NDIF) is not supported"])
+      for cmd in OUT_COMMANDS if cmd[0] != "run"],
 ]
 
 
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
+    return str(path)
+
+
+def _write_bytes(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
     return str(path)
 
 

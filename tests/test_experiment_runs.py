@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_model
 
 from behaviorlens.experiment import Runner, load_experiment
 
@@ -16,29 +17,47 @@ STEPS = {
     "measure": {},
     "probe": {"methods": ["mean_diff", "logistic"], "folds": 2},
     "patch": {"pairs": 3, "attribution": True},
-}  # steering needs real words for its side-effect data: the demo test covers it
+}
+
+
+def steer_step(root: Path) -> dict:
+    """The steer step with side-effect data in the tiny model's words."""
+    (root / "neutral.yaml").write_text(yaml.safe_dump({"prompts": ["w3 w4 w5 w6", "w40 w41 w42", "w7 w8 w9 w33",
+                                                                   "w36 w37 w38", "w52 w53", "w61 w62 w63"]}))
+    (root / "reference.txt").write_text(" ".join(f"w{30 + i % 60}" for i in range(600)))
+    (root / "factual.yaml").write_text(yaml.safe_dump({
+        "name": "tiny_factual", "chat": False, "user": "w5 {{ q }} {{ s }}",
+        "valence": {"s": {"positive": "w8", "negative": "w8"}},
+        "answers": {"matching": " w50", "not_matching": " w51"}, "rows": [{"q": f"w{60 + i}"} for i in range(8)]}))
+    return {"candidates": ["vector", "head ablation"], "controls": 5, "eval_family": str(root / "fam_b.yaml"),
+            "side_effects": {"neutral": str(root / "neutral.yaml"), "reference": str(root / "reference.txt"),
+                             "factual": str(root / "factual.yaml")}}
 
 
 @pytest.fixture(scope="module")
 def experiment_file(tmp_path_factory):
+    from steering_helpers import planted_model
+
     root = tmp_path_factory.mktemp("exp")
-    model = tiny_model("llama")
+    model = planted_model()
     model.hf.save_pretrained(root / "model")
     model.tokenizer.save_pretrained(root / "model")
     words = [f"w{i}" for i in range(30, 90)]
-    rows = [{"a": words[i], "b": words[i + 20], "x": words[i + 40]} for i in range(8)]
-    for name, (pos, neg) in {"fam_a": ("w10", "w11"), "fam_b": ("w12", "w13")}.items():
+    rows = [{"a": words[i], "b": words[i + 20]} for i in range(20)]
+    for name in ("fam_a", "fam_b"):
         (root / f"{name}.yaml").write_text(yaml.safe_dump({
-            "name": name, "chat": False, "user": "w5 {{ a }} {{ s }} {{ b }} w6",
-            "valence": {"s": {"positive": pos, "negative": neg}},
-            "answers": {"matching": "{{ x }}", "not_matching": "w7"}, "rows": rows,
+            "name": name, "chat": False, "user": "w5 {{ a }} w6 {{ b }} w7{{ s }}",
+            "valence": {"s": {"positive": " w44", "negative": " w45", "neutral": ""}},
+            "answers": {"matching": " w50", "not_matching": " w51"}, "rows": rows[:12] if name == "fam_b" else rows,
         }))
     path = root / "exp.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny_study", "question": "Does it work end to end?",
         "model": {"name": str(root / "model")}, "seed": 3, "batch_size": 4,
         "families": {"train": str(root / "fam_a.yaml"), "test": [str(root / "fam_b.yaml")]},
-        "steps": STEPS,
+        "predictions": [{"what": "top head", "key": "patch.heads_top_cell", "equals": "L2H0"},
+                        {"what": "pressure removed", "key": "steer.pressure_removed_fraction", "at_least": 0.0}],
+        "steps": {**STEPS, "steer": steer_step(root)},
     }))
     return path
 
@@ -63,8 +82,17 @@ def test_same_seed_gives_identical_tables_and_a_full_report(experiment_file, tmp
     for name in one:
         pd.testing.assert_frame_equal(one[name], two[name], check_exact=True, obj=name)
     html = (tmp_path / "one" / "report.html").read_text()
-    for section in ("Families and example pairs", "Behavior measurement", "(probes)", "(patching)"):
-        assert section in html
+    for section in ("Findings", "Families and example pairs", "(measure)", "(probes)", "(patching)", "(steering)",
+                    "Every candidate", "Predictions stated before the run"):
+        assert section in html, section
+    assert "{&#34;" not in html and '{"' not in html.split("<body>")[1]  # no JSON blobs in cells
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["predictions"]["written_before_the_run"] is True
+    assert {r["key"] for r in summary["predictions"]["results"]} == {"patch.heads_top_cell",
+                                                                     "steer.pressure_removed_fraction"}
+    steer = summary["steer"]
+    for key in ("pressure_removed_fraction", "collapse", "accuracy_neutral", "random_control_pressure_removed_fraction_sd"):
+        assert key in steer
     pngs = list((tmp_path / "one").rglob("*.png"))
     assert len(pngs) >= 4 and html.count("data:image/png;base64,") == len(pngs)
     assert "http" not in html.replace("http-equiv", "")  # self-contained: nothing to fetch
@@ -96,22 +124,49 @@ def test_interrupted_run_resumes_to_the_same_tables(experiment_file, tmp_path, m
         pd.testing.assert_frame_equal(full[name], resumed[name], check_exact=True, obj=name)
 
 
+def test_a_changed_upstream_step_reruns_what_reads_it(experiment_file, tmp_path, monkeypatch):
+    _run(experiment_file, tmp_path / "r")
+    data = yaml.safe_load(experiment_file.read_text())
+    data["steps"]["patch"]["pairs"] = 4  # the steer step reads the patching result
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    ran = []
+
+    def refuse(self, folder, params):
+        raise AssertionError("a step that did not change ran again")
+
+    original_steer = Runner._steer
+    monkeypatch.setattr(Runner, "_measure", refuse)
+    monkeypatch.setattr(Runner, "_probe", refuse)
+    monkeypatch.setattr(Runner, "_steer", lambda self, f, p: ran.append("steer") or original_steer(self, f, p))
+    Runner(load_experiment(changed), tmp_path / "r", log=lambda _: None).run()
+    assert ran == ["steer"]
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="the browser check runs where Debian's chromium is installed")
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="the browser check needs Debian's chromium (.ci/run installs it; CI never skips)")
 def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
+    """Headless Chromium loads the report: every section is there, every image decodes, and the
+    page logs no console error."""
     import subprocess
 
-    chromium = CHROMIUM
-
+    assert CHROMIUM is not None, "CI must have chromium: .ci/run installs it"
     _run(experiment_file, tmp_path / "r")
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    report = tmp_path / "r" / "report.html"
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-         (tmp_path / "r" / "report.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
+        check=True, capture_output=True, text=True, timeout=180,
     )
-    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    dom = done.stdout
+    for section in ("findings", "measure", "probe", "patch", "steer", "families", "setup"):
+        assert f'id="{section}"' in dom, section
+    images = dom.count("<img ")
+    assert images >= 6 and f'data-images="{images}/{images}"' in dom  # every image decoded
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "report.html" in line]
+    assert not console, console
