@@ -5,23 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 from conftest import tiny_model
+from test_activations import tiny_family
 
 from behaviorlens.probing import run_probe
 from behaviorlens.probing.activations import Activations
 from behaviorlens.probing.sweep import probe_sweep
 from behaviorlens.probing.validity import nested_best
-from behaviorlens.prompts import PromptFamily
 
 
 def test_sides_that_differ_only_in_wording_are_explained_by_the_wording(tmp_path):
     """Each side is one fixed word: any probe reads it perfectly, and so does the wording alone."""
     model = tiny_model("llama")
-    cset = PromptFamily.from_dict({
-        "name": "words", "chat": False, "user": "w5 w{{ i }} {{ s }} w7",
-        "valence": {"s": {"positive": "w40", "negative": "w41"}},
-        "answers": {"matching": " w60", "not_matching": " w61"},
-        "rows": [{"i": 70 + i} for i in range(12)],
-    }).render(model.tokenizer)
+    cset = tiny_family("words", pos="w40", neg="w43", n=12).render(model.tokenizer)
     summary = run_probe(model, cset, {}, methods=("mean_diff", "logistic"), folds=3, out_dir=tmp_path,
                         batch_size=6, progress=False)
     assert summary["best_auroc"] > 0.9
