@@ -53,3 +53,12 @@ def test_no_factual_question_is_shared_with_a_family():
         for text, values in family_facts:
             if r["answer"] in values:
                 assert not (subjects & set(re.findall(r"\b\w+\b", text))), (r, text)
+
+
+def test_detector_negatives_are_none_of_the_side_effect_requests_nor_family_prompts():
+    negatives = data.detector_negatives()
+    assert len(negatives) == len(set(negatives)) >= 100
+    assert not set(negatives) & set(data.neutral_prompts())  # the KL limits are measured on text the detector never saw
+    families = [load_family(n) for n in builtin_names()] + [load_family(str(p)) for p in FIXTURES.glob("*.yaml")]
+    rows = " ".join(str(v) for fam in families for row in fam.rows for v in row.values())
+    assert not [t for t in negatives if t in rows]

@@ -121,6 +121,25 @@ def test_random_head_controls_draw_from_every_untouched_head(tiny_llama):
     assert abs(float(torch.cosine_similarity(rnd.vectors[1], vec.vectors[1], 0))) < 0.9
 
 
+def test_a_knockout_control_blocks_as_many_other_tokens_in_the_same_heads(tiny_llama):
+    from behaviorlens.steering.edit import Readout
+
+    s = tiny_llama.sites
+    detector = Readout(0, torch.randn(s.d_model, generator=torch.Generator().manual_seed(0)), 0.0, gap=2)
+    edit = Edit(kind="knockout", heads={1: [0, 2]}, detector=detector, positions="generated",
+                model=tiny_llama.name, d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim)
+    controls = [random_control(tiny_llama, edit, seed) for seed in range(2)]
+    assert all(c.heads == edit.heads and c.detector.decoy is not None for c in controls)
+    flags = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 0], [0, 0, 0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    real = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    drawn = [c.detector.decoys(flags, real) for c in controls]
+    for d in drawn:
+        assert torch.equal(d.sum(1), flags.sum(1))  # as many tokens per row
+        assert not (d & flags).any() and not (d & ~real).any()  # none detected, none padding
+    assert torch.equal(drawn[0], controls[0].detector.decoys(flags, real))  # seeded
+    assert not torch.equal(drawn[0], drawn[1])
+
+
 def test_head_controls_report_the_patching_effect_of_their_heads(planted):
     model, cset, side = planted
     edit = head_edit(model, {2: [0, 1]}, "mean", reference=cset)

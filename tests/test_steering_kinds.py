@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,33 @@ def test_a_detector_closes_short_gaps_inside_a_flagged_span():
     want = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)
     assert torch.equal(r.close(flags), want)
     assert torch.equal(Readout(0, torch.zeros(4)).close(flags), flags)  # no gap: unchanged
+
+
+@pytest.mark.parametrize("fitted", [True, False])  # a detector that flags chosen tokens / a random one that flags padding
+@pytest.mark.parametrize("prefix_min", [8, 10**6])  # a shared prefix run once (pads mid-row) / one left-padded batch
+def test_a_detector_knockout_gives_each_prompt_the_same_logits_batched_or_alone(tiny_llama, prefix_min, fitted, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    from behaviorlens.steering.detectors import token_states
+
+    m = tiny_llama
+    monkeypatch.setattr(model_module, "PREFIX_MIN", prefix_min)
+    seqs = [[*SEQS[0][:8], 33, 34, 35, 40, 41, 42, 43, 44, 45], [*SEQS[0][:8], 36, 37, 46], [*SEQS[0][:8], 38, 39]]
+    # flag the prefix's last token and a token two or three later: the tokens between are closed
+    # only if padding (mid-row in the shared-prefix run, leading in a padded batch) is not counted
+    want = [[i in (7, 9) for i in range(len(x))] for x in seqs]
+    want[1][10] = True
+    states = token_states(m, seqs, [0])[0]
+    probe = LogisticRegression(C=1e4, max_iter=5000).fit(np.concatenate(states), np.concatenate(want))
+    detector = Readout(0, torch.tensor(probe.coef_[0]), float(probe.intercept_[0]), gap=3)
+    assert all(torch.equal(detector.scores(torch.tensor(x)) > 0, torch.tensor(w)) for x, w in zip(states, want))
+    if not fitted:
+        detector = Readout(0, torch.randn(m.sites.d_model, generator=torch.Generator().manual_seed(3)), 0.0, gap=3)
+    edit = Edit(kind="knockout", heads={1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, detector=detector,
+                positions="generated", **meta(m))
+    last = torch.tensor([len(x) - 1 for x in seqs])
+    with steer(m, edit):
+        batched = m.score_logits(seqs, torch.arange(3), last)
+        alone = torch.cat([m.score_logits([x], torch.tensor([0]), last[i:i + 1]) for i, x in enumerate(seqs)])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    assert (alone - m.score_logits(seqs, torch.arange(3), last)).abs().max() > 1e-3  # the edit acted

@@ -38,7 +38,9 @@ class _Phase:
     def __init__(self) -> None:
         self.past = 0
         self.gate: torch.Tensor | None = None  # [batch] bool: rows whose gate fired
-        self.flags: torch.Tensor | None = None  # [batch, tokens so far] bool: detected tokens
+        self.detected: torch.Tensor | None = None  # [batch, tokens so far] bool: detected tokens
+        self.flags: torch.Tensor | None = None  # the tokens to block: detected, or a control's decoys
+        self.real: torch.Tensor | None = None  # [batch, tokens so far] bool: not padding
 
     def pre_hook(self, module: Any, args: Any, kwargs: dict) -> None:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -46,8 +48,10 @@ class _Phase:
         if cache is not None and hasattr(cache, "get_seq_length"):
             length = int(cache.get_seq_length())
         self.past = length
+        mask = kwargs.get("attention_mask")
+        self.real = mask.bool() if mask is not None and mask.dim() == 2 else None
         if length == 0:
-            self.gate, self.flags = None, None
+            self.gate, self.detected, self.flags = None, None, None
 
     @property
     def prompt(self) -> bool:
@@ -76,10 +80,11 @@ class _Phase:
     def read_detector(self, readout: Readout):
         def hook(module: Any, args: Any, output: Any) -> None:
             found = readout.scores(module_output(output)) > 0
-            if self.past == 0 or self.flags is None:
-                self.flags = readout.close(found)
-            else:
-                self.flags = readout.close(torch.cat([self.flags.expand(found.shape[0], -1), found], 1))
+            if self.past > 0 and self.detected is not None:
+                found = torch.cat([self.detected.expand(found.shape[0], -1), found], 1)
+            real = None if self.real is None else self.real[:, -found.shape[1]:].to(found.device)
+            self.detected = readout.close(found, real)
+            self.flags = self.detected if readout.decoy is None else readout.decoys(self.detected, real)
         return hook
 
     def gated(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ Candidates, each an :class:`~.edit.Edit` (at multiplier 1; scaled variants are c
 - ``per-head steering``: the top heads' mean output on no-pressure prompts minus on pressured
   prompts, at the answer positions, added (x1, x2);
 - ``knockout``: attention from the answer positions to the tokens a per-token probe flags as
-  carrying the pressure, blocked in the top heads, in every head of the top layer, and in every
-  head of the band of layers the top heads span;
+  carrying the pressure, blocked in the top heads, in every head of the top head's layer and of
+  the windows of 3 and 5 layers around it, and in every head of the band of layers the top
+  heads span;
 - ``subspace``: rank 1-8 interchange subspaces at the layer where the behavior reaches the last
   token, clamped to their no-pressure mean;
 - ``head fine-tuning``: the top heads' output projections, trained with a recall anchor;
@@ -58,6 +59,7 @@ from .vectors import train_vector
 
 KL_MAX = 0.05
 ACCURACY_DROP_MAX = 0.02
+KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top head's layer
 CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL limit is measured on
 GROUPS = ("head ablation", "per-head steering", "knockout", "subspace", "head fine-tuning",
           "vector", "direction ablation", "gated")
@@ -193,11 +195,13 @@ def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[
         if "knockout" in groups and len(later):
             top_layer = int(later.layer.iloc[0])
             band = range(int(later.head(5).layer.min()), int(later.head(5).layer.max()) + 1)
-            sets = {
-                f"top 3 heads ({_named(later.head(3))})": _head_dict(later.head(3)),
-                f"every head of layer {top_layer}": {top_layer: list(range(s.n_heads))},
-                f"every head of layers {band.start}-{band.stop - 1}": {layer_: list(range(s.n_heads)) for layer_ in band},
-            }
+            windows = [range(max(detector.layer + 1, top_layer - w), min(s.n_layers, top_layer + w + 1))
+                       for w in KNOCKOUT_WINDOWS]
+            sets = {f"top 3 heads ({_named(later.head(3))})": _head_dict(later.head(3))}
+            for layers in [*windows, band]:
+                name = (f"every head of layer {layers.start}" if len(layers) == 1 else
+                        f"every head of layers {layers.start}-{layers.stop - 1}")
+                sets.setdefault(name, {layer_: list(range(s.n_heads)) for layer_ in layers})
             for why, hd in sets.items():
                 edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
                             method=f"detector at layer {detector.layer}", **meta)

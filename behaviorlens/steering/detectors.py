@@ -2,9 +2,9 @@
 
 - :func:`train_detector`: a per-token probe of the residual stream that flags the tokens
   carrying the pressure (the valence slot's tokens of both pressured sides, against every other
-  token and the no-pressure prompts), closing gaps of up to ``DETECTOR_GAP`` tokens inside a
-  flagged span. A knockout blocks attention to the tokens it flags, so at inference it needs no
-  slot annotations.
+  token, the no-pressure prompts and ordinary user turns), closing gaps of up to
+  ``DETECTOR_GAP`` tokens inside a flagged span. A knockout blocks attention to the tokens it
+  flags, so at inference it needs no slot annotations.
 - :func:`train_gate`: a probe of the last token that fires when the prompt carries pressure
   (either pressured side against the neutral side); a gated edit acts only where it fires.
 
@@ -94,8 +94,21 @@ def _readout(layer: int, clf: Any, gap: int = 0) -> Readout:
     return Readout(layer, torch.tensor(clf.coef_[0], dtype=torch.float32), float(clf.intercept_[0]), gap)
 
 
-def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -> tuple[Readout, pd.DataFrame]:
-    """A per-token probe flagging the pressure's tokens (see the module doc); the CV table."""
+def ordinary_turns(tokenizer: Any) -> list[list[int]]:
+    """The built-in ordinary user turns (no claim about an answer), with the chat template and
+    as plain text: a detector's negatives beside its family's own tokens."""
+    from .data import detector_negatives
+    from .side_effects import chat_ids
+
+    texts = detector_negatives()
+    return [chat_ids(tokenizer, t) for t in texts] + [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
+                   negatives: Sequence[Sequence[int]] | None = None) -> tuple[Readout, pd.DataFrame]:
+    """A per-token probe flagging the pressure's tokens (see the module doc); the CV table.
+    ``negatives``: token sequences none of whose tokens carry pressure (default: the built-in
+    ordinary user turns, :func:`ordinary_turns`)."""
     slot = _slot(fit)
     sequences, labels, groups = [], [], []
     for side in _sides(fit):
@@ -107,6 +120,10 @@ def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -
             sequences.append(p.tokens[side])
             labels.append(y)
             groups.append(np.full(len(y), i))
+    for j, seq in enumerate(ordinary_turns(model.tokenizer) if negatives is None else negatives):
+        sequences.append(seq)
+        labels.append(np.zeros(len(seq)))
+        groups.append(np.full(len(seq), len(fit) + j))
     states = token_states(model, sequences, layers)
     features = {layer: np.concatenate(v) for layer, v in states.items()}
     layer, clf, table = _fit_layer(features, np.concatenate(labels), np.concatenate(groups), seed)

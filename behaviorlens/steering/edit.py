@@ -49,26 +49,46 @@ class Readout:
     direction: torch.Tensor  # [d_model]
     bias: float = 0.0
     gap: int = 0
+    decoy: int | None = None  # a control: see :meth:`decoys`
 
     def __post_init__(self) -> None:
         self.layer = int(self.layer)
         self.direction = torch.as_tensor(self.direction).detach().float().cpu().flatten()
         self.bias = float(self.bias)
         self.gap = int(self.gap)
+        self.decoy = None if self.decoy is None else int(self.decoy)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.float() @ self.direction.to(hidden.device) + self.bias
 
-    def close(self, flags: torch.Tensor) -> torch.Tensor:
+    def close(self, flags: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """``flags`` [batch, tokens] with every run of at most ``gap`` unflagged tokens between
-        two flagged ones flagged too."""
+        two flagged ones flagged too. ``real`` [batch, tokens] marks the columns holding tokens
+        (not padding): padding is never flagged and does not count in a gap."""
+        if real is not None:
+            flags = flags & real
         if self.gap <= 0 or flags.shape[1] < 3:
             return flags
-        idx = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+        if real is None:
+            idx = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+        else:
+            idx = torch.cumsum(real.long(), 1)  # a token's index among the row's tokens
         big = flags.shape[1] + self.gap + 2
         before = torch.cummax(torch.where(flags, idx, -big), 1).values
         after = torch.flip(torch.cummin(torch.flip(torch.where(flags, idx, 2 * big), [1]), 1).values, [1])
-        return flags | (after - before <= self.gap + 1)
+        closed = flags | (after - before <= self.gap + 1)
+        return closed if real is None else closed & real
+
+    def decoys(self, flags: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The control of a detector with ``decoy`` set: per row, as many tokens as ``flags``
+        holds, drawn at random (seeded by ``decoy``) among the row's tokens it does not flag."""
+        free = ~flags if real is None else real & ~flags
+        g = torch.Generator().manual_seed(self.decoy or 0)
+        draw = torch.rand(flags.shape, generator=g).to(flags.device).masked_fill(~free, -1.0)
+        rank = torch.empty_like(flags, dtype=torch.long)
+        order = draw.argsort(1, descending=True)
+        rank.scatter_(1, order, torch.arange(flags.shape[1], device=flags.device).expand_as(order).contiguous())
+        return free & (rank < flags.sum(1, keepdim=True))
 
 
 @dataclass
@@ -230,7 +250,8 @@ class Edit:
             d.pop(key)
         for key in ("detector", "gate"):
             readout = getattr(self, key)
-            d[key] = None if readout is None else {"layer": readout.layer, "bias": readout.bias, "gap": readout.gap}
+            d[key] = None if readout is None else {"layer": readout.layer, "bias": readout.bias, "gap": readout.gap,
+                                                   "decoy": readout.decoy}
         d["heads"] = {str(k): v for k, v in self.heads.items()}
         d["layers"] = self.layers
         d["norm"] = {str(k): v for k, v in self.norm.items()}
@@ -276,7 +297,7 @@ class Edit:
             meta["heads"] = {int(k): v for k, v in meta.get("heads", {}).items()}
             for key in ("detector", "gate"):
                 r = meta.get(key)
-                meta[key] = None if r is None else Readout(r["layer"], tensors[key], r["bias"], r.get("gap", 0))
+                meta[key] = None if r is None else Readout(r["layer"], tensors[key], r["bias"], r.get("gap", 0), r.get("decoy"))
 
             def named(prefix: str, as_int: bool = True) -> dict:
                 items = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

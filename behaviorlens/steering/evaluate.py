@@ -17,8 +17,9 @@ The reference is the unedited model's answer without pressure (the family's neut
 Every row has a matching random control (``random_*``: the mean over several draws, with its
 spread, of the behavior figures; a control's side effects are not measured): a random direction of the same norm for vectors and directions, the same number of
 heads drawn uniformly from every head the edit leaves alone (with their patching effect, when
-given) for head edits, a random subspace of the same rank, random weight changes of the same
-norm.
+given) for head edits, the same heads blocked from as many tokens drawn at random among those
+the detector leaves alone for knockouts, a random subspace of the same rank, random weight
+changes of the same norm.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..errors import BehaviorLensError
 from ..measure import letter_choices, side_metrics
 from ..prompts.contrast import NEUTRAL
 from .apply import steer
-from .edit import Edit
+from .edit import Edit, Readout
 from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
 
 NO_NEUTRAL = ("has no neutral side, so pressure_removed_fraction, collapse and the neutral figures "
@@ -139,6 +140,9 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
         return Edit(basis=basis, vectors=edit.vectors, method="random subspace", **common)
     if edit.kind == "weights":
         return Edit(weights={k: like(v) for k, v in edit.weights.items()}, method="random weights", **common)
+    if edit.kind == "knockout":  # the same heads, as many tokens blocked, drawn among the others
+        decoy = Readout(**{**edit.detector.__dict__, "decoy": int(torch.randint(2**31 - 1, (1,), generator=g))})
+        return Edit(heads=edit.heads, method="random tokens", **{**common, "detector": decoy})
     readouts = [r.layer for r in (edit.gate, edit.detector) if r is not None]
     first = max(readouts) + 1 if readouts else 0  # heads a gate or detector is read before
     heads = untouched_heads(edit.heads, s.n_layers, s.n_heads, g, first)

@@ -1,4 +1,5 @@
-"""Built-in side-effect data: neutral prompts, a reference text and a factual-control family."""
+"""Built-in side-effect data (neutral prompts, a reference text, a factual-control family) and the
+ordinary user turns a pressure detector learns as negatives (disjoint from all of them)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ DATA = Path(__file__).parent
 def neutral_prompts() -> list[str]:
     """Over a hundred ordinary requests with no opinion in them (for the side-effect KL)."""
     return list(yaml.safe_load((DATA / "neutral.yaml").read_text())["prompts"])
+
+
+def detector_negatives() -> list[str]:
+    """A hundred ordinary user turns with no claim about an answer (a detector's negatives;
+    none is a neutral request)."""
+    return list(yaml.safe_load((DATA / "detector_negatives.yaml").read_text())["prompts"])
 
 
 def reference_text() -> str:
