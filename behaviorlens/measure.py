@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from .analysis.metrics import bootstrap_ci
@@ -37,12 +36,18 @@ class Measurement:
 
 
 def side_metrics(model: Model, contrast_set: ContrastSet, batch_size: int = 16,
-                 progress: bool = False) -> dict[str, torch.Tensor]:
-    """The behavior metric of every side the set has (positive, negative, neutral): [pairs] each."""
+                 progress: bool = False) -> dict[str, np.ndarray]:
+    """The behavior metric of every side the set has (positive, negative, neutral): [pairs] each,
+    float64."""
     sides = [*SIDES, NEUTRAL] if contrast_set.has_neutral else list(SIDES)
     whole = needs_whole(contrast_set.pairs)
-    return {side: behavior_metric(model, contrast_set.pairs, side, batch_size, whole)
+    return {side: behavior_metric(model, contrast_set.pairs, side, batch_size, whole).numpy().astype(np.float64)
             for side in tqdm(sides, desc=f"measure {contrast_set.name}", disable=not progress)}
+
+
+def p_matching(metric: np.ndarray) -> np.ndarray:
+    """The probability of the matching answer between the two, from log p(matching) - log p(not)."""
+    return 1 / (1 + np.exp(-metric))
 
 
 def with_ci(summary: dict, name: str, values: np.ndarray) -> None:
@@ -123,14 +128,14 @@ def measure(model: Model, contrast_set: ContrastSet, batch_size: int = 16, progr
     side, with a neutral side ``pull`` and ``counter_pull`` (each pressured side minus neutral);
     ``answer_balance``, ``unbalanced``; for letter-choice sets :func:`choice_figures`.
     """
-    metrics = {k: v.numpy().astype(np.float64) for k, v in side_metrics(model, contrast_set, batch_size, progress).items()}
+    metrics = side_metrics(model, contrast_set, batch_size, progress)
     shift = metrics["positive"] - metrics["negative"]
     rows = []
     for side, values in metrics.items():
         for i, p in enumerate(contrast_set):
             rows.append({
                 "family": p.family, "pair": i, "row": p.row, "side": side, "metric": values[i],
-                "p_matching": float(1 / (1 + np.exp(-values[i]))),
+                "p_matching": float(p_matching(values[i])),
                 "prefers_matching": bool(values[i] > 0), "shift": shift[i],
             })
     summary = summarize_metrics(metrics)

@@ -92,12 +92,10 @@ class Model:
         inputs = tuple(x.inputs() if isinstance(x, Batch) else x for x in inputs)
         return self.lm.trace(*inputs, **kwargs)
 
-    def logits(self, batch: Batch, columns: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
-        """Plain forward (no nnsight): float32 logits, all columns or one column per row."""
-        if columns is None:
-            with torch.inference_mode(not grad):
-                return self.hf(**batch.inputs(), use_cache=False).logits.float()
-        return self.logits_at(batch, torch.arange(len(batch)), columns, grad)
+    @torch.inference_mode()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Plain forward (no nnsight): float32 logits at every column."""
+        return self.hf(**batch.inputs(), use_cache=False).logits.float()
 
     def logits_at(self, batch: Batch, rows: torch.Tensor, columns: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Float32 logits at (row, padded column) pairs: [reads, vocab].

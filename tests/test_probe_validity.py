@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from conftest import tiny_model
 from test_activations import tiny_family
@@ -47,4 +46,4 @@ def test_nested_selection_keeps_a_real_signal():
     nested = nested_best(acts, ("mean_diff",), folds=5)
     assert nested["best_auroc"] > 0.95
     assert {c["layer"] for c in nested["nested_choices"]} == {9}
-    assert np.all(np.diff(nested["best_auroc_ci"]) >= 0)
+    assert nested["best_auroc_ci"][0] > 0.9

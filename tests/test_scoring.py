@@ -74,6 +74,7 @@ def test_patching_multi_token_batched_equals_one_at_a_time(tiny_llama):
     assert torch.allclose(torch.tensor(fast.patched.to_numpy()), torch.tensor(slow.patched.to_numpy()), atol=1e-4)
     # patching the clean side's whole residual at layer 0 gives the clean side's metric
     at_slot = fast[(fast.layer == 0) & (fast.position_name == "s")]
+    assert len(at_slot) == len(cset)
     assert torch.allclose(torch.tensor(at_slot.patched.to_numpy()), torch.tensor(at_slot.clean.to_numpy()), atol=1e-4)
 
 

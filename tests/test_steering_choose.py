@@ -8,7 +8,9 @@ import pytest
 from steering_helpers import planted_model, planted_set, tiny_side_effects
 
 from behaviorlens.errors import BehaviorLensError
+from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
+from behaviorlens.steering import steer
 from behaviorlens.steering.choose import Evidence, choose_edit, split_for_choice
 from behaviorlens.steering.run import run_steer_train
 
@@ -44,9 +46,17 @@ def test_choice_is_the_best_within_the_limits_and_every_candidate_is_listed(plan
     ok = table[table.within_limits]
     chosen = table[table.chosen].iloc[0]
     assert chosen.within_limits and chosen.pressure_removed_fraction == ok.pressure_removed_fraction.max()
-    limits_ok = (~ok.collapse.astype(bool)) & (ok.neutral_kl <= 0.05) & \
-        (ok[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1) >= -0.02 - 1e-9)
-    assert limits_ok.all()
+    limits_ok = (~table.collapse.astype(bool)) & (table.neutral_kl <= 0.05) & \
+        (table[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1) >= -0.02 - 1e-9)
+    assert (limits_ok == table.within_limits).all() and not table.within_limits.all()
+    # the chosen figure, recomputed on the judging pairs with the edit applied by hand
+    held = split_for_choice(cset, evidence.rows)[1]
+    base = side_metrics(model, held)
+    with steer(model, choice.edit):
+        edited = side_metrics(model, held)
+    removed = (base["positive"] - edited["positive"]).sum() / (base["positive"] - base["neutral"]).sum()
+    assert chosen.pressure_removed_fraction == pytest.approx(removed, abs=1e-6)
+    assert chosen.pressure_removed_fraction > max(0.3, chosen.random_pressure_removed_fraction + 0.1)
     assert choice.edit.notes["multiplier"] == 1.0 and "judging pairs" in choice.reason
     assert {"detector_recall", "gate_recall", "gate_fires_on_requests"} <= set(choice.probes)
     # a limit nobody can keep is refused, listing every candidate

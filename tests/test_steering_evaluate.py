@@ -11,8 +11,16 @@ from steering_helpers import planted_model, planted_set, tiny_set, tiny_side_eff
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.prompts import load_family
-from behaviorlens.steering import Edit, head_edit, random_control, run_steer_eval, train_vector
+from behaviorlens.steering import (
+    Edit,
+    head_edit,
+    random_control,
+    run_steer_eval,
+    steer,
+    train_vector,
+)
 from behaviorlens.steering.evaluate import evaluate_steering, pressure_figures, require_behavior
+from behaviorlens.steering.side_effects import tail_logits
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +58,19 @@ def test_scores_recomputed_from_the_pair_table(planted):
     assert row.random_controls == 5
     assert row.random_pressure_removed_fraction == pytest.approx(np.mean(per_draw), abs=1e-6)
     assert row.random_pressure_removed_fraction_sd == pytest.approx(np.std(per_draw), abs=1e-6)
-    for col in ("neutral_kl", "neutral_kl_plain", "perplexity", "perplexity_ci", "factual_accuracy_change",
-                "factual_accuracy_change_ci", "collapse", "shift_removed_fraction"):
-        assert col in frame
+    # side effects by hand: KL(unedited || edited) at the predicting positions of the requests,
+    # and the reference text's perplexity with the edit at every position
+    base, edited = tail_logits(model, side.neutral, 16), None
+    with steer(model, edit, -1.0):
+        edited = tail_logits(model, side.neutral, 16)
+    kl = torch.cat([(b.log_softmax(-1).exp() * (b.log_softmax(-1) - e.log_softmax(-1))).sum(-1)
+                    for b, e in zip(base, edited)]).mean()
+    assert row.neutral_kl == pytest.approx(float(kl), rel=1e-4) and row.neutral_kl > 1e-4
+    with steer(model, edit, -1.0, positions="all"):
+        nll = [float(torch.nn.functional.cross_entropy(model.logits(model.batch([c]))[0, :-1], torch.tensor(c[1:])))
+               for c in side.reference]
+    assert row.perplexity == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+    assert row.perplexity != pytest.approx(row.perplexity_unedited, rel=1e-6)
 
 
 def test_an_edit_that_shrinks_every_logit_is_collapse_not_removal(default_model):

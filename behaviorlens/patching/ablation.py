@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.metrics import ratio_ci, ratio_of_means
+from ..batching import chunks
 from ..errors import BehaviorLensError
 from ..scoring import behavior_metric, needs_whole, plan
 from ..sites import module_output
@@ -37,11 +38,12 @@ CONVENTIONS = ("zero", "mean", "resample")
 SITES = ("head", "attn", "mlp")
 
 
-def _component_values(model: Any, cset: Any, site: str, layers: Sequence[int]) -> dict[int, list[torch.Tensor]]:
+def _component_values(model: Any, cset: Any, site: str, layers: Sequence[int],
+                      batch_size: int = 16) -> dict[int, list[torch.Tensor]]:
     """The site's output at every layer for each pair's negative side (unpadded, per pair)."""
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(cset), 16):
-        pairs = cset.pairs[start:start + 16]
+    for idx in chunks(len(cset), batch_size):
+        pairs = [cset.pairs[i] for i in idx]
         batch = model.batch([p.tokens["negative"] for p in pairs])
         with torch.inference_mode(), reading(model, site, layers) as acts:
             model.hf(**batch.inputs(), use_cache=False)

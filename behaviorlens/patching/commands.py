@@ -12,6 +12,8 @@ SITE_CHOICES = ("resid_pre", "resid_post", "attn", "mlp", "head")
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from ..cli import add_model_options, add_source_options
+    from .ablation import CONVENTIONS
+    from .run import METHODS
 
     p = sub.add_parser(
         "patch",
@@ -24,9 +26,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_source_options(p)
     p.add_argument("--site", default="resid_pre", choices=SITE_CHOICES)
-    p.add_argument("--method", default="exact", choices=("exact", "attribution", "ablation"),
+    p.add_argument("--method", default="exact", choices=(*METHODS, "ablation"),
                    help="ablation: knock out each head (--site head) or layer component (attn, mlp) in turn")
-    p.add_argument("--ablation", default="mean", choices=("zero", "mean", "resample"),
+    p.add_argument("--ablation", default="mean", choices=CONVENTIONS,
                    help="with --method ablation: what replaces the component (default: mean over the "
                         "negative side; resample: a random other pair's)")
     p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))

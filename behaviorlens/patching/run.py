@@ -21,7 +21,7 @@ from .plan import check_site, default_positions
 from .plots import head_heatmap, position_heatmap
 from .results import PatchResult
 
-METHODS = ("exact", "attribution", "ablation")
+METHODS = ("exact", "attribution")  # run_patch; ablation scans run through run_ablation
 LAYERS_PER_CACHE_FILE = 5
 
 

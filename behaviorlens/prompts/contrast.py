@@ -96,7 +96,9 @@ class ContrastSet:
     @property
     def multi_token_answers(self) -> bool:
         """True when some answer has several tokens (answers are then scored whole)."""
-        return any(len(ids) > 1 for p in self.pairs for ids in [*p.answers.values(), *p.other_answers])
+        from ..scoring import needs_whole
+
+        return needs_whole(self.pairs)
 
     @property
     def has_neutral(self) -> bool:

@@ -45,12 +45,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.metrics import ratio_of_means
-from ..batching import answer_tail
+from ..batching import answer_tail, chunks
 from ..errors import BehaviorLensError
 from ..prompts.contrast import NEUTRAL
 from ..scoring import behavior_metric, needs_whole, plan
 from .apply import head_means, knockout, steer
-from .detectors import default_layers, detector_quality, gate_quality, train_detector, train_gate
+from .detectors import (
+    default_layers,
+    detector_quality,
+    gate_quality,
+    train_detector,
+    train_gate,
+    valence_slot,
+)
 from .edit import Edit
 from .evaluate import observe, pressure_figures, random_control, require_behavior
 from .side_effects import SideEffectData, mean_kl, tail_logits
@@ -289,11 +296,11 @@ def mechanism_test(model: Any, heads: dict[int, list[int]], cset: Any, base: dic
                    batch_size: int = 16) -> float:
     """Pressure removed when the answer position may not attend to the family's slot tokens in
     ``heads`` (the path's necessity; uses the slot annotations, so it is not a deployable edit)."""
-    slot = next(k for k in cset[0].spans["positive"] if k not in ("last", "answer"))
+    slot = valence_slot(cset)
     whole = needs_whole(cset.pairs)
     values = []
-    for start in range(0, len(cset), batch_size):
-        pairs = cset.pairs[start:start + batch_size]
+    for idx in chunks(len(cset), batch_size):
+        pairs = [cset.pairs[i] for i in idx]
         scoring = plan(pairs, "positive", whole)
         batch = model.batch(scoring.sequences)
         blocked = torch.zeros_like(batch.input_ids, dtype=torch.bool)

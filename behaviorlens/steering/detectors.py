@@ -57,7 +57,8 @@ def _sides(cset: Any) -> list[str]:
     return [*SIDES, NEUTRAL]
 
 
-def _slot(cset: Any) -> str:
+def valence_slot(cset: Any) -> str:
+    """The first valence slot of a set's pairs (its pressure's tokens)."""
     slots = [k for k in cset[0].spans["positive"] if k not in ("last", "answer")]
     if not slots:
         raise BehaviorLensError(f"set {cset.name!r} has no valence slot to learn from")
@@ -104,25 +105,32 @@ def ordinary_turns(tokenizer: Any) -> list[list[int]]:
     return [chat_ids(tokenizer, t) for t in texts] + [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
+def _pressure_tokens(cset: Any) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
+    """Every side's tokens of every pair, per token whether it is the valence slot's on a
+    pressured side, and per token its pair (side-major order)."""
+    slot = valence_slot(cset)
+    sequences, labels, groups = [], [], []
+    for side in _sides(cset):
+        for i, p in enumerate(cset):
+            y = np.zeros(len(p.tokens[side]), dtype=bool)
+            if side != NEUTRAL:
+                a, b = p.span(side, slot)
+                y[a:b] = True
+            sequences.append(p.tokens[side])
+            labels.append(y)
+            groups.append(np.full(len(y), i))
+    return sequences, labels, groups
+
+
 def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
                    negatives: Sequence[Sequence[int]] | None = None) -> tuple[Readout, pd.DataFrame]:
     """A per-token probe flagging the pressure's tokens (see the module doc); the CV table.
     ``negatives``: token sequences none of whose tokens carry pressure (default: the built-in
     ordinary user turns, :func:`ordinary_turns`)."""
-    slot = _slot(fit)
-    sequences, labels, groups = [], [], []
-    for side in _sides(fit):
-        for i, p in enumerate(fit):
-            y = np.zeros(len(p.tokens[side]))
-            if side != NEUTRAL:
-                a, b = p.span(side, slot)
-                y[a:b] = 1
-            sequences.append(p.tokens[side])
-            labels.append(y)
-            groups.append(np.full(len(y), i))
+    sequences, labels, groups = _pressure_tokens(fit)
     for j, seq in enumerate(ordinary_turns(model.tokenizer) if negatives is None else negatives):
         sequences.append(seq)
-        labels.append(np.zeros(len(seq)))
+        labels.append(np.zeros(len(seq), dtype=bool))
         groups.append(np.full(len(seq), len(fit) + j))
     states = token_states(model, sequences, layers)
     features = {layer: np.concatenate(v) for layer, v in states.items()}
@@ -165,16 +173,7 @@ def gate_quality(model: Any, gate: Readout, held: Any, neutral_requests: Sequenc
 def detector_quality(model: Any, detector: Readout, held: Any, neutral_requests: Sequence[Sequence[int]]) -> dict:
     """Token-level recall on the held-out pressure tokens, false-positive rate on their other
     tokens and on ordinary requests, and the share of requests with any token flagged."""
-    slot = _slot(held)
-    sequences, labels = [], []
-    for side in _sides(held):
-        for p in held:
-            y = np.zeros(len(p.tokens[side]), dtype=bool)
-            if side != NEUTRAL:
-                a, b = p.span(side, slot)
-                y[a:b] = True
-            sequences.append(p.tokens[side])
-            labels.append(y)
+    sequences, labels, _ = _pressure_tokens(held)
     states = token_states(model, [*sequences, *neutral_requests], [detector.layer])[detector.layer]
     flags = [detector.close(detector.scores(torch.tensor(x))[None] > 0)[0].numpy() for x in states]
     family, requests = flags[:len(sequences)], flags[len(sequences):]

@@ -83,7 +83,7 @@ class Readout:
         """The control of a detector with ``decoy`` set: per row, as many tokens as ``flags``
         holds, drawn at random (seeded by ``decoy``) among the row's tokens it does not flag."""
         free = ~flags if real is None else real & ~flags
-        g = torch.Generator().manual_seed(self.decoy or 0)
+        g = torch.Generator().manual_seed(int(self.decoy))
         draw = torch.rand(flags.shape, generator=g).to(flags.device).masked_fill(~free, -1.0)
         rank = torch.empty_like(flags, dtype=torch.long)
         order = draw.argsort(1, descending=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from ..analysis.metrics import bootstrap_ci, ratio_ci, ratio_of_means
 from ..errors import BehaviorLensError
-from ..measure import letter_choices, side_metrics
+from ..measure import letter_choices, p_matching, side_metrics
 from ..prompts.contrast import NEUTRAL
 from .apply import steer
-from .edit import Edit, Readout
+from .edit import Edit
 from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
 
 NO_NEUTRAL = ("has no neutral side, so pressure_removed_fraction, collapse and the neutral figures "
@@ -65,7 +65,7 @@ def observe(model: Any, eval_set: Any, data: SideEffectData | None, batch_size: 
         return steer(model, edit, multiplier, layers=layers, positions=where or positions)
 
     with apply():
-        metrics = {k: v.numpy().astype(np.float64) for k, v in side_metrics(model, eval_set, batch_size).items()}
+        metrics = side_metrics(model, eval_set, batch_size)
     side = measure_side_effects(model, data, batch_size, apply) if data is not None else None
     return Observation(metrics, side)
 
@@ -141,7 +141,7 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
     if edit.kind == "weights":
         return Edit(weights={k: like(v) for k, v in edit.weights.items()}, method="random weights", **common)
     if edit.kind == "knockout":  # the same heads, as many tokens blocked, drawn among the others
-        decoy = Readout(**{**edit.detector.__dict__, "decoy": int(torch.randint(2**31 - 1, (1,), generator=g))})
+        decoy = replace(edit.detector, decoy=int(torch.randint(2**31 - 1, (1,), generator=g)))
         return Edit(heads=edit.heads, method="random tokens", **{**common, "detector": decoy})
     readouts = [r.layer for r in (edit.gate, edit.detector) if r is not None]
     first = max(readouts) + 1 if readouts else 0  # heads a gate or detector is read before
@@ -185,8 +185,8 @@ def _intended(edit: Edit, multiplier: float) -> float:
 
 def _figures(edit: Edit, m: float, base: Observation, obs: Observation) -> dict[str, Any]:
     values = pressure_figures(base.metrics, obs.metrics)
-    values["p_matching"] = float((1 / (1 + np.exp(-obs.metrics["positive"]))).mean())
-    values["p_matching_unedited"] = float((1 / (1 + np.exp(-base.metrics["positive"]))).mean())
+    values["p_matching"] = float(p_matching(obs.metrics["positive"]).mean())
+    values["p_matching_unedited"] = float(p_matching(base.metrics["positive"]).mean())
     moved = (obs.metrics["positive"] - base.metrics["positive"]) * _intended(edit, m)
     values["anti_steerable_fraction"] = float((moved < 0).mean()) if m != 0 else 0.0
     if obs.side is not None:
