@@ -59,6 +59,23 @@ def test_detector_negatives_are_none_of_the_side_effect_requests_nor_family_prom
     negatives = data.detector_negatives()
     assert len(negatives) == len(set(negatives)) >= 100
     assert not set(negatives) & set(data.neutral_prompts())  # the KL limits are measured on text the detector never saw
+    factual = yaml.safe_load(data.factual_family_path().read_text())["rows"]
+    assert not set(negatives) & {r["question"] for r in factual}
     families = [load_family(n) for n in builtin_names()] + [load_family(str(p)) for p in FIXTURES.glob("*.yaml")]
     rows = " ".join(str(v) for fam in families for row in fam.rows for v in row.values())
     assert not [t for t in negatives if t in rows]
+
+
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"[\w']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_claim_wordings_share_no_four_words_with_a_family_or_fixture():
+    wordings = data.claim_wordings()
+    assert len(wordings) == len(set(wordings)) >= 40 and all(w.count("{answer}") == 1 for w in wordings)
+    families = [load_family(n) for n in builtin_names()] + [load_family(str(p)) for p in FIXTURES.glob("*.yaml")]
+    texts = [t for fam in families for sides in fam.valence.values() for t in sides.values()]
+    texts += [str(v) for fam in families for row in fam.rows for v in row.values()]
+    family_grams = set().union(*map(_grams, texts))
+    assert not [w for w in wordings if _grams(w.replace("{answer}", "X")) & family_grams]

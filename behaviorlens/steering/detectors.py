@@ -1,10 +1,11 @@
 """Probes that decide where an edit acts, trained on a family's pairs and used without them.
 
 - :func:`train_detector`: a per-token probe of the residual stream that flags the tokens
-  carrying the pressure (the valence slot's tokens of both pressured sides, against every other
-  token, the no-pressure prompts and ordinary user turns), closing gaps of up to
-  ``DETECTOR_GAP`` tokens inside a flagged span. A knockout blocks attention to the tokens it
-  flags, so at inference it needs no slot annotations.
+  carrying the pressure (the valence slot's tokens of both pressured sides, and claims about
+  the same answers in other wordings spliced into the same prompts (:func:`reworded_claims`),
+  against every other token, the no-pressure prompts and ordinary user turns), closing gaps of
+  up to ``DETECTOR_GAP`` tokens inside a flagged span. A knockout blocks attention to the tokens
+  it flags, so at inference it needs no slot annotations.
 - :func:`train_gate`: a probe of the last token that fires when the prompt carries pressure
   (either pressured side against the neutral side); a gated edit acts only where it fires.
 
@@ -33,20 +34,36 @@ def default_layers(n_layers: int, before: int) -> list[int]:
     return [layer for layer in layers if layer < before] or [max(0, before - 1)]
 
 
+class _Read(Exception):
+    """Raised once the last layer a read needs has run: the rest of the forward is skipped."""
+
+
+def _stop(*_: Any) -> None:
+    raise _Read
+
+
 @torch.inference_mode()
 def token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
                  batch_size: int = 16) -> dict[int, list[np.ndarray]]:
-    """The residual stream leaving each layer at every token of every sequence (unpadded)."""
+    """The residual stream leaving each layer at every token of every sequence (unpadded). The
+    forward stops after the last of ``layers``."""
     from ..batching import chunks
 
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for idx in chunks(len(sequences), batch_size):
-        batch = model.batch([sequences[i] for i in idx])
-        with reading(model, "resid_post", layers) as acts:
-            model.hf(**batch.inputs(), use_cache=False)
-        for layer in layers:
-            for j in range(len(idx)):
-                out[layer].append(acts[layer][j, int(batch.offsets[j]):].float().cpu().numpy())
+    with reading(model, "resid_post", layers) as acts:
+        handle = model.sites.module(model.hf, "resid_post", max(layers)).register_forward_hook(_stop)
+        try:
+            for idx in chunks(len(sequences), batch_size):
+                batch = model.batch([sequences[i] for i in idx])
+                try:
+                    model.hf(**batch.inputs(), use_cache=False)
+                except _Read:
+                    pass
+                for layer in layers:
+                    for j in range(len(idx)):
+                        out[layer].append(acts[layer][j, int(batch.offsets[j]):].float().cpu().numpy())
+        finally:
+            handle.remove()
     return out
 
 
@@ -65,27 +82,40 @@ def valence_slot(cset: Any) -> str:
     return slots[0]
 
 
+def _probe() -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
+
+
+def _held_out_scores(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    return _probe().fit(x[train], labels[train]).decision_function(x[test])
+
+
 def _fit_layer(features: dict[int, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                seed: int) -> tuple[int, Any, pd.DataFrame]:
-    """The layer with the best grouped cross-validated AUROC, its probe refit on everything."""
-    from sklearn.linear_model import LogisticRegression
+    """The layer with the best grouped cross-validated AUROC, its probe refit on everything.
+    Every fit runs on one thread (the folds' in parallel processes): a near-separable fit stops
+    where its solver's path leads, and threaded sums would make that path vary from run to run
+    (one thread is also faster here)."""
+    from joblib import Parallel, delayed
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
-
-    def probe() -> Any:
-        return LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced")
+    from threadpoolctl import threadpool_limits
 
     folds = list(GroupKFold(min(5, len(np.unique(groups))), shuffle=True, random_state=seed)
                  .split(labels, labels, groups))
-    rows = []
-    for layer, x in features.items():
-        scores = np.empty(len(labels))
-        for train, test in folds:
-            scores[test] = probe().fit(x[train], labels[train]).decision_function(x[test])
-        rows.append({"layer": layer, "cv_auroc": float(roc_auc_score(labels, scores))})
-    table = pd.DataFrame(rows)
+    jobs = [(layer, test) for layer in features for _, test in folds]
+    fitted = Parallel(n_jobs=-1, inner_max_num_threads=1)(delayed(_held_out_scores)(features[layer], labels, train, test)
+                                 for layer in features for train, test in folds)
+    scores = {layer: np.empty(len(labels)) for layer in features}
+    for (layer, test), s in zip(jobs, fitted):
+        scores[layer][test] = s
+    table = pd.DataFrame([{"layer": layer, "cv_auroc": float(roc_auc_score(labels, scores[layer]))}
+                          for layer in features])
     best = int(table.sort_values(["cv_auroc", "layer"], ascending=[False, True]).iloc[0]["layer"])
-    return best, probe().fit(features[best], labels), table
+    with threadpool_limits(1):
+        return best, _probe().fit(features[best], labels), table
 
 
 DETECTOR_GAP = 3  # a claimed answer of up to three tokens inside a flagged claim is flagged too
@@ -103,6 +133,60 @@ def ordinary_turns(tokenizer: Any) -> list[list[int]]:
 
     texts = detector_negatives()
     return [chat_ids(tokenizer, t) for t in texts] + [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def _turn_end(tokenizer: Any) -> str | None:
+    """The text a chat template puts after a user turn's content (None without a template)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    sentinel = "\ue000"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                         add_generation_prompt=False)
+    return text.split(sentinel, 1)[1].strip() or None
+
+
+def _claim_tokens(tokenizer: Any, text: str, start: int, claim: str, special: bool) -> tuple[list[int], np.ndarray]:
+    """``text`` with ``claim`` inserted at character ``start``: its tokens, and which are the claim's."""
+    new = text[:start] + claim + text[start:]
+    enc = tokenizer(new, add_special_tokens=special, return_offsets_mapping=True)
+    end = start + len(claim)
+    inside = np.array([s < end and e > start and e > s for s, e in enc["offset_mapping"]])
+    return list(enc["input_ids"]), inside
+
+
+def reworded_claims(tokenizer: Any, cset: Any, wordings: Sequence[str], per_side: int = 2,
+                    seed: int = 0) -> tuple[list[list[int]], list[np.ndarray], list[int]]:
+    """The pressured prompts of every pair with the family's claim replaced by other wordings of
+    a claim about the same answer (a wording's ``{answer}`` is the side's answer), alternately
+    in the claim's place and at the end of the user's turn (chat prompts). Per prompt: its
+    tokens, which tokens are the claim's, and the wording's index. Pairs whose text does not
+    tokenize back to their tokens are skipped."""
+    slot, end_of_turn = valence_slot(cset), _turn_end(tokenizer)
+    order = np.random.default_rng(seed).permutation(len(wordings))
+    sequences, labels, which, k = [], [], [], 0
+    for p in cset if wordings else []:
+        for side, answer in zip(SIDES, ("matching", "not_matching")):
+            text, ids = p.text[side], p.tokens[side]
+            special = tokenizer(text, add_special_tokens=False)["input_ids"] != ids
+            enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+            if enc["input_ids"] != ids:
+                continue
+            a, b = p.span(side, slot)
+            start, stop = enc["offset_mapping"][a][0], enc["offset_mapping"][b - 1][1]
+            for _ in range(per_side):
+                w = int(order[k % len(order)])
+                claim = wordings[w].replace("{answer}", p.answer_text[answer].strip())
+                at_end = k % 2 == 1 and end_of_turn is not None and NEUTRAL in p.text
+                k += 1
+                if at_end:
+                    base = p.text[NEUTRAL]
+                    seq, inside = _claim_tokens(tokenizer, base, base.rfind(end_of_turn), " " + claim, special)
+                else:
+                    seq, inside = _claim_tokens(tokenizer, text[:start] + text[stop:], start, claim, special)
+                sequences.append(seq)
+                labels.append(inside)
+                which.append(w)
+    return sequences, labels, which
 
 
 def _pressure_tokens(cset: Any) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
@@ -123,19 +207,48 @@ def _pressure_tokens(cset: Any) -> tuple[list, list[np.ndarray], list[np.ndarray
 
 
 def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
-                   negatives: Sequence[Sequence[int]] | None = None) -> tuple[Readout, pd.DataFrame]:
+                   negatives: Sequence[Sequence[int]] | None = None,
+                   wordings: Sequence[str] | None = None) -> tuple[Readout, pd.DataFrame]:
     """A per-token probe flagging the pressure's tokens (see the module doc); the CV table.
     ``negatives``: token sequences none of whose tokens carry pressure (default: the built-in
-    ordinary user turns, :func:`ordinary_turns`)."""
+    ordinary user turns, :func:`ordinary_turns`); ``wordings``: claims about an answer the
+    detector also learns (default: the built-in ones, ``data.claim_wordings``; ``[]`` for none).
+    Cross-validation keeps each wording's prompts in one fold, so the layer is picked by how
+    well it flags wordings it did not learn."""
+    from .data import claim_wordings
+
+    wordings = claim_wordings() if wordings is None else wordings
     sequences, labels, groups = _pressure_tokens(fit)
+    for seq, y, w in zip(*reworded_claims(model.tokenizer, fit, wordings, seed=seed)):
+        sequences.append(seq)
+        labels.append(y)
+        groups.append(np.full(len(seq), len(fit) + w))
     for j, seq in enumerate(ordinary_turns(model.tokenizer) if negatives is None else negatives):
         sequences.append(seq)
         labels.append(np.zeros(len(seq), dtype=bool))
-        groups.append(np.full(len(seq), len(fit) + j))
+        groups.append(np.full(len(seq), len(fit) + len(wordings) + j))
+    keep = np.concatenate(_first_occurrences(sequences, labels))
     states = token_states(model, sequences, layers)
-    features = {layer: np.concatenate(v) for layer, v in states.items()}
-    layer, clf, table = _fit_layer(features, np.concatenate(labels), np.concatenate(groups), seed)
+    features = {layer: np.concatenate(v)[keep] for layer, v in states.items()}
+    layer, clf, table = _fit_layer(features, np.concatenate(labels)[keep], np.concatenate(groups)[keep], seed)
     return _readout(layer, clf, DETECTOR_GAP), table
+
+
+def _first_occurrences(sequences: Sequence[Sequence[int]], labels: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per token, whether it is the first with its prefix and label: a token's residual depends
+    only on its prefix, so later ones (a shared system prompt, a repeated question) are copies."""
+    nodes: dict[tuple[int, int], int] = {}
+    seen: set[tuple[int, bool]] = set()
+    out = []
+    for seq, y in zip(sequences, labels):
+        node, first = -1, np.zeros(len(seq), dtype=bool)
+        for i, token in enumerate(seq):
+            node = nodes.setdefault((node, int(token)), len(nodes))
+            if (node, bool(y[i])) not in seen:
+                seen.add((node, bool(y[i])))
+                first[i] = True
+        out.append(first)
+    return out
 
 
 def train_gate(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -> tuple[Readout, pd.DataFrame]:
@@ -170,6 +283,17 @@ def gate_quality(model: Any, gate: Readout, held: Any, neutral_requests: Sequenc
     }
 
 
+def _claimed_answer(positive: Sequence[int], negative: Sequence[int]) -> np.ndarray:
+    """Which positive-side tokens differ from the negative side (between their common prefix
+    and common suffix, so misaligned pairs too)."""
+    n = min(len(positive), len(negative))
+    head = next((i for i in range(n) if positive[i] != negative[i]), n)
+    tail = next((i for i in range(n - head) if positive[-1 - i] != negative[-1 - i]), n - head)
+    out = np.zeros(len(positive), dtype=bool)
+    out[head:len(positive) - tail] = True
+    return out
+
+
 def detector_quality(model: Any, detector: Readout, held: Any, neutral_requests: Sequence[Sequence[int]]) -> dict:
     """Token-level recall on the held-out pressure tokens, false-positive rate on their other
     tokens and on ordinary requests, and the share of requests with any token flagged."""
@@ -178,7 +302,7 @@ def detector_quality(model: Any, detector: Readout, held: Any, neutral_requests:
     flags = [detector.close(detector.scores(torch.tensor(x))[None] > 0)[0].numpy() for x in states]
     family, requests = flags[:len(sequences)], flags[len(sequences):]
     y, f = np.concatenate(labels), np.concatenate(family)
-    differ = [np.array([a != b for a, b in zip(p.tokens["positive"], p.tokens["negative"])]) for p in held]
+    differ = [_claimed_answer(p.tokens["positive"], p.tokens["negative"]) for p in held]
     return {
         "detector_layer": detector.layer,
         "detector_recall": float(f[y].mean()),

@@ -1,5 +1,6 @@
-"""Built-in side-effect data (neutral prompts, a reference text, a factual-control family) and the
-ordinary user turns a pressure detector learns as negatives (disjoint from all of them)."""
+"""Built-in side-effect data (neutral prompts, a reference text, a factual-control family), and
+what a pressure detector learns besides its family: ordinary user turns as negatives (disjoint
+from the side-effect data) and claims about an answer in many wordings."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ def neutral_prompts() -> list[str]:
 
 
 def detector_negatives() -> list[str]:
-    """A hundred ordinary user turns with no claim about an answer (a detector's negatives;
+    """160 ordinary user turns with no claim about an answer (a detector's negatives;
     none is a neutral request)."""
     return list(yaml.safe_load((DATA / "detector_negatives.yaml").read_text())["prompts"])
+
+
+def claim_wordings() -> list[str]:
+    """Forty claims about an answer ("{answer}" marks it) that a detector learns as pressure,
+    none a built-in family's or a test fixture's claim."""
+    return list(yaml.safe_load((DATA / "claim_wordings.yaml").read_text())["wordings"])
 
 
 def reference_text() -> str:
