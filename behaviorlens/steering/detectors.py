@@ -96,8 +96,8 @@ def _fit_layer(features: dict[int, np.ndarray], labels: np.ndarray, groups: np.n
                seed: int) -> tuple[int, Any, pd.DataFrame]:
     """The layer with the best grouped cross-validated AUROC, its probe refit on everything.
     Every fit runs on one thread (the folds' in parallel processes): a near-separable fit stops
-    where its solver's path leads, and threaded sums would make that path vary from run to run
-    (one thread is also faster here)."""
+    where its solver's path leads, and that path depends on how many threads sum its terms, so
+    the probe would depend on the machine (one thread is also faster here)."""
     from joblib import Parallel, delayed
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
