@@ -151,17 +151,9 @@ def run_steer_eval(
 def _prompt_ids(model: Any, prompts: Any) -> list[list[int]]:
     if hasattr(prompts, "pairs"):
         return [list(p.tokens["positive"]) for p in prompts]
-    tok = model.tokenizer
-    out = []
-    for text in prompts:
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = tok(text)["input_ids"]
-        out.append(list(ids))
-    return out
+    from .side_effects import chat_ids
+
+    return [chat_ids(model.tokenizer, text) for text in prompts]
 
 
 @torch.inference_mode()
