@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "behaviorlens.probing.commands",
     "behaviorlens.patching.commands",
     "behaviorlens.steering.commands",
+    "behaviorlens.circuits.commands",
+    "behaviorlens.detect.commands",
     "behaviorlens.experiment_commands",
 )
 

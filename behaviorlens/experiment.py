@@ -29,7 +29,7 @@ from .errors import BehaviorLensError
 from .io import write_json
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
-STEPS = ("measure", "probe", "patch", "steer")
+STEPS = ("measure", "probe", "patch", "circuit", "steer", "detect")
 TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size", "predictions"}
 MODEL_KEYS = {"name", "dtype", "device", "device_map", "remote"}
 FAMILY_KEYS = {"train", "test"}
@@ -37,8 +37,13 @@ STEP_KEYS: dict[str, set[str]] = {
     "measure": {"families"},
     "probe": {"sites", "positions", "methods", "folds"},
     "patch": {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"},
+    "circuit": {"pairs", "test", "test_pairs", "method", "steps", "ablation", "keep", "exact_edges", "acdc",
+                "acdc_threshold"},
+    "detect": {"train", "instructed", "eval", "transfer", "margin", "labels", "layers", "positions", "methods",
+               "transfer_methods", "folds", "chat"},
     "steer": {"eval_family", "multipliers", "layers", "method", "layer", "multiplier", "generate",
-              "max_accuracy_drop", "kl_max", "candidates", "controls", "side_effects"},
+              "max_accuracy_drop", "kl_max", "candidates", "controls", "side_effects", "refits",
+              "outside_limits"},
 }
 DEPENDS = {"steer": ("patch", "probe")}  # a step's fingerprint includes these steps' fingerprints
 PREDICTION_KEYS = {"what", "key", "equals", "at_least", "at_most"}
@@ -154,6 +159,12 @@ def validate(data: Any, source: str) -> Experiment:
     names = [*exp.families, *exp.steps.get("measure", {}).get("families", [])]
     if "eval_family" in exp.steps.get("steer", {}):
         names.append(exp.steps["steer"]["eval_family"])
+    names.extend(exp.steps.get("circuit", {}).get("test", []))
+    if "detect" in exp.steps:  # the detect step's own families
+        from .detect.run import step_families
+
+        for part in step_families(exp.steps["detect"], exp.train, exp.test).values():
+            names.extend(part)
     for spec in names:
         check_source(source_from(spec, f"{source}: family"))  # a clear error for an unknown or broken family
     layer = exp.steps.get("steer", {}).get("layer")
@@ -211,8 +222,8 @@ class Runner:
         from .steering.side_effects import SideEffectData
 
         spec = params.get("side_effects") or {}
-        factual = self.contrast_set(spec["factual"], aligned=False) if "factual" in spec else None
-        return SideEffectData(self.model, half, factual=factual, requests=requests, **_side_effect_sources(params))
+        sets = {k: self.contrast_set(spec[k], aligned=False) for k in ("factual", "context") if k in spec}
+        return SideEffectData(self.model, half, requests=requests, **sets, **_side_effect_sources(params))
 
     def fingerprint(self, step: str) -> str:
         """The step's parameters, the experiment's fingerprint and those of the steps it reads."""
@@ -349,6 +360,16 @@ class Runner:
                                                n_pairs=n, **common)
         return _flatten(summary)
 
+    def _circuit(self, folder: Path, params: dict) -> dict:
+        from .circuits.run import circuit_step
+
+        return circuit_step(self, folder, params)
+
+    def _detect(self, folder: Path, params: dict) -> dict:
+        from .detect.run import detect_step
+
+        return detect_step(self, folder, params)
+
     def _steer(self, folder: Path, params: dict) -> dict:
         from .io import write_csv
         from .steering import Edit, generate_examples, run_steer_eval, run_steer_train
@@ -382,6 +403,7 @@ class Runner:
             kl_max=params.get("kl_max", KL_MAX), max_accuracy_drop=params.get("max_accuracy_drop", ACCURACY_DROP_MAX),
             groups=params.get("candidates", GROUPS), choice_dir=folder / "choice", seed=self.exp.seed,
             side_effects=self.side_effects(params, "select", CHOICE_REQUESTS) if layer is None else None,
+            refits=params.get("refits", 2), outside_limits=params.get("outside_limits", True),
         )
         edit = Edit.load(edit_path, self.model)
         if "multiplier" in params:  # the headline multiplier, stated before the run
@@ -411,6 +433,8 @@ def _side_effect_sources(params: dict) -> dict[str, Any]:
         out["neutral"] = list(yaml.safe_load(Path(spec["neutral"]).read_text(encoding="utf-8"))["prompts"])
     if "reference" in spec:
         out["reference"] = Path(spec["reference"]).read_text(encoding="utf-8")
+    if "fillers" in spec:
+        out["fillers"] = list(yaml.safe_load(Path(spec["fillers"]).read_text(encoding="utf-8"))["sentences"])
     return out
 
 

@@ -493,3 +493,52 @@ def _first(cfg: Any, *names: str) -> int:
         if v is not None:
             return int(v)
     raise BehaviorLensError(f"config has none of {names}")
+
+
+# -- circuits (added for behaviorlens.circuits) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitBlock:
+    """Paths, inside a decoder block, of the parts the circuit graph splits a block into.
+
+    Only sequential pre-norm blocks with separate q/k/v projections qualify: the residual
+    stream is a plain sum of the embedding, every head's output and every MLP's output.
+    """
+
+    attn_norm: str
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    o_proj: str
+    mlp_norm: str
+    mlp: str
+
+
+_LLAMA_SPLIT = SplitBlock("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.o_proj", "post_attention_layernorm", "mlp")
+SPLIT_BLOCKS: dict[str, SplitBlock] = {"llama": _LLAMA_SPLIT}
+SPLIT_REASONS = {
+    "gemma2": "Gemma 2/3 normalize each block's output before the residual add, so head outputs do not "
+              "sum to the residual stream",
+    "gpt2": "GPT-2 fuses q, k and v into one Conv1D projection (not split yet)",
+    "gpt_neox": "GPT-NeoX runs attention and MLP in parallel and fuses q, k and v (not split yet)",
+}
+
+
+def split_block(sites: SiteMap, hf_model: torch.nn.Module, layer: int) -> dict[str, torch.nn.Module]:
+    """The modules of block ``layer`` by :class:`SplitBlock` field name, or a clear error."""
+    parts = SPLIT_BLOCKS.get(sites.arch.family)
+    if parts is None:
+        reason = SPLIT_REASONS.get(sites.arch.family, "no split is known for it")
+        raise BehaviorLensError(f"circuits need a split of each block into heads and MLP, and the "
+                                f"{sites.arch.family} family has none: {reason}")
+    sites.check("attn", layer)
+    block = sites.layers(hf_model)[layer]
+    return {name: _get(block, getattr(parts, name)) for name in SplitBlock.__dataclass_fields__}
+
+
+def n_kv_heads(config: Any) -> int:
+    """Key/value heads per layer (grouped-query attention shares each among several query heads)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(cfg, "num_key_value_heads", None) or _first(cfg, "num_attention_heads", "n_head"))

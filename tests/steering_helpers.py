@@ -24,12 +24,25 @@ def tiny_set(model, n: int = 8, name: str = "tiny_opinion"):
     return fam.render(model.tokenizer)
 
 
+def tiny_context_set(model, n: int = 8):
+    """A tiny context-use set: the answer word w52 stated in the prompt, every other row a claim
+    recall (``style``), scored like the factual control."""
+    rows = [{"a": f"w{60 + i}", "style": "claim_recall" if i % 2 else "passage"} for i in range(n)]
+    return PromptFamily.from_dict({
+        "name": "tiny_context", "behavior": "context_use", "chat": False,
+        "user": "w5 {{ a }} w52 w6 {{ s }} w7",
+        "valence": {"s": {"positive": "w46", "negative": "w46"}},
+        "answers": {"matching": " w52", "not_matching": " w53"}, "rows": rows,
+    }).render(model.tokenizer)
+
+
 def tiny_side_effects(model, half: str = "all"):
     from behaviorlens.steering.side_effects import SideEffectData
 
     factual = tiny_set(model, 4, "tiny_factual")
     return SideEffectData(model, half, neutral=["w3 w4 w5 w6", "w40 w41 w42", "w7 w8 w9 w33 w34", "w36 w37"],
-                          reference=" ".join(f"w{30 + i % 60}" for i in range(600)), factual=factual)
+                          reference=" ".join(f"w{30 + i % 60}" for i in range(600)), factual=factual,
+                          context=tiny_context_set(model), fillers=["w70 w71", "w72", "w73 w74 w75"])
 
 
 def planted_model(family: str = "llama"):

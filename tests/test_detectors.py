@@ -87,3 +87,25 @@ def test_token_states_are_the_residual_stream_of_a_whole_forward(tiny_llama):
         for layer in (0, 1):
             np.testing.assert_allclose(states[layer][j], hidden[layer + 1][0].numpy(), atol=1e-5)
     assert m.hf(input_ids=torch.tensor([seqs[0]])).logits.shape[1] == 5  # the model's forward is whole again
+
+
+def test_remembered_states_read_each_sequence_once_and_give_the_same_states(tiny_llama):
+    from behaviorlens.steering.detectors import remembered_states, token_states
+
+    m = tiny_llama
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    fresh = token_states(m, seqs, [0, 1])
+    forwards = []
+    handle = m.hf.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with remembered_states():
+            first = token_states(m, seqs, [0, 1])
+            again = token_states(m, [seqs[1], seqs[0], [13, 14]], [1])
+    finally:
+        handle.remove()
+    assert len(forwards) == 2  # one batch for the two sequences, one for the new one only
+    for layer in (0, 1):
+        for a, b in zip(fresh[layer], first[layer]):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again[1][0], fresh[1][1])
+    np.testing.assert_array_equal(again[1][2], token_states(m, [[13, 14]], [1])[1][0])

@@ -29,9 +29,16 @@ def steer_step(root: Path) -> dict:
         "name": "tiny_factual", "chat": False, "user": "w5 {{ q }} {{ s }}",
         "valence": {"s": {"positive": "w8", "negative": "w8"}},
         "answers": {"matching": " w50", "not_matching": " w51"}, "rows": [{"q": f"w{60 + i}"} for i in range(8)]}))
+    (root / "context.yaml").write_text(yaml.safe_dump({
+        "name": "tiny_context", "chat": False, "user": "w5 {{ q }} w52 {{ s }}",
+        "valence": {"s": {"positive": "w46", "negative": "w46"}},
+        "answers": {"matching": " w52", "not_matching": " w53"},
+        "rows": [{"q": f"w{60 + i}", "style": "claim_recall" if i % 2 else "passage"} for i in range(8)]}))
+    (root / "fillers.yaml").write_text(yaml.safe_dump({"sentences": ["w70 w71", "w72", "w73 w74 w75"]}))
     return {"candidates": ["vector", "head ablation"], "controls": 5, "eval_family": str(root / "fam_b.yaml"),
             "side_effects": {"neutral": str(root / "neutral.yaml"), "reference": str(root / "reference.txt"),
-                             "factual": str(root / "factual.yaml")}}
+                             "factual": str(root / "factual.yaml"), "context": str(root / "context.yaml"),
+                             "fillers": str(root / "fillers.yaml")}}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from behaviorlens.prompts.library import builtin_names
 
 BUILTINS = [
     "capitals_opinion", "facts_opinion", "feedback_poem", "pushback", "identity_ab",
-    "instructed_lie", "roleplay_lie", "true_false",
+    "instructed_lie", "roleplay_lie", "true_false", "restated_claim", "pushback_cited", "earlier_turn_claim",
+    "system_claim",
 ]
 
 

@@ -46,9 +46,17 @@ def test_choice_is_the_best_within_the_limits_and_every_candidate_is_listed(plan
     ok = table[table.within_limits]
     chosen = table[table.chosen].iloc[0]
     assert chosen.within_limits and chosen.pressure_removed_fraction == ok.pressure_removed_fraction.max()
+    accuracy = ["accuracy_neutral_change", "factual_accuracy_change", "context_use_accuracy_change",
+                "claim_recall_accuracy_change"]
+    nulls = table[["null_control_pressure_removed_fraction", "random_pressure_removed_fraction"]].abs()
     limits_ok = (~table.collapse.astype(bool)) & (table.neutral_kl <= 0.05) & \
-        (table[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1) >= -0.02 - 1e-9)
+        (table[accuracy].min(axis=1) >= -0.02 - 1e-9) & ~(nulls > 0.15).any(axis=1)
     assert (limits_ok == table.within_limits).all() and not table.within_limits.all()
+    knockouts = table[table.group == "knockout"]
+    assert knockouts.null_control.str.contains("non-claim sentence").all()
+    assert table.deletion_baseline_pressure_removed_fraction.notna().all()
+    assert len(choice.refits) == 3 and choice.refits.seed.tolist() == [0, 1, 2]
+    assert choice.refits.pressure_removed_fraction.iloc[0] == chosen.pressure_removed_fraction
     # the chosen figure, recomputed on the judging pairs with the edit applied by hand
     held = split_for_choice(cset, evidence.rows)[1]
     base = side_metrics(model, held)

@@ -25,7 +25,9 @@ SECTIONS = (
     ("measure", "How large is the behavior? (measure)"),
     ("probe", "Where is it linearly readable? (probes)"),
     ("patch", "Where does it act causally? (patching)"),
+    ("circuit", "Which components feed which? (circuit)"),
     ("steer", "Editing it, and what the edit costs (steering)"),
+    ("detect", "Telling knowing falsehoods from honest answers (lie detector)"),
 )
 
 
@@ -224,16 +226,30 @@ def _patch(step: Path, s: dict) -> tuple[str, Path, list]:
 
 def _steer(step: Path, s: dict) -> tuple[str, Path, list]:
     if s.get("pressure_removed_fraction") is not None and s.get("pressure_removed_fraction") == s.get("pressure_removed_fraction"):
-        finding = (f"The chosen edit, {s['edit']}, removes {_ci(s, 'pressure_removed_fraction', _pct)} of the "
-                   f"pressure on {s['eval_family']}, which it never saw (random control "
+        limits = ("" if s.get("chosen_within_limits", True) is not False else
+                  "No candidate kept every limit; what follows is the best trade-off, outside the limits. ")
+        finding = (f"{limits}The chosen edit, {s['edit']}, removes {_ci(s, 'pressure_removed_fraction', _pct)} of the "
+                   f"pressure on {s['eval_family']} (pairs this run did not build or choose it on; a family looked "
+                   f"at while building the tool is a development family). Its matched null "
+                   f"({_escape(str(s.get('null_control', 'none')))}) removes "
+                   f"{_ci(s, 'null_control_pressure_removed_fraction', _pct)}; edit − null "
+                   f"{_ci(s, 'edit_minus_null_pressure_removed_fraction', _pct)}; random controls "
                    f"{_pct(s.get('random_control_pressure_removed_fraction'))} ± "
-                   f"{_pct(s.get('random_control_pressure_removed_fraction_sd'))} over "
-                   f"{s.get('random_controls')} draws). No-pressure accuracy {_pct(s.get('accuracy_neutral_unedited'))} → "
+                   f"{_pct(s.get('random_control_pressure_removed_fraction_sd'))} over {s.get('random_controls')} draws. "
+                   f"Deleting the text it hides removes {_pct(s.get('deletion_baseline_pressure_removed_fraction'))}. "
+                   f"What the user states in the same turn: context use {_pct(s.get('context_use_accuracy_unedited'))} → "
+                   f"{_pct(s.get('context_use_accuracy'))}, claim recall {_pct(s.get('claim_recall_accuracy_unedited'))} → "
+                   f"{_pct(s.get('claim_recall_accuracy'))} (deleting the text: "
+                   f"{_points(s.get('deletion_baseline_context_use_accuracy_change'))}, "
+                   f"{_points(s.get('deletion_baseline_claim_recall_accuracy_change'))}); "
+                   f"{'it acts as redaction: no better than deleting the text on any figure. ' if s.get('redaction') else ''}"
+                   f"No-pressure accuracy {_pct(s.get('accuracy_neutral_unedited'))} → "
                    f"{_pct(s.get('accuracy_neutral'))}, factual control {_pct(s.get('factual_accuracy_unedited'))} → "
                    f"{_pct(s.get('factual_accuracy'))}, accuracy under the wrong claim "
                    f"{_pct(s.get('accuracy_positive_unedited'))} → {_pct(s.get('accuracy_positive'))} and under the "
                    f"right one {_pct(s.get('accuracy_negative_unedited'))} → {_pct(s.get('accuracy_negative'))}; "
-                   f"neutral KL {_num(s.get('neutral_kl'))}; collapse: {_num(s.get('collapse'))}.")
+                   f"neutral KL {_num(s.get('neutral_kl'))}; collapse: {_num(s.get('collapse'))}."
+                   + _refits(s.get("refit_pressure_removed_fraction")))
     else:
         finding = (f"The edit, {s['edit']}, removes {_pct(s.get('shift_removed_fraction'))} of the behavior shift on "
                    f"{s['eval_family']} (no neutral side there: pressure removed and collapse cannot be measured).")
@@ -246,11 +262,19 @@ def _steer(step: Path, s: dict) -> tuple[str, Path, list]:
         ("Every candidate, judged on pairs that built nothing (limits from the select half of the side effects)",
          _table(candidates, {"group": "group", "edit": "edit", "pressure_removed_fraction": "pressure removed",
                              "accuracy_neutral_change": "no-pressure acc. change",
-                             "factual_accuracy_change": "factual acc. change", "neutral_kl": "neutral KL",
-                             "collapse": "collapse", "random_pressure_removed_fraction": "random control",
-                             "within_limits": "within limits", "chosen": "chosen"},
+                             "factual_accuracy_change": "factual acc. change",
+                             "context_use_accuracy_change": "context use change",
+                             "claim_recall_accuracy_change": "claim recall change", "neutral_kl": "neutral KL",
+                             "collapse": "collapse", "null_control_pressure_removed_fraction": "matched null",
+                             "random_pressure_removed_fraction": "random control",
+                             "deletion_baseline_pressure_removed_fraction": "deleting the text",
+                             "redaction": "redaction", "within_limits": "within limits", "chosen": "chosen"},
                 {"pressure_removed_fraction": _pct, "accuracy_neutral_change": _points,
-                 "factual_accuracy_change": _points, "random_pressure_removed_fraction": _pct})),
+                 "factual_accuracy_change": _points, "context_use_accuracy_change": _points,
+                 "claim_recall_accuracy_change": _points, "null_control_pressure_removed_fraction": _pct,
+                 "random_pressure_removed_fraction": _pct, "deletion_baseline_pressure_removed_fraction": _pct})),
+        ("The chosen candidate rebuilt on other splits (its spread over fits)",
+         _table(_csv(step / "choice" / "refits.csv"), formats={"pressure_removed_fraction": _pct})),
         ("Mechanism test: the answer position may not attend to the family's slot tokens",
          _table(mechanism, formats={"pressure_removed_fraction": _pct})),
         ("Detector and gate on held-out prompts", _kv({k: _num(v) for k, v in (probes or {}).items()})
@@ -259,9 +283,13 @@ def _steer(step: Path, s: dict) -> tuple[str, Path, list]:
             k: (_ci(s, k) if isinstance(s.get(f"{k}_ci"), list) else _num(s.get(k)))
             for k in ("pressure_removed_fraction", "counter_pressure_removed_fraction", "neutral_metric_change",
                       "collapse", "accuracy_positive_change", "accuracy_negative_change", "accuracy_neutral_change",
-                      "factual_accuracy_change", "neutral_kl", "neutral_kl_plain", "perplexity",
+                      "factual_accuracy_change", "context_use_accuracy_change", "claim_recall_accuracy_change",
+                      "null_control_pressure_removed_fraction", "edit_minus_null_pressure_removed_fraction",
+                      "deletion_baseline_pressure_removed_fraction", "deletion_baseline_context_use_accuracy_change",
+                      "deletion_baseline_claim_recall_accuracy_change", "redaction",
+                      "neutral_kl", "neutral_kl_plain", "perplexity",
                       "perplexity_unedited", "shift_removed_fraction", "anti_steerable_fraction") if k in s})),
-        ("Random controls (each draw)", _table(controls, {"draw": "draw", "edit": "edit",
+        ("Random controls (each draw: what it blocked or drew)", _table(controls, {"draw": "draw", "edit": "edit",
                                                           "heads_patching_effect": "patching effect of its heads",
                                                           "pressure_removed_fraction": "pressure removed",
                                                           "accuracy_neutral_change": "no-pressure acc. change",
@@ -270,6 +298,14 @@ def _steer(step: Path, s: dict) -> tuple[str, Path, list]:
     ]
     figure = step / "choice" / "pareto.png"
     return finding, figure if figure.is_file() else step / "eval" / "dose_response.png", details
+
+
+def _refits(values: list | None) -> str:
+    """The refit spread in a sentence (nothing when the choice was not refit)."""
+    if not values or len(values) < 2:
+        return ""
+    return (f" Built on {len(values)} fit splits it removes {', '.join(_pct(v) for v in values)} of the pressure on "
+            "their judging pairs.")
 
 
 def _points(value: Any) -> str:
@@ -282,7 +318,74 @@ def _escape(text: str) -> str:
     return str(escape(text))
 
 
-BUILDERS = {"measure": _measure, "probe": _probe, "patch": _patch, "steer": _steer}
+def _detect(step: Path, s: dict) -> tuple[str, Path, list]:
+    train = _json(step / "train" / "summary.json") or {}
+    if "auroc" in s:
+        check = {True: "passed", False: "failed", None: "no mistakes to check"}[s.get("mistake_check")]
+        finding = (f"A lie detector ({s['detector']}) trained on {', '.join(train.get('families', []))} "
+                   f"({train.get('n_lie')} lies, {train.get('n_honest')} honest answers) scores "
+                   f"{', '.join(s.get('families', []))}, which it never saw: knowing falsehoods against honest "
+                   f"answers under the same pressure AUROC {_ci(s, 'auroc')} ({s['n_lie']} lies, {s['n_honest']} "
+                   f"honest); the claim-wrongness probe {_num(s.get('claim_auroc'))}, the words alone "
+                   f"{_num(s.get('wording_auroc'))}, shuffled labels {_num(s.get('shuffled_auroc'))}. Honest "
+                   f"mistakes against honest answers {_ci(s, 'mistake_auroc')} ({s['n_mistake']} mistakes; at most "
+                   f"0.65 to pass: {check}). Recall at 1% false positives on ordinary chat "
+                   f"{_pct(s.get('recall_at_1pct_fpr'))} (held-out chat above the threshold: {_pct(s.get('chat_fpr'))}). "
+                   f"Targets met: {_num(s.get('targets_met'))}.")
+    else:
+        finding = f"The detector ({s.get('detector')}) scored {s.get('n_examples')} unlabelled transcripts."
+    transfer = step / "transfer" / "transfer.png"
+    details = [
+        ("The detector beside its controls, per family it never saw",
+         _table(_csv(step / "eval" / "families.csv"))),
+        ("Training: labels per family (unsure rows are left out)", _table(_csv(step / "train" / "label_counts.csv"))),
+        ("Training figures (nested cross-validation; mistakes scored out of fold)", _kv({
+            k: (_ci(train, k) if isinstance(train.get(f"{k}_ci"), list) else _num(train.get(k)))
+            for k in ("auroc", "best_in_sample_auroc", "shuffled_auroc", "wording_auroc", "wording_explains",
+                      "claim_auroc", "mistake_auroc", "layer", "position", "method", "chat_threshold") if k in train})
+         if train else None),
+        ("Transfer: trained on one family (rows), tested on another (columns)",
+         f'<img src="{_image(transfer)["src"]}" alt="transfer matrix" style="max-width:100%">' if transfer.is_file()
+         else None),
+        ("The examples it gets most wrong", _table(_csv(step / "eval" / "most_wrong.csv"))),
+    ]
+    return finding, step / "eval" / "scores.png", details
+
+
+def _circuit(step: Path, s: dict) -> tuple[str, Path, list]:
+    tests = s.get("test_faithfulness") or {}
+    on_tests = "; ".join(
+        f"on {f} {_pct(v)} (random {_pct((s.get('test_random_faithfulness') or {}).get(f))}, complement "
+        f"{_pct((s.get('test_complement_faithfulness') or {}).get(f))})" for f, v in tests.items())
+    finding = (f"A circuit of {s.get('circuit_edges')} of {s.get('total_edges')} edges ({_pct(s.get('edges_fraction'))}, "
+               f"the top by {s.get('method')} attribution, the smallest keeping {_pct(s.get('keep'))} on the pairs "
+               f"that chose it) keeps {_ci(s, 'faithfulness', _pct)} of the behavior on held-out pairs of "
+               f"{s.get('family')}; random circuits of its size keep {_pct(s.get('random_faithfulness'))}, its "
+               f"complement {_pct(s.get('complement_faithfulness'))}" + (f"; {on_tests}" if on_tests else "")
+               + f". Attribution agrees with exact edge patching on {s.get('exact_edges_checked')} sampled edges: "
+               f"Pearson {_num(s.get('attribution_exact_pearson'))}, Spearman "
+               f"{_num(s.get('attribution_exact_spearman'))}.")
+    if s.get("acdc_edges") is not None:
+        acdc_tests = "".join(f", on {f} {_pct(v)}" for f, v in (s.get("acdc_test_faithfulness") or {}).items())
+        finding += (f" ACDC pruning of the top {s['acdc_candidates']} edges keeps {s['acdc_edges']} edges: "
+                    f"{_pct(s.get('acdc_faithfulness'))} held out (the attribution circuit of that size: "
+                    f"{_pct(s.get('acdc_same_size_attribution_faithfulness'))}){acdc_tests}.")
+    comp = s.get("top_composition") or []
+    details = [("Circuit", _kv({"top edges": ", ".join(s.get("top_edges", [])[:10]),
+                                "heads": ", ".join(s.get("circuit_heads", [])),
+                                "ablation": s.get("convention"), "seconds": s.get("seconds")})),
+               ("Strongest composition among the circuit's heads (percentile among random head pairs)",
+                _kv({c["kind"]: f"{c['pair']} {_num(c['score'])} ({_pct(c['null_percentile'])})" for c in comp})),
+               ("Faithfulness over circuit size", _table(_csv(step / "faithfulness_curve.csv"),
+                                                         {"family": "family", "pairs": "pairs", "edges": "edges",
+                                                          "faithfulness": "faithfulness", "ci_low": "CI low",
+                                                          "ci_high": "CI high"})),
+               ("Circuit, random circuits and complement", _table(_csv(step / "controls.csv")))]
+    return finding, step / "circuit_graph.png", details
+
+
+BUILDERS = {"measure": _measure, "probe": _probe, "patch": _patch, "circuit": _circuit, "steer": _steer,
+            "detect": _detect}
 
 
 def _side_by_side(frame: pd.DataFrame | None) -> pd.DataFrame | None:

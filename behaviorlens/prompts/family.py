@@ -19,6 +19,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..chat import has_template, render_chat
 from ..errors import BehaviorLensError
 from .contrast import ANSWERS, NEUTRAL, SIDES, ContrastPair, ContrastSet
 
@@ -260,9 +261,9 @@ class PromptFamily:
         messages = self._messages(values, where)
         prefix = _render(self.assistant_prefix, values, f"{where}, assistant_prefix") if self.assistant_prefix else ""
         if self.chat:
-            if getattr(tokenizer, "chat_template", None) is None:
+            if not has_template(tokenizer):
                 raise BehaviorLensError(f"{where}: chat is true but the tokenizer has no chat template")
-            marked = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            marked = render_chat(tokenizer, messages)
             marked += prefix
         else:
             marked = "\n".join([m["content"] for m in messages] + ([prefix] if prefix else []))

@@ -47,7 +47,7 @@ def load_mwe(path: str | Path, tokenizer: Any, *, behavior: str = "sycophancy", 
     """Anthropic model-written evaluations JSONL: ``question``, ``answer_matching_behavior``,
     ``answer_not_matching_behavior`` (" (A)" / " (B)"). One pair per line (see module doc)."""
     path = Path(path)
-    items = [(i + 1, d) for i, d in enumerate(_read_jsonl(path))]
+    items = [(i + 1, d) for i, d in enumerate(read_jsonl(path))]
     return _ab_set(items, path, tokenizer, behavior, name or path.stem, chat, require_aligned, limit)
 
 
@@ -73,7 +73,7 @@ def load_sycophancy_eval(path: str | Path, tokenizer: Any, *, name: str | None =
     path = Path(path)
     rows: list[dict] = []
     template: str | None = None
-    for line, d in enumerate(_read_jsonl(path), start=1):
+    for line, d in enumerate(read_jsonl(path), start=1):
         try:
             tpl = d["metadata"]["prompt_template"]
             base = d["base"]
@@ -167,7 +167,8 @@ def _jinja_from_format(template: str, path) -> str:
     return "".join(out)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, empty: str = "empty dataset") -> list[dict]:
+    """The JSON objects of a JSONL file, one a line; one-line errors naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
@@ -182,7 +183,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise BehaviorLensError(f"{path} line {i}: invalid JSON ({err.msg})") from None
     if not out:
-        raise BehaviorLensError(f"{path}: empty dataset")
+        raise BehaviorLensError(f"{path}: {empty}")
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..batching import current_answer_tail, current_prompt_part
+from ..chat import Scaffold
 from ..errors import BehaviorLensError
 from ..sites import module_output
 from .edit import POSITIONS, Edit, Readout
@@ -35,7 +36,9 @@ class _Phase:
     """Tracks whether the current forward is a prompt or a cached continuation step, and what
     the edit's gate and detector read in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, scaffold: Scaffold | None = None) -> None:
+        self.scaffold = scaffold  # a knockout control's decoys are drawn among content tokens only
+        self.ids: torch.Tensor | None = None  # [batch, tokens so far]
         self.past = 0
         self.gate: torch.Tensor | None = None  # [batch] bool: rows whose gate fired
         self.detected: torch.Tensor | None = None  # [batch, tokens so far] bool: detected tokens
@@ -50,8 +53,11 @@ class _Phase:
         self.past = length
         mask = kwargs.get("attention_mask")
         self.real = mask.bool() if mask is not None and mask.dim() == 2 else None
+        ids = kwargs.get("input_ids", args[0] if args else None)
         if length == 0:
-            self.gate, self.detected, self.flags = None, None, None
+            self.gate, self.detected, self.flags, self.ids = None, None, None, None
+        if ids is not None and self.scaffold is not None:
+            self.ids = ids if self.ids is None or length == 0 else torch.cat([self.ids.expand(ids.shape[0], -1), ids], 1)
 
     @property
     def prompt(self) -> bool:
@@ -84,7 +90,13 @@ class _Phase:
                 found = torch.cat([self.detected.expand(found.shape[0], -1), found], 1)
             real = None if self.real is None else self.real[:, -found.shape[1]:].to(found.device)
             self.detected = readout.close(found, real)
-            self.flags = self.detected if readout.decoy is None else readout.decoys(self.detected, real)
+            if readout.decoy is None:
+                self.flags = self.detected
+            else:
+                content = real
+                if self.scaffold is not None and self.ids is not None:
+                    content = self.scaffold.content(self.ids[:, -found.shape[1]:].to(found.device), real)
+                self.flags = readout.decoys(self.detected, content)
         return hook
 
     def gated(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -240,7 +252,8 @@ def steer(
     edit.check(model)
     _check_gate(edit)
     s, hf = model.sites, model.hf
-    phase = _Phase()
+    decoys = edit.detector is not None and edit.detector.decoy is not None
+    phase = _Phase(Scaffold(model.tokenizer) if decoys else None)
     handles = [hf.register_forward_pre_hook(phase.pre_hook, with_kwargs=True)]
     m = float(multiplier)
     try:

@@ -15,19 +15,28 @@ Candidates, each an :class:`~.edit.Edit` (at multiplier 1; scaled variants are c
   carrying the pressure, blocked in the top heads, in every head of the top head's layer and of
   the windows of 3 and 5 layers around it, and in every head of the band of layers the top
   heads span;
+- ``narrowed knockout``: the same, in only the 3, 6 or 12 heads of the 5-layer window whose
+  knockout alone removes the most of the wrong claim's pull minus the right claim's help on the
+  fit pairs (:func:`deference_not_use`): heads that carry deference rather than the reading of
+  a claim;
 - ``subspace``: rank 1-8 interchange subspaces at the layer where the behavior reaches the last
   token, clamped to their no-pressure mean;
 - ``head fine-tuning``: the top heads' output projections, trained with a recall anchor;
 - ``vector`` and ``direction ablation``: the last token's mean-difference vector at that layer
   (x1, x4) and the ablation of its direction;
-- ``gated``: head ablation, vector and per-head steering acting only where a last-token probe
-  says the prompt carries pressure.
+- ``gated``: head ablation, vector, per-head steering and the 5-layer knockout acting only where
+  a last-token probe says the prompt carries pressure.
 
-The choice is the candidate with the most pressure removed on the judging pairs among those
-without ``collapse`` whose no-pressure accuracy (the family's neutral side and the factual
-control) drops by at most ``accuracy_drop_max`` and whose neutral KL is at most ``kl_max``.
-Beside the candidates, the mechanism test: blocking the answer position's attention to the
-family's own slot tokens (known from the family, so not an edit that runs without them).
+Every candidate is judged beside a random control of its kind, its matched null (for a
+knockout, the same heads blocking a non-claim sentence in the claim's place) and the deletion
+of the text the knockout detector flags (:mod:`.baselines`). The choice is the candidate with
+the most pressure removed on the judging pairs among those without ``collapse`` whose accuracy
+on the family's neutral side, the factual control, context use and claim recall each drops by
+at most ``max_accuracy_drop``, whose neutral KL is at most ``kl_max`` and whose null and random
+control each move the pressured answer by at most 15% of the pull either way. The chosen
+candidate is rebuilt on other splits: the spread of its figure over fits. Beside the
+candidates, the mechanism test: blocking the answer position's attention to the family's own
+slot tokens (known from the family, so not an edit that runs without them).
 """
 
 from __future__ import annotations
@@ -41,35 +50,43 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..analysis.metrics import ratio_of_means
-from ..batching import answer_tail, chunks
 from ..errors import BehaviorLensError
-from ..prompts.contrast import NEUTRAL
-from ..scoring import behavior_metric, needs_whole, plan
-from .apply import head_means, knockout, steer
+from ..prompts.contrast import NEUTRAL, SIDES
+from ..scoring import behavior_metric, needs_whole
+from .apply import head_means, steer
+from .baselines import (
+    NULL_MAX,
+    blocked_metric,
+    deletion_baseline,
+    filler_null,
+    is_redaction,
+    null_broken,
+)
 from .detectors import (
     default_layers,
     detector_quality,
     gate_quality,
+    remembered_states,
     train_detector,
     train_gate,
     valence_slot,
 )
 from .edit import Edit
-from .evaluate import observe, pressure_figures, random_control, require_behavior
-from .side_effects import SideEffectData, mean_kl, tail_logits
+from .evaluate import null_figures, observe, pressure_figures, random_control, require_behavior
+from .side_effects import SideEffectData, answer_figures, context_figures, mean_kl, tail_logits
 from .training import finetune_heads, train_subspace
 from .vectors import train_vector
 
 KL_MAX = 0.05
 ACCURACY_DROP_MAX = 0.02
 KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top head's layer
+NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
 CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL limit is measured on
-GROUPS = ("head ablation", "per-head steering", "knockout", "subspace", "head fine-tuning",
-          "vector", "direction ablation", "gated")
+GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
+          "head fine-tuning", "vector", "direction ablation", "gated")
 
 
 @dataclass
@@ -194,12 +211,12 @@ def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    if ("knockout" in groups or "gated" in groups) and fit.has_neutral:
+    if ({"knockout", "narrowed knockout", "gated"} & set(groups)) and fit.has_neutral:
         say("training the pressure-token detector")
         detector, table = train_detector(model, fit, default_layers(s.n_layers, first), seed)
         extra["detector"], extra["detector_cv"] = detector, table
         later = heads[heads.layer > detector.layer]
-        if "knockout" in groups and len(later):
+        if len(later):
             top_layer = int(later.layer.iloc[0])
             band = range(int(later.head(5).layer.min()), int(later.head(5).layer.max()) + 1)
             windows = [range(max(detector.layer + 1, top_layer - w), min(s.n_layers, top_layer + w + 1))
@@ -209,11 +226,30 @@ def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[
                 name = (f"every head of layer {layers.start}" if len(layers) == 1 else
                         f"every head of layers {layers.start}-{layers.stop - 1}")
                 sets.setdefault(name, {layer_: list(range(s.n_heads)) for layer_ in layers})
-            for why, hd in sets.items():
-                edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
-                            method=f"detector at layer {detector.layer}", **meta)
-                out.append(("knockout", edit, f"{why}; tokens flagged by a per-token probe at layer "
-                                              f"{detector.layer} (CV AUROC {table.cv_auroc.max():.3f})"))
+            extra["knockout_window"] = {layer_: list(range(s.n_heads)) for layer_ in windows[-1]}
+            if "knockout" in groups:
+                for why, hd in sets.items():
+                    edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
+                                method=f"detector at layer {detector.layer}", **meta)
+                    out.append(("knockout", edit, f"{why}; tokens flagged by a per-token probe at layer "
+                                                  f"{detector.layer} (CV AUROC {table.cv_auroc.max():.3f})"))
+            if "narrowed knockout" in groups:
+                say("scoring single-head knockouts: deference against use of a right claim")
+                window = windows[-1]
+                single = deference_not_use(model, fit, detector, {layer_: list(range(s.n_heads)) for layer_ in window})
+                extra["single_head_knockouts"] = single
+                ranked = single[single.deference > 0].sort_values("deference_minus_use", ascending=False)
+                for k in NARROW_HEADS:
+                    if len(ranked) >= k:
+                        top = ranked.head(k)
+                        hd = _head_dict(top)
+                        edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
+                                    method=f"detector at layer {detector.layer}", **meta)
+                        named = ", ".join(f"L{int(r.layer)}H{int(r['head'])}" for _, r in top.iterrows())
+                        out.append(("narrowed knockout", edit,
+                                    f"the {k} heads of layers {window.start}-{window.stop - 1} whose knockout "
+                                    f"removes the most of the wrong claim's pull minus the right claim's help "
+                                    f"on the fit pairs ({named})"))
     if "subspace" in groups and layer is not None and fit.has_neutral and not needs_whole(fit.pairs):
         for rank in (1, 2, 4, 8):
             say(f"training the rank-{rank} subspace at layer {layer}")
@@ -254,42 +290,119 @@ def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[
             gated.append(Edit(**{**_scaled(extra["head_steering"], 2.0, "2").__dict__, "gate": gate}))
         if "vector" in extra:
             gated.append(Edit(**{**_scaled(extra["vector"], 4.0, "4").__dict__, "gate": gate}))
+        if "knockout_window" in extra and min(extra["knockout_window"]) > gate.layer:
+            gated.append(Edit(kind="knockout", heads=extra["knockout_window"], detector=extra["detector"], gate=gate,
+                              positions="generated", method=f"detector at layer {extra['detector'].layer}", **meta))
         out += [("gated", e, why) for e in gated]
     if not out:
         raise BehaviorLensError("the patching result has no head or residual cells at the last token to build edits from")
     return out, extra
 
 
+def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list[int]],
+                      pairs: int = 12) -> pd.DataFrame:
+    """Per head, knocked out alone from the detected tokens on (up to ``pairs``) fit pairs: the
+    share of the wrong claim's pull it removes (``deference``), of the right claim's help
+    (``use``: the counter-pressure removed) and their difference. A head that carries deference
+    but not the reading of a claim removes the first and keeps the second."""
+    sample = fit.subset(range(min(pairs, len(fit))))
+    base = observe(model, sample, None).metrics
+    pull, help_ = base["positive"] - base[NEUTRAL], base["negative"] - base[NEUTRAL]
+    rows = []
+    for layer, hs in heads.items():
+        for h in hs:
+            edit = Edit(kind="knockout", heads={layer: [h]}, detector=detector, positions="generated",
+                        model=model.name, d_model=model.sites.d_model, n_heads=model.sites.n_heads,
+                        head_dim=model.sites.head_dim)
+            with steer(model, edit):
+                edited = {side: behavior_metric(model, sample.pairs, side).numpy() for side in SIDES}
+            rows.append({"layer": layer, "head": h,
+                         "deference": ratio_of_means(base["positive"] - edited["positive"], pull),
+                         "use": ratio_of_means(base["negative"] - edited["negative"], help_)})
+    table = pd.DataFrame(rows)
+    table["deference_minus_use"] = table.deference - table.use
+    return table
+
+
 def _light_side_effects(model: Any, data: SideEffectData, edit: Edit | None, batch_size: int = 16) -> dict:
-    """What the limits need: neutral logits (chat) and factual metric, with the edit applied."""
+    """What the limits need: neutral logits (chat), factual and context-use metrics, with the
+    edit applied."""
     with steer(model, edit) if edit is not None else nullcontext():
         return {"neutral": tail_logits(model, data.neutral, batch_size),
-                "factual": behavior_metric(model, data.factual.pairs, "positive", batch_size).numpy()}
+                "factual": behavior_metric(model, data.factual.pairs, "positive", batch_size).numpy(),
+                "context": behavior_metric(model, data.context.pairs, "positive", batch_size).numpy()}
 
 
-def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, base: dict, control_seed: int = 0) -> dict:
+ACCURACY_LIMITS = ("accuracy_neutral_change", "factual_accuracy_change", "context_use_accuracy_change",
+                   "claim_recall_accuracy_change")  # each may drop by at most max_accuracy_drop
+
+
+def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, base: dict, control_seed: int = 0,
+          nulls: dict | None = None) -> dict:
     """A candidate's figures on the judging pairs and the select half of the side effects, with
-    one random control's pressure removed and no-pressure accuracy change on the judging pairs."""
-    figures = pressure_figures(base["metrics"], observe(model, held, None, edit=edit).metrics)
+    one random control and the matched null (:func:`.evaluate.null_figures`; ``nulls`` holds the
+    deletion baseline and, for knockouts, the filler null of the judging pairs)."""
+    edited = observe(model, held, None, edit=edit).metrics
+    figures = pressure_figures(base["metrics"], edited)
     side = _light_side_effects(model, data, edit)
+    moved = []
     try:
-        control = pressure_figures(base["metrics"], observe(model, held, None, edit=random_control(model, edit, control_seed)).metrics)
+        control_metrics = observe(model, held, None, edit=random_control(model, edit, control_seed)).metrics
+        control = pressure_figures(base["metrics"], control_metrics)
+        moved.append(base["metrics"]["positive"] - control_metrics["positive"])
     except BehaviorLensError:  # the edit leaves too few heads to draw a control from: no figure
         control = {"pressure_removed_fraction": float("nan"), "accuracy_neutral_change": float("nan")}
-    correct = (base["factual"] > 0).mean()
-    return {
+    row = {
         "pressure_removed_fraction": figures["pressure_removed_fraction"],
         "counter_pressure_removed_fraction": figures["counter_pressure_removed_fraction"],
         "accuracy_neutral_change": figures["accuracy_neutral_change"],
         "accuracy_positive_change": figures["accuracy_positive_change"],
         "accuracy_negative_change": figures["accuracy_negative_change"],
-        "factual_accuracy_change": float((side["factual"] > 0).mean() - correct),
+        "factual_accuracy_change": answer_figures(base["factual"], side["factual"], "factual")["factual_accuracy_change"],
+        **{k: v for k, v in context_figures(base["context"], side["context"], data.recall).items()
+           if not k.endswith("_ci") and k.endswith(("_change",))},
         "neutral_kl": mean_kl(base["neutral"], side["neutral"]),
         "collapse": figures["collapse"],
         "shift_removed_fraction": figures["shift_removed_fraction"],
         "random_pressure_removed_fraction": control["pressure_removed_fraction"],
         "random_accuracy_neutral_change": control["accuracy_neutral_change"],
     }
+    nulls = dict(nulls or {})
+    if edit.kind != "knockout":
+        nulls.pop("filler", None)
+    row |= {k: v for k, v in null_figures(edit, base["metrics"], edited["positive"], nulls, moved).items()
+            if not isinstance(v, list)}
+    row["redaction"] = is_redaction(row)
+    return row
+
+
+def within_limits(table: pd.DataFrame, kl_max: float, max_accuracy_drop: float) -> pd.Series:
+    """Which candidates keep every limit (see :func:`choose_edit`)."""
+    present = [c for c in ACCURACY_LIMITS if c in table]
+    drop = -table[present].min(axis=1)
+    nulls = [c for c in ("null_control_pressure_removed_fraction", "random_pressure_removed_fraction") if c in table]
+    broken = table[nulls].apply(lambda col: col.map(null_broken)).any(axis=1) if nulls else False
+    return (~table["collapse"].astype(bool)) & (drop <= max_accuracy_drop + 1e-9) & \
+        (table["neutral_kl"] <= kl_max) & ~broken
+
+
+def _knocked(edit: Edit) -> tuple | None:
+    """The key of a knockout's filler null (its heads), None for other edits."""
+    return tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items())) if edit.kind == "knockout" else None
+
+
+def judging_nulls(model: Any, held: Any, data: SideEffectData, base: dict, detector: Any,
+                  built: Sequence[tuple[str, Edit, str]]) -> dict:
+    """The deletion baseline of the judging pairs (the knockout detector's flags deleted) and the
+    filler null of each knockout's heads, computed once per judging set."""
+    deletion = deletion_baseline(model, held, data, detector, base["metrics"], base["context"])
+    out: dict = {None: {"deletion": deletion}}
+    for _, edit, _ in built:
+        key = _knocked(edit)
+        if key is not None and key not in out:
+            out[key] = {"deletion": deletion,
+                        "filler": filler_null(model, held, edit.heads, base["metrics"], data.fillers)}
+    return out
 
 
 def mechanism_test(model: Any, heads: dict[int, list[int]], cset: Any, base: dict[str, np.ndarray],
@@ -297,21 +410,8 @@ def mechanism_test(model: Any, heads: dict[int, list[int]], cset: Any, base: dic
     """Pressure removed when the answer position may not attend to the family's slot tokens in
     ``heads`` (the path's necessity; uses the slot annotations, so it is not a deployable edit)."""
     slot = valence_slot(cset)
-    whole = needs_whole(cset.pairs)
-    values = []
-    for idx in chunks(len(cset), batch_size):
-        pairs = [cset.pairs[i] for i in idx]
-        scoring = plan(pairs, "positive", whole)
-        batch = model.batch(scoring.sequences)
-        blocked = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-        for s_idx, p_idx in enumerate(scoring.prompt_of):
-            a, b = pairs[p_idx].span("positive", slot)
-            off = int(batch.offsets[s_idx])
-            blocked[s_idx, a + off:b + off] = True
-        cols = scoring.position + batch.offsets[scoring.sequence]
-        with knockout(model, heads, blocked), answer_tail(scoring.tails()):
-            values.append(scoring.metric(model.logits_at(batch, scoring.sequence, cols)))
-    edited = torch.cat(values).numpy()
+    spans = [p.span("positive", slot) for p in cset]
+    edited = blocked_metric(model, list(cset), "positive", spans, heads, batch_size)
     return ratio_of_means(base["positive"] - edited, base["positive"] - base[NEUTRAL])
 
 
@@ -325,6 +425,8 @@ class Choice:
     pairs: pd.DataFrame  # row -> role (patched, fit, judge)
     mechanism: pd.DataFrame  # the slot-knockout test
     probes: dict  # detector and gate quality on held-out prompts
+    refits: pd.DataFrame  # the chosen candidate rebuilt on other splits: its pressure removed on each
+    within_limits: bool = True  # False: nothing kept the limits; ``edit`` is the best trade-off
 
 
 def choose_edit(
@@ -332,16 +434,21 @@ def choose_edit(
     train_set: Any,
     evidence: Evidence | None = None,
     kl_max: float = KL_MAX,
-    accuracy_drop_max: float = ACCURACY_DROP_MAX,
+    max_accuracy_drop: float = ACCURACY_DROP_MAX,
     groups: Sequence[str] = GROUPS,
     seed: int = 0,
     side_effects: SideEffectData | None = None,
     progress: bool = False,
+    refits: int = 2,
+    outside_limits: bool = False,
 ) -> Choice:
     """Build candidates from the evidence on the fit split, judge them on the judging split, and
     choose within the limits (see the module doc). Without evidence, exact head and residual
     patching at the last token is run on the fit split first (those pairs are then the patched
-    ones). Raises when no candidate is within the limits, listing them all."""
+    ones). The chosen candidate is rebuilt on ``refits`` other splits (seeds ``seed + 1``, ...) and
+    judged on each one's judging pairs: the spread of its pressure removed over fits. Raises when
+    no candidate is within the limits, listing them all; with ``outside_limits`` it returns the
+    candidate that removes the most pressure without collapse instead, marked as outside them."""
     if not train_set.has_neutral:
         raise BehaviorLensError(f"set {train_set.name!r} has no neutral side: choosing an edit scores "
                                 "candidates by the pressure they remove, measured against the no-pressure prompt")
@@ -352,6 +459,14 @@ def choose_edit(
         evidence = Evidence(pd.concat([patch(model, patched, "head", progress=False).means(),
                                        patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
                             {p.row for p in patched})
+    with remembered_states():  # the detector's refits read each prompt once
+        return _choose(model, train_set, evidence, kl_max, max_accuracy_drop, groups, seed, side_effects,
+                       progress, refits, outside_limits)
+
+
+def _choose(model: Any, train_set: Any, evidence: Evidence, kl_max: float, max_accuracy_drop: float,
+            groups: Sequence[str], seed: int, side_effects: SideEffectData | None, progress: bool, refits: int,
+            outside_limits: bool) -> Choice:
     fit, held, roles = split_for_choice(train_set, evidence.rows, seed)
     data = side_effects or SideEffectData(model, "select", requests=CHOICE_REQUESTS)
     base_obs = observe(model, held, None)
@@ -359,17 +474,17 @@ def choose_edit(
     base = {"metrics": base_obs.metrics, **_light_side_effects(model, data, None)}
     log = (lambda msg: tqdm.write(f"choose: {msg}")) if progress else None
     built, extra = build_candidates(model, fit, evidence, groups, seed, log)
+    nulls = judging_nulls(model, held, data, base, extra.get("detector"), built)
     rows, edits = [], []
     for i, (group, edit, why) in enumerate(tqdm(built, desc="judge candidates", disable=not progress)):
-        r = judge(model, edit, held, data, base, seed + i)
+        r = judge(model, edit, held, data, base, seed + i, nulls.get(_knocked(edit), nulls.get(None)))
         edits.append(edit)
         rows.append({"candidate": i, "group": group, "edit": edit.describe(), **r, "evidence": why})
     table = pd.DataFrame(rows)
-    acc_drop = -table[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1)
-    table["within_limits"] = (~table["collapse"].astype(bool)) & (acc_drop <= accuracy_drop_max + 1e-9) & \
-        (table["neutral_kl"] <= kl_max)
-    limits = (f"no collapse, no-pressure accuracy (neutral side and factual control) down by at most "
-              f"{100 * accuracy_drop_max:g} points, neutral KL <= {kl_max:g}")
+    table["within_limits"] = within_limits(table, kl_max, max_accuracy_drop)
+    limits = (f"no collapse; no-pressure, factual, context-use and claim-recall accuracy each down by at "
+              f"most {100 * max_accuracy_drop:g} points; neutral KL <= {kl_max:g}; every null and random "
+              f"control moves the pressured answer by at most {100 * NULL_MAX:g}% of the pull either way")
     mech = _mechanism(model, evidence, held, base_obs.metrics)
     probes = {}
     if "detector" in extra:
@@ -377,22 +492,56 @@ def choose_edit(
     if "gate" in extra:
         probes |= gate_quality(model, extra["gate"], held, [s for s, _ in data.neutral])
     ok = table[table["within_limits"]]
-    if ok.empty:
-        raise BehaviorLensError(f"no candidate edit keeps {limits}:\n" + table.to_string(index=False))
+    inside = not ok.empty
+    if not inside:
+        if not outside_limits:
+            raise BehaviorLensError(f"no candidate edit keeps {limits}:\n" + table.to_string(index=False))
+        ok = table[~table["collapse"].astype(bool)] if (~table["collapse"].astype(bool)).any() else table
     best = ok.sort_values(["pressure_removed_fraction", "neutral_kl"], ascending=[False, True]).iloc[0]
     table["chosen"] = table["candidate"] == best.candidate
     edit = edits[int(best.candidate)]
+    index = [i for g, e, _ in built if g == best.group for i in [id(e)]].index(id(edit))
+    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits)
+    spread = pd.concat([pd.DataFrame([{"seed": seed, "pressure_removed_fraction": best.pressure_removed_fraction,
+                                       "judging_pairs": len(held), "edit": edit.describe()}]), spread],
+                       ignore_index=True)
     edit.notes |= {"chosen_because": best.evidence, "train_family": train_set.name, "multiplier": 1.0,
+                   "within_limits": inside,
+                   "refit_pressure_removed_fraction": [float(x) for x in spread.pressure_removed_fraction],
                    "judged": {k: (None if pd.isna(best[k]) else float(best[k])) for k in (
                        "pressure_removed_fraction", "accuracy_neutral_change", "factual_accuracy_change",
-                       "neutral_kl", "random_pressure_removed_fraction")}}
-    reason = (f"chose {edit.describe()}: on {len(held)} judging pairs of {train_set.name!r} (never patched, "
+                       "context_use_accuracy_change", "claim_recall_accuracy_change", "neutral_kl",
+                       "random_pressure_removed_fraction", "null_control_pressure_removed_fraction")
+                       if k in best}}
+    head = (f"chose {edit.describe()}" if inside else
+            f"NO candidate keeps the limits; the best trade-off (most pressure removed without collapse, "
+            f"outside the limits) is {edit.describe()}")
+    reason = (f"{head}: on {len(held)} judging pairs of {train_set.name!r} (never patched, "
               f"never used to build it) it removes {best.pressure_removed_fraction:.0%} of the pressure "
               f"(random control {best.random_pressure_removed_fraction:.0%}), no-pressure accuracy "
               f"{100 * best.accuracy_neutral_change:+.1f} points, factual accuracy "
-              f"{100 * best.factual_accuracy_change:+.1f} points, neutral KL {best.neutral_kl:.4f}; best of "
-              f"{len(ok)} of {len(table)} candidates within the limits ({limits}). Evidence: {best.evidence}")
-    return Choice(edit, reason, table, roles, mech, probes)
+              f"{100 * best.factual_accuracy_change:+.1f} points, context use "
+              f"{100 * best.context_use_accuracy_change:+.1f} points, claim recall "
+              f"{100 * best.claim_recall_accuracy_change:+.1f} points, neutral KL {best.neutral_kl:.4f}; "
+              f"{len(table[table.within_limits])} of {len(table)} candidates within the limits ({limits}). "
+              f"Evidence: {best.evidence}")
+    return Choice(edit, reason, table, roles, mech, probes, spread, inside)
+
+
+def refit_spread(model: Any, train_set: Any, evidence: Evidence, group: str, index: int, seed: int,
+                 refits: int) -> pd.DataFrame:
+    """The ``index``-th candidate of ``group`` rebuilt on the fit split of seeds ``seed + 1``, ...
+    and judged (pressure removed) on that split's judging pairs."""
+    rows = []
+    for k in range(1, refits + 1):
+        fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
+        built, _ = build_candidates(model, fit, evidence, [group], seed + k)
+        edit = [e for g, e, _ in built if g == group][index]
+        base = observe(model, held, None).metrics
+        figures = pressure_figures(base, observe(model, held, None, edit=edit).metrics)
+        rows.append({"seed": seed + k, "pressure_removed_fraction": figures["pressure_removed_fraction"],
+                     "judging_pairs": len(held), "edit": edit.describe()})
+    return pd.DataFrame(rows)
 
 
 def _mechanism(model: Any, evidence: Evidence, held: Any, base: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -12,8 +12,10 @@ import pandas as pd
 from ..errors import BehaviorLensError
 
 CANDIDATE_COLUMNS = ["group", "edit", "pressure_removed_fraction", "accuracy_neutral_change",
-                     "factual_accuracy_change", "neutral_kl", "collapse", "random_pressure_removed_fraction",
-                     "within_limits", "chosen"]
+                     "factual_accuracy_change", "context_use_accuracy_change", "claim_recall_accuracy_change",
+                     "neutral_kl", "collapse", "null_control_pressure_removed_fraction",
+                     "random_pressure_removed_fraction", "deletion_baseline_pressure_removed_fraction",
+                     "redaction", "within_limits", "chosen"]
 
 
 def _family(model, args: argparse.Namespace):
@@ -43,10 +45,12 @@ def _train(args: argparse.Namespace) -> None:
     summary = run_steer_train(model, _family(model, args), args.out, layer=args.layer,
                               method=args.method, position=args.position, kind=args.kind,
                               from_patching=args.from_patching, kl_max=args.kl_max,
-                              max_accuracy_drop=args.max_accuracy_drop, groups=args.candidates)
+                              max_accuracy_drop=args.max_accuracy_drop, groups=args.candidates,
+                              refits=args.refits, outside_limits=args.outside_limits)
     if summary["reason"]:
         folder = Path(args.out).with_suffix(".choice")
-        table = pd.read_csv(folder / "candidates.csv")[CANDIDATE_COLUMNS]
+        table = pd.read_csv(folder / "candidates.csv")
+        table = table[[c for c in CANDIDATE_COLUMNS if c in table]]
         table["edit"] = table["edit"].str.slice(0, 60)  # the whole description is in the CSV
         print(table.to_string(index=False, float_format="%.3f", justify="left"))
         print(summary["reason"])
@@ -132,11 +136,16 @@ def add_commands(sub) -> None:
     p.add_argument("--from-patching", dest="from_patching", nargs="+", default=None, metavar="DIR",
                    help="patching result folders (e.g. heads and resid): choose an edit from them")
     p.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=float, default=ACCURACY_DROP_MAX,
-                   help="the most no-pressure accuracy a chosen edit may cost (default 0.02: 2 points)")
+                   help="the most accuracy a chosen edit may cost on each of the no-pressure side, the "
+                        "factual control, context use and claim recall (default 0.02: 2 points)")
     p.add_argument("--kl-max", dest="kl_max", type=float, default=KL_MAX,
                    help="the most neutral KL a chosen edit may cost (default 0.05 nats/token)")
     p.add_argument("--candidates", nargs="+", default=list(GROUPS), metavar="GROUP",
                    help="candidate groups to build: " + ", ".join(f"'{g}'" for g in GROUPS))
+    p.add_argument("--refits", type=int, default=2,
+                   help="rebuild the chosen candidate on this many other splits: its spread (default 2)")
+    p.add_argument("--outside-limits", dest="outside_limits", action="store_true",
+                   help="when no candidate keeps the limits, save the best trade-off (marked so) instead of stopping")
     p.add_argument("--out", required=True)
     add_model_options(p)
     add_source_options(p)

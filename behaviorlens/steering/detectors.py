@@ -15,13 +15,16 @@ split (logistic regression, scikit-learn), then refits on the whole split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..chat import chat_ids, turn_end
 from ..errors import BehaviorLensError
 from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
@@ -42,11 +45,41 @@ def _stop(*_: Any) -> None:
     raise _Read
 
 
-@torch.inference_mode()
+_MEMO: ContextVar[dict | None] = ContextVar("token_states_memo", default=None)
+
+
+@contextmanager
+def remembered_states() -> Iterator[None]:
+    """Inside, :func:`token_states` keeps what it read (per sequence and layer, unedited model)
+    and reads each sequence once: refits of a detector on overlapping splits share their reads."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
 def token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
                  batch_size: int = 16) -> dict[int, list[np.ndarray]]:
     """The residual stream leaving each layer at every token of every sequence (unpadded). The
     forward stops after the last of ``layers``."""
+    memo = _MEMO.get()
+    if memo is None:
+        return _read_states(model, sequences, layers, batch_size)
+    keys = [(id(model), tuple(int(t) for t in seq)) for seq in sequences]
+    missing = {layer: sorted({i for i, k in enumerate(keys) if (k, layer) not in memo}) for layer in layers}
+    todo = sorted(set().union(*missing.values()))
+    if todo:
+        read = _read_states(model, [sequences[i] for i in todo], layers, batch_size)
+        for layer in layers:
+            for i, x in zip(todo, read[layer]):
+                memo[(keys[i], layer)] = x
+    return {layer: [memo[(k, layer)] for k in keys] for layer in layers}
+
+
+@torch.inference_mode()
+def _read_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
+                 batch_size: int) -> dict[int, list[np.ndarray]]:
     from ..batching import chunks
 
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
@@ -129,20 +162,9 @@ def ordinary_turns(tokenizer: Any) -> list[list[int]]:
     """The built-in ordinary user turns (no claim about an answer), with the chat template and
     as plain text: a detector's negatives beside its family's own tokens."""
     from .data import detector_negatives
-    from .side_effects import chat_ids
 
     texts = detector_negatives()
     return [chat_ids(tokenizer, t) for t in texts] + [list(tokenizer(t)["input_ids"]) for t in texts]
-
-
-def _turn_end(tokenizer: Any) -> str | None:
-    """The text a chat template puts after a user turn's content (None without a template)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    sentinel = "\ue000"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
-                                         add_generation_prompt=False)
-    return text.split(sentinel, 1)[1].strip() or None
 
 
 def _claim_tokens(tokenizer: Any, text: str, start: int, claim: str, special: bool) -> tuple[list[int], np.ndarray]:
@@ -161,7 +183,7 @@ def reworded_claims(tokenizer: Any, cset: Any, wordings: Sequence[str], per_side
     in the claim's place and at the end of the user's turn (chat prompts). Per prompt: its
     tokens, which tokens are the claim's, and the wording's index. Pairs whose text does not
     tokenize back to their tokens are skipped."""
-    slot, end_of_turn = valence_slot(cset), _turn_end(tokenizer)
+    slot, end_of_turn = valence_slot(cset), turn_end(tokenizer)
     order = np.random.default_rng(seed).permutation(len(wordings))
     sequences, labels, which, k = [], [], [], 0
     for p in cset if wordings else []:

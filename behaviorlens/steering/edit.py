@@ -79,10 +79,12 @@ class Readout:
         closed = flags | (after - before <= self.gap + 1)
         return closed if real is None else closed & real
 
-    def decoys(self, flags: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    def decoys(self, flags: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
         """The control of a detector with ``decoy`` set: per row, as many tokens as ``flags``
-        holds, drawn at random (seeded by ``decoy``) among the row's tokens it does not flag."""
-        free = ~flags if real is None else real & ~flags
+        holds (at most as many as there are), drawn at random (seeded by ``decoy``) among the
+        ``eligible`` tokens (the conversation's own words: no padding, first token or template
+        token) it does not flag."""
+        free = ~flags if eligible is None else eligible & ~flags
         g = torch.Generator().manual_seed(int(self.decoy))
         draw = torch.rand(flags.shape, generator=g).to(flags.device).masked_fill(~free, -1.0)
         rank = torch.empty_like(flags, dtype=torch.long)
@@ -192,6 +194,10 @@ class Edit:
             text = {"scale": f"scaling heads {self.head_names()} by {self.scale:g}",
                     "add": f"per-head steering of {self.head_names()} ({self.method})"}.get(
                 self.head_mode, f"{self.head_mode}-ablation of heads {self.head_names()}")
+        elif self.kind == "knockout" and self.detector.decoy is not None:
+            text = (f"attention knockout in heads {self.head_names()} to as many random tokens of the "
+                    f"conversation (not the first token, the template or a flagged token; draw "
+                    f"{self.detector.decoy}) as the probe at layer {self.detector.layer} flags")
         elif self.kind == "knockout":
             text = (f"attention knockout in heads {self.head_names()} to the tokens a per-token probe "
                     f"at layer {self.detector.layer} flags")
@@ -310,6 +316,3 @@ class Edit:
         if model is not None:
             edit.check(model)
         return edit
-
-
-SteeringVector = Edit

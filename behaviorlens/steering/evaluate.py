@@ -18,8 +18,11 @@ Every row has a matching random control (``random_*``: the mean over several dra
 spread, of the behavior figures; a control's side effects are not measured): a random direction of the same norm for vectors and directions, the same number of
 heads drawn uniformly from every head the edit leaves alone (with their patching effect, when
 given) for head edits, the same heads blocked from as many tokens drawn at random among those
-the detector leaves alone for knockouts, a random subspace of the same rank, random weight
-changes of the same norm.
+the detector leaves alone, in the conversation's own words (not the first token or the chat
+template), for knockouts, a random subspace of the same rank, random weight
+changes of the same norm. Beside it, the matched null and the deletion baseline of
+:mod:`.baselines` (``null_control_*``, ``edit_minus_null_*``, ``deletion_baseline_*``,
+``redaction``), and the context-use figures of :mod:`.side_effects`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..errors import BehaviorLensError
 from ..measure import letter_choices, p_matching, side_metrics
 from ..prompts.contrast import NEUTRAL
 from .apply import steer
+from .baselines import deletion_baseline, edit_minus_null, filler_null, is_redaction, null_broken
 from .edit import Edit
 from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
 
@@ -158,6 +162,45 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
                 method="random heads", **common)
 
 
+def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | None, base: Observation,
+                  batch_size: int = 16) -> dict[str, Any]:
+    """The baselines every edit is scored against (:mod:`.baselines`): the deletion of what it
+    hides and, for a knockout, the same heads blocking a same-length non-claim sentence."""
+    out: dict[str, Any] = {}
+    if NEUTRAL not in base.metrics:
+        return out
+    context = base.side.context if base.side is not None else None
+    out["deletion"] = deletion_baseline(model, eval_set, data, edit.detector, base.metrics, context, batch_size)
+    if edit.kind == "knockout" and data is not None:
+        out["filler"] = filler_null(model, eval_set, edit.heads, base.metrics, data.fillers, batch_size)
+    return out
+
+
+def null_figures(edit: Edit, base: Mapping[str, np.ndarray], edited: np.ndarray, nulls: Mapping[str, Any],
+                 moved: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The null columns of a row: the matched null (a knockout's filler sentence; otherwise the
+    random controls), edit minus null with its CI, whether the null is broken, the deletion
+    baseline."""
+    if NEUTRAL not in base:
+        return {}
+    out: dict[str, Any] = dict(nulls.get("deletion", {}))
+    if "filler" in nulls:
+        filler = nulls["filler"]
+        out |= {k: v for k, v in filler.items() if k != "per_pair"}
+        unblocked, blocked = filler["per_pair"]
+        null_moved = unblocked - blocked
+    elif moved:
+        null_moved = np.mean(moved, axis=0)
+        out["null_control"] = f"random {'heads' if edit.heads else edit.kind} of the same size (mean of {len(moved)} draws)"
+        pull = base["positive"] - base[NEUTRAL]
+        out["null_control_pressure_removed_fraction"] = ratio_of_means(null_moved, pull)
+        out["null_control_pressure_removed_fraction_ci"] = list(ratio_ci(null_moved, pull))
+    else:
+        return out
+    out["null_broken"] = null_broken(out["null_control_pressure_removed_fraction"])
+    return out | edit_minus_null(dict(base), edited, null_moved)
+
+
 def untouched_heads(chosen: dict[int, list[int]], n_layers: int, n_heads: int,
                     g: torch.Generator, first_layer: int = 0) -> dict[int, list[int]]:
     """As many heads as ``chosen``, drawn uniformly from every head it leaves alone in layers
@@ -239,20 +282,23 @@ def evaluate_steering(
     if not choice:  # an A/B set has no pressure to remove: it is scored by p(matching letter)
         require_behavior(base.metrics, eval_set.name)
     draws = [random_control(model, edit, seed + i) for i in range(controls)]
+    nulls = matched_nulls(model, edit, eval_set, data, base, batch_size)
     rows, pair_rows, control_rows = [], [], []
     for layer, apply_layers in configs:
         for m in multipliers:
             row: dict[str, Any] = {"layer": layer, "multiplier": float(m), "kind": edit.kind,
                                    "edit": edit.describe(), "pairs": len(eval_set)}
-            per_draw = []
+            per_draw, moved = [], []
             label = f"evaluate{'' if layer < 0 else f' L{layer}'} x{m:g} (edit, then {len(draws)} controls)"
             for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress)):
                 obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions)
                 values = _figures(e, m, base, obs)
                 if draw == 0:
                     row |= values
+                    edited_positive = obs.metrics["positive"]
                 else:
                     per_draw.append(values)
+                    moved.append(base.metrics["positive"] - obs.metrics["positive"])
                     effect = (sum(head_effects.get((layer_, h), 0.0) for layer_, hs in e.heads.items() for h in hs)
                               if head_effects is not None and e.heads else float("nan"))
                     control_rows.append({"layer": layer, "multiplier": float(m), "draw": draw,
@@ -270,6 +316,9 @@ def evaluate_steering(
                 row["random_pressure_removed_fraction_sd"] = float(ctl["pressure_removed_fraction"].std(ddof=0))
                 row["random_shift_removed_fraction_sd"] = float(ctl["shift_removed_fraction"].std(ddof=0))
                 row["random_controls"] = len(ctl)
+                row["random_null_broken"] = null_broken(row["random_pressure_removed_fraction"])
+            row |= null_figures(edit, base.metrics, edited_positive, nulls, moved)
+            row["redaction"] = is_redaction(row)
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["pairs"] = pd.DataFrame(pair_rows)

@@ -33,35 +33,40 @@ def dose_response(frame: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def pareto(candidates: pd.DataFrame, path: str | Path, kl_max: float, accuracy_drop_max: float) -> Path:
-    """Pressure removed against no-pressure accuracy change per candidate (marker size: neutral
-    KL; hollow: outside the limits; star: chosen), each with its random control in grey (whose
-    accuracy change is that of the family's neutral side)."""
+def pareto(candidates: pd.DataFrame, path: str | Path, kl_max: float, max_accuracy_drop: float) -> Path:
+    """Pressure removed per candidate against what it costs: left, the worse of the no-pressure
+    and factual accuracy changes; right, the worse of the context-use and claim-recall accuracy
+    changes (marker size: neutral KL; hollow: outside the limits; star: chosen; grey crosses: each
+    candidate's random control, at its no-pressure accuracy change)."""
     from ..analysis.plots import plt, save_figure
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    x = 100 * candidates[["accuracy_neutral_change", "factual_accuracy_change"]].min(axis=1)
-    xr = 100 * candidates["random_accuracy_neutral_change"]
+    axes_columns = [(("accuracy_neutral_change", "factual_accuracy_change"),
+                     "no-pressure accuracy change, worse of neutral side and factual control (points)"),
+                    (("context_use_accuracy_change", "claim_recall_accuracy_change"),
+                     "context-use accuracy change, worse of context use and claim recall (points)")]
+    axes_columns = [(cols, label) for cols, label in axes_columns if set(cols) <= set(candidates)]
+    fig, axes = plt.subplots(1, len(axes_columns), figsize=(7 * len(axes_columns), 5.5), squeeze=False)
     size = 30 + 3000 * candidates["neutral_kl"].clip(upper=0.2)
-    for i, group in enumerate(sorted(candidates["group"].unique())):
-        rows = candidates["group"] == group
-        color = f"C{i % 10}"
-        inside = rows & candidates["within_limits"]
-        ax.scatter(x[inside], candidates.loc[inside, "pressure_removed_fraction"], s=size[inside], color=color,
-                   alpha=0.8, label=group)
-        ax.scatter(x[rows & ~inside], candidates.loc[rows & ~inside, "pressure_removed_fraction"],
-                   s=size[rows & ~inside], facecolors="none", edgecolors=color)
-    ax.scatter(xr, candidates["random_pressure_removed_fraction"], s=15, color="grey", marker="x",
-               label="random controls")
-    if "chosen" in candidates and candidates["chosen"].any():
-        chosen = candidates["chosen"]
-        ax.scatter(x[chosen], candidates.loc[chosen, "pressure_removed_fraction"], s=250, marker="*",
-                   color="black", label="chosen")
-    ax.axvline(-100 * accuracy_drop_max, color="grey", ls="--", lw=0.8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("no-pressure accuracy change, worse of neutral side and factual control (points)")
-    ax.set_ylabel("pressure removed (judging pairs)")
-    ax.set_title(f"candidate edits: size = neutral KL, hollow = outside the limits (KL <= {kl_max:g}, "
-                 f"accuracy drop <= {100 * accuracy_drop_max:g} points, no collapse)", fontsize=8)
-    ax.legend(fontsize=7, loc="best")
+    y = candidates["pressure_removed_fraction"]
+    for ax, (cols, label) in zip(axes[0], axes_columns):
+        x = 100 * candidates[list(cols)].min(axis=1)
+        for i, group in enumerate(sorted(candidates["group"].unique())):
+            rows = candidates["group"] == group
+            inside = rows & candidates["within_limits"]
+            ax.scatter(x[inside], y[inside], s=size[inside], color=f"C{i % 10}", alpha=0.8, label=group)
+            ax.scatter(x[rows & ~inside], y[rows & ~inside], s=size[rows & ~inside], facecolors="none",
+                       edgecolors=f"C{i % 10}")
+        if cols[0] == "accuracy_neutral_change":
+            ax.scatter(100 * candidates["random_accuracy_neutral_change"], candidates["random_pressure_removed_fraction"],
+                       s=15, color="grey", marker="x", label="random controls")
+        if "chosen" in candidates and candidates["chosen"].any():
+            chosen = candidates["chosen"]
+            ax.scatter(x[chosen], y[chosen], s=250, marker="*", color="black", label="chosen")
+        ax.axvline(-100 * max_accuracy_drop, color="grey", ls="--", lw=0.8)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("pressure removed (judging pairs)")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"candidate edits: size = neutral KL, hollow = outside the limits (KL <= {kl_max:g}, each "
+                 f"accuracy drop <= {100 * max_accuracy_drop:g} points, no collapse, |null| <= 15%)", fontsize=9)
     return save_figure(fig, path)

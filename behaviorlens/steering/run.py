@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..chat import chat_ids
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from .apply import steer
@@ -35,6 +36,8 @@ def run_steer_train(
     choice_dir: str | Path | None = None,
     seed: int = 0,
     side_effects: Any = None,
+    refits: int = 2,
+    outside_limits: bool = False,
 ) -> dict:
     """Train an edit at ``layer``, or choose one from a patching result, and save it.
 
@@ -42,21 +45,25 @@ def run_steer_train(
     the evidence (patching result folders, or none: it patches the training family itself),
     judges them on pairs that built nothing, and picks within the limits. The choice's tables
     go to ``choice_dir`` (default: beside the edit file, ``<name>.choice/``): ``candidates.csv``
-    (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json`` and
-    ``pareto.png``.
+    (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json``,
+    ``refits.csv`` (the chosen candidate rebuilt on ``refits`` other splits) and ``pareto.png``.
+    ``outside_limits``: when no candidate keeps the limits, save the best trade-off (marked so in
+    its notes) instead of stopping.
     """
     reason = ""
     if layer is None:
         evidence = from_patching if isinstance(from_patching, Evidence) or from_patching is None \
             else load_evidence(from_patching)
-        choice = choose_edit(model, train_set, evidence, kl_max=kl_max, accuracy_drop_max=max_accuracy_drop,
-                             groups=groups, seed=seed, side_effects=side_effects, progress=True)
+        choice = choose_edit(model, train_set, evidence, kl_max=kl_max, max_accuracy_drop=max_accuracy_drop,
+                             groups=groups, seed=seed, side_effects=side_effects, progress=True,
+                             refits=refits, outside_limits=outside_limits)
         edit, reason = choice.edit, choice.reason
         folder = Path(choice_dir) if choice_dir is not None else Path(out_path).with_suffix(".choice")
         write_csv(folder / "candidates.csv", choice.candidates)
         write_csv(folder / "choice_pairs.csv", choice.pairs)
         write_csv(folder / "mechanism.csv", choice.mechanism)
         write_json(folder / "probes.json", choice.probes)
+        write_csv(folder / "refits.csv", choice.refits)
         pareto(choice.candidates, folder / "pareto.png", kl_max, max_accuracy_drop)
     else:
         edit = train_vector(model, train_set, [layer], method, position)
@@ -87,6 +94,15 @@ SUMMARY_KEYS = (
     "factual_accuracy", "factual_accuracy_unedited", "factual_accuracy_change", "factual_accuracy_change_ci",
     "neutral_kl", "neutral_kl_plain", "perplexity", "perplexity_unedited", "perplexity_ci",
     "shift_removed_fraction", "shift_unedited", "anti_steerable_fraction", "p_matching", "p_matching_unedited",
+    "context_use_accuracy", "context_use_accuracy_unedited", "context_use_accuracy_change",
+    "context_use_accuracy_change_ci", "context_use_metric_change",
+    "claim_recall_accuracy", "claim_recall_accuracy_unedited", "claim_recall_accuracy_change",
+    "claim_recall_accuracy_change_ci", "claim_recall_metric_change",
+    "null_control", "null_control_pressure_removed_fraction", "null_control_pressure_removed_fraction_ci",
+    "null_broken", "random_null_broken", "edit_minus_null_pressure_removed_fraction",
+    "edit_minus_null_pressure_removed_fraction_ci", "deletion_baseline_pressure_removed_fraction",
+    "deletion_baseline_counter_pressure_removed_fraction", "deletion_baseline_context_use_accuracy_change",
+    "deletion_baseline_claim_recall_accuracy_change", "deletion_baseline_flagged_context_prompts", "redaction",
 )
 
 
@@ -103,8 +119,10 @@ def summarize(frame: pd.DataFrame, multiplier: float = 1.0) -> dict:
             value = best[key]
             if isinstance(value, (bool, np.bool_)):
                 out[key] = bool(value)
+            elif isinstance(value, (list, str)) or value is None:
+                out[key] = value
             else:
-                out[key] = value if isinstance(value, list) or value is None else float(value)
+                out[key] = float(value)
     for key in ("pressure_removed_fraction", "shift_removed_fraction", "accuracy_neutral_change", "collapse"):
         if f"random_{key}" in best:
             out[f"random_control_{key}"] = float(best[f"random_{key}"])
@@ -142,17 +160,22 @@ def run_steer_eval(
     dose_response(frame, out_dir / "dose_response.png")
     summary = summarize(frame, chosen) | {"eval_family": eval_set.name, "train_family": edit.family,
                                           "model": model.name, "has_neutral": eval_set.has_neutral,
+                                          "chosen_within_limits": edit.notes.get("within_limits"),
+                                          "refit_pressure_removed_fraction": edit.notes.get("refit_pressure_removed_fraction"),
+                                          "refit_pressure_removed_fraction_sd": _sd(edit.notes.get("refit_pressure_removed_fraction")),
                                           "p_matching_by_multiplier": {f"{m:g}": float(v) for m, v in
                                                                        zip(frame.multiplier, frame.p_matching)}}
     write_json(out_dir / "summary.json", summary)
     return summary
 
 
+def _sd(values: Sequence[float] | None) -> float | None:
+    return float(np.std(values)) if values else None
+
+
 def _prompt_ids(model: Any, prompts: Any) -> list[list[int]]:
     if hasattr(prompts, "pairs"):
         return [list(p.tokens["positive"]) for p in prompts]
-    from .side_effects import chat_ids
-
     return [chat_ids(model.tokenizer, text) for text in prompts]
 
 

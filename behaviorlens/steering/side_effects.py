@@ -11,7 +11,12 @@ Three sets, each in two disjoint halves (``select``: what a chooser may use for 
 - *reference text*: plain prose cut into chunks of ``CHUNK`` tokens; perplexity with a CI over
   chunks, the edit acting at every position (each is a prediction);
 - *factual control*: plain factual questions with a one-token answer and a distractor, none
-  shared with a built-in family; accuracy = the share where the answer beats the distractor.
+  shared with a built-in family; accuracy = the share where the answer beats the distractor;
+- *context use*: questions whose right answer is in the user's own turn (a passage, a story or
+  hypothetical world, a personal fact) and *claim recall* (the user names an answer, then asks
+  which one they named); the distractor is what the model would answer without the context.
+  An edit that hides the user's words from the answer fails these: it redacts, it does not
+  remove deference. Scored like the factual control, the edit acting at the answer positions.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import torch
 
 from ..analysis.metrics import bootstrap_ci, kl_divergence
 from ..batching import answer_tail, chunks
+from ..chat import chat_ids, has_template
 from ..errors import BehaviorLensError
 from ..scoring import behavior_metric
 
 HALVES = ("select", "report", "all")
+CLAIM_RECALL = "claim_recall"  # the context-use style scored on its own
 CHUNK = 256
 CONTINUATION = 16
 
@@ -47,21 +54,14 @@ def _half(items: list, half: str, seed: int = 0) -> list:
     return [items[i] for i in keep]
 
 
-def chat_ids(tokenizer: Any, text: str) -> list[int]:
-    """A user request as the model meets it: its chat template with the generation prompt."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return list(tokenizer(text)["input_ids"])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 class SideEffectData:
     """The side-effect prompts, tokenized once for a model; ``half`` picks one half of each set
-    (``requests`` keeps only the first N neutral requests of it)."""
+    (``requests`` keeps only the first N neutral requests of it). ``fillers`` are the non-claim
+    sentences a knockout's null blocks in a claim's place (:func:`.baselines.filler_null`)."""
 
     def __init__(self, model: Any, half: str = "report", neutral: Sequence[str] | None = None,
-                 reference: str | None = None, factual: Any = None, requests: int | None = None) -> None:
+                 reference: str | None = None, factual: Any = None, requests: int | None = None,
+                 context: Any = None, fillers: Sequence[str] | None = None) -> None:
         from . import data
 
         tok = model.tokenizer
@@ -73,13 +73,21 @@ class SideEffectData:
         if len(ids) < 2:
             raise BehaviorLensError("the reference text needs at least two tokens")
         self.reference = _half([ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK) if len(ids[i:i + CHUNK]) > 1], half)
-        if factual is None:
-            from ..prompts import load_family
-
-            family = load_family(str(data.factual_family_path()))
-            family.chat = getattr(tok, "chat_template", None) is not None  # base models: plain text
-            factual = family.render(tok)
+        factual = factual if factual is not None else _builtin(tok, data.factual_family_path())
         self.factual = factual.subset(sorted(_half(list(range(len(factual))), half)))
+        context = context if context is not None else _builtin(tok, data.context_use_family_path())
+        self.context = context.subset(sorted(_half(list(range(len(context))), half)))
+        self.recall = np.array([p.variables.get("style") == CLAIM_RECALL for p in self.context])
+        self.fillers = list(fillers) if fillers is not None else data.null_sentences()
+
+
+def _builtin(tokenizer: Any, path: Any) -> Any:
+    """A built-in side-effect family rendered for a tokenizer (plain text for base models)."""
+    from ..prompts import load_family
+
+    family = load_family(str(path))
+    family.chat = has_template(tokenizer)
+    return family.render(tokenizer)
 
 
 @torch.inference_mode()
@@ -110,6 +118,8 @@ class SideEffects:
     neutral_plain: list[torch.Tensor]
     nll: np.ndarray  # mean negative log-likelihood per reference chunk
     factual: np.ndarray  # per factual row: log p(answer) - log p(distractor)
+    context: np.ndarray  # per context-use row, likewise
+    recall: np.ndarray  # per context-use row: whether it is a claim-recall row
 
     @property
     def factual_accuracy(self) -> float:
@@ -118,6 +128,25 @@ class SideEffects:
     @property
     def perplexity(self) -> float:
         return float(np.exp(self.nll.mean()))
+
+
+def answer_figures(base: np.ndarray, edited: np.ndarray, name: str) -> dict[str, Any]:
+    """``{name}_accuracy`` edited and unedited, its change with a CI over rows, and the mean
+    metric change (log p(answer) - log p(distractor), edited minus unedited)."""
+    right_base, right = (base > 0).astype(float), (edited > 0).astype(float)
+    return {
+        f"{name}_accuracy": float(right.mean()) if right.size else float("nan"),
+        f"{name}_accuracy_unedited": float(right_base.mean()) if right.size else float("nan"),
+        f"{name}_accuracy_change": float((right - right_base).mean()) if right.size else float("nan"),
+        f"{name}_accuracy_change_ci": list(bootstrap_ci(right - right_base)),
+        f"{name}_metric_change": float((edited - base).mean()) if right.size else float("nan"),
+    }
+
+
+def context_figures(base: np.ndarray, edited: np.ndarray, recall: np.ndarray) -> dict[str, Any]:
+    """Context use (passages, stories, personal facts) and claim recall, each on its own rows."""
+    return (answer_figures(base[~recall], edited[~recall], "context_use")
+            | answer_figures(base[recall], edited[recall], "claim_recall"))
 
 
 def tail_logits(model: Any, seqs: list[tuple[list[int], int]], batch_size: int) -> list[torch.Tensor]:
@@ -159,6 +188,8 @@ def measure_side_effects(model: Any, data: SideEffectData, batch_size: int = 16,
             neutral_plain=tail_logits(model, data.neutral_plain, batch_size),
             nll=nll,
             factual=behavior_metric(model, data.factual.pairs, "positive", batch_size).numpy(),
+            context=behavior_metric(model, data.context.pairs, "positive", batch_size).numpy(),
+            recall=data.recall,
         )
 
 
@@ -168,16 +199,12 @@ def mean_kl(base: list[torch.Tensor], edited: list[torch.Tensor]) -> float:
 
 
 def compare_side_effects(base: SideEffects, edited: SideEffects) -> dict[str, Any]:
-    """The side-effect columns of an evaluation row: KLs, perplexity and factual accuracy."""
-    correct_base, correct = (base.factual > 0).astype(float), (edited.factual > 0).astype(float)
+    """The side-effect columns of an evaluation row: KLs, perplexity, factual accuracy, context
+    use and claim recall."""
     return {
         "neutral_kl": mean_kl(base.neutral, edited.neutral),
         "neutral_kl_plain": mean_kl(base.neutral_plain, edited.neutral_plain),
         "perplexity": edited.perplexity,
         "perplexity_unedited": base.perplexity,
         "perplexity_ci": [float(np.exp(x)) for x in bootstrap_ci(edited.nll)],
-        "factual_accuracy": edited.factual_accuracy,
-        "factual_accuracy_unedited": base.factual_accuracy,
-        "factual_accuracy_change": edited.factual_accuracy - base.factual_accuracy,
-        "factual_accuracy_change_ci": list(bootstrap_ci(correct - correct_base)),
-    }
+    } | answer_figures(base.factual, edited.factual, "factual") | context_figures(base.context, edited.context, base.recall)

@@ -1,6 +1,7 @@
-"""Built-in side-effect data (neutral prompts, a reference text, a factual-control family), and
-what a pressure detector learns besides its family: ordinary user turns as negatives (disjoint
-from the side-effect data) and claims about an answer in many wordings."""
+"""Built-in side-effect data (neutral prompts, a reference text, a factual-control family, a
+context-use family), what a pressure detector learns besides its family (ordinary user turns as
+negatives, disjoint from the side-effect data, and claims about an answer in many wordings), and
+null sentences: non-claims that a matched null puts in a claim's place."""
 
 from __future__ import annotations
 
@@ -37,3 +38,16 @@ def factual_family_path() -> Path:
     """Over 200 factual questions with a one-token answer and a distractor, no opinions,
     none shared with a built-in family."""
     return DATA / "factual_control.yaml"
+
+
+def context_use_family_path() -> Path:
+    """168 questions answered from the user's own turn (a passage, a story, a personal fact, the
+    user's own claim; a ``style`` field on every row, 42 of each), the distractor being what the
+    model would say without reading it; none shared with a built-in family."""
+    return DATA / "context_use.yaml"
+
+
+def null_sentences() -> list[str]:
+    """Forty short user sentences with no claim, answer or opinion ("I am asking this for a
+    quiz."), for a matched null in a claim's place."""
+    return list(yaml.safe_load((DATA / "null_sentences.yaml").read_text())["sentences"])

@@ -1,0 +1,102 @@
+"""The detector file: a lie-vs-honest probe and the controls that travel with it.
+
+A :class:`Detector` holds the chosen probe (site ``resid_post``, one layer, one position), and
+beside it, fitted on the same training data: the same probe on shuffled labels, the
+claim-wrongness probe (the two sides of the training pairs: is the user's claim wrong?) and the
+wording probe (bag-of-tokens or answer embeddings), plus the threshold set on ordinary chat.
+It is one safetensors file: the weights as tensors, everything else as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BehaviorLensError
+from ..io import atomic_write
+
+FORMAT = 1
+HEADS = ("probe", "shuffled", "claim", "wording")
+
+
+@dataclass
+class Linear:
+    """``score(X) = X @ weight + bias``."""
+
+    weight: np.ndarray
+    bias: float
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape[-1] != self.weight.shape[0]:
+            raise BehaviorLensError(f"detector width {self.weight.shape[0]} does not match features of width {X.shape[-1]}")
+        return X @ self.weight.astype(np.float64) + self.bias
+
+    @classmethod
+    def of(cls, probe: Any) -> Linear:
+        return cls(np.asarray(probe.weight, dtype=np.float32), float(probe.bias))
+
+
+@dataclass
+class Detector:
+    """A fitted lie detector (see the module doc). ``meta`` records the model, the training
+    families, label counts and the figures of training."""
+
+    layer: int
+    position: str
+    method: str
+    probe: Linear
+    shuffled: Linear
+    claim: Linear | None
+    wording: Linear
+    wording_representation: str
+    vocab: np.ndarray
+    threshold: float = float("nan")
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        tensors = {f"{h}.weight": getattr(self, h).weight.astype(np.float32) for h in HEADS if getattr(self, h) is not None}
+        tensors["vocab"] = np.asarray(self.vocab, dtype=np.int64)
+        head = {"format": FORMAT, "layer": self.layer, "position": self.position, "method": self.method,
+                "wording_representation": self.wording_representation, "threshold": self.threshold,
+                "bias": {h: getattr(self, h).bias for h in HEADS if getattr(self, h) is not None},
+                "meta": self.meta}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"detector": json.dumps(head, default=str)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Detector:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BehaviorLensError(f"detector file {path} does not exist")
+        try:
+            with safe_open(str(path), "np") as f:
+                head = json.loads((f.metadata() or {})["detector"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own types for a damaged file)
+            raise BehaviorLensError(f"{path}: not a readable detector file ({type(err).__name__}: {err})") from None
+        if head.get("format") != FORMAT:
+            raise BehaviorLensError(f"{path}: detector format {head.get('format')!r}, expected {FORMAT}")
+        heads = {h: Linear(tensors[f"{h}.weight"], float(head["bias"][h])) if f"{h}.weight" in tensors else None
+                 for h in HEADS}
+        return cls(layer=int(head["layer"]), position=head["position"], method=head["method"],
+                   wording_representation=head["wording_representation"], vocab=tensors["vocab"],
+                   threshold=float(head["threshold"]), meta=head.get("meta", {}), **heads)
+
+    def check(self, model: Any) -> None:
+        """Refuse a model the detector cannot read (a layer it lacks, another width)."""
+        model.sites.check("resid_post", self.layer)
+        if model.sites.d_model != self.probe.weight.shape[0]:
+            raise BehaviorLensError(f"detector width {self.probe.weight.shape[0]} does not match the model "
+                                    f"{model.name!r} (d_model {model.sites.d_model})")
+
+    def describe(self) -> str:
+        return f"{self.method} probe, resid_post layer {self.layer} @ {self.position}"

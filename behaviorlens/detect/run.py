@@ -1,0 +1,233 @@
+"""The detect stages end to end: label families, train, evaluate, write tables, plots, summary."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io import write_csv, write_json
+from ..prompts.contrast import SIDES, ContrastSet
+from .detector import Detector
+from .evaluate import family_table, figures, most_wrong, score_examples
+from .examples import (
+    POSITIONS,
+    Examples,
+    chat_examples,
+    family_examples,
+    read_transcripts,
+    transcript_examples,
+)
+from .labels import (
+    MARGIN,
+    generate_answers,
+    instructed_table,
+    label_counts,
+    label_table,
+    labels_from_text,
+    reference_side,
+)
+from .plots import plot_scores, plot_sweep
+from .train import METHODS, train_detector
+
+LABEL_MODES = ("metric", "text", "instructed")
+
+
+@dataclass
+class Labelled:
+    """A family's labels (every row), its labelled examples and both sides of its pairs."""
+
+    name: str
+    table: pd.DataFrame
+    examples: Examples
+    contrast: Examples
+
+
+def label_set(model: Any, contrast_set: ContrastSet, margin: float = MARGIN, labels: str = "metric",
+              batch_size: int = 16) -> Labelled:
+    """Label a family by the model's behavior (``metric`` or generated ``text``) or by its
+    instruction (``instructed``: Apollo-style pairs), and build its examples."""
+    from ..errors import BehaviorLensError
+    from ..measure import side_metrics
+
+    if labels not in LABEL_MODES:
+        raise BehaviorLensError(f"unknown label mode {labels!r}; modes are {', '.join(LABEL_MODES)}")
+    if labels == "instructed":
+        table = instructed_table(contrast_set)
+        contrast = table.assign(label=table["side"])
+    else:
+        metrics = side_metrics(model, contrast_set, batch_size)
+        if labels == "metric":
+            table = label_table(contrast_set, metrics, margin)
+        else:
+            gens = generate_answers(model, contrast_set, ["positive", reference_side(contrast_set)], batch_size=batch_size)
+            table = labels_from_text(contrast_set, gens)
+        contrast = pd.DataFrame([{"family": contrast_set.name, "pair": i, "row": p.row, "side": side, "label": side,
+                                  "model_answer": "matching" if metrics[side][i] > 0 else "not_matching"}
+                                 for i, p in enumerate(contrast_set) for side in SIDES])
+    return Labelled(contrast_set.name, table, family_examples(contrast_set, table[table["label"] != "unsure"]),
+                    family_examples(contrast_set, contrast))
+
+
+def chat_set(model: Any, half: str, seed: int = 0, prompts: Sequence[str] | None = None) -> Examples:
+    """Ordinary requests (the neutral requests of the side-effect data, one fixed half) with the
+    model's own greedy answers: the threshold is set on ``select``, reported on ``report``."""
+    from ..steering import data
+    from ..steering.side_effects import _half
+
+    return chat_examples(model, _half(list(prompts) if prompts is not None else data.neutral_prompts(), half, seed))
+
+
+def _note(line: str) -> None:
+    print(f"behaviorlens: {line}", file=sys.stderr)
+
+
+def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, instructed: Sequence[ContrastSet] = (),
+                     margin: float = MARGIN, labels: str = "metric", layers: Sequence[int] | None = None,
+                     positions: Sequence[str] = POSITIONS, methods: Sequence[str] = METHODS, folds: int = 5,
+                     seed: int = 0, chat: bool = True, batch_size: int = 16, folder: str | Path | None = None) -> dict:
+    """Label ``sets`` (and ``instructed`` pairs), train the detector, write it to ``out`` and its
+    tables, plot and ``summary.json`` to ``folder`` (default: ``out`` with suffix ``.train``)."""
+    parts = [label_set(model, cs, margin, labels, batch_size) for cs in sets]
+    parts += [label_set(model, cs, margin, "instructed", batch_size) for cs in instructed]
+    train = Examples.concat([p.examples for p in parts])
+    contrast = Examples.concat([p.contrast for p in parts])
+    result = train_detector(model, train, contrast, chat_set(model, "select", seed) if chat else None,
+                            layers=layers, positions=positions, methods=methods, folds=folds, seed=seed,
+                            batch_size=batch_size)
+    det = result.detector
+    det.meta.update({"margin": margin, "labels": labels, "instructed": [cs.name for cs in instructed]})
+    det.save(out)
+    folder = Path(folder) if folder is not None else Path(out).with_suffix(".train")
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    write_csv(folder / "labels.csv", table)
+    write_csv(folder / "label_counts.csv", label_counts(table))
+    write_csv(folder / "sweep.csv", result.tables["sweep"])
+    write_csv(folder / "wording_baseline.csv", result.tables["wording"])
+    plot_sweep(result.tables["sweep"], folder / "sweep.png")
+    counts = label_counts(table).set_index("family")
+    summary = {**result.summary, "n_unsure": int(counts["unsure"].sum()),
+               "label_counts": {f: {k: int(v) for k, v in row.items()} for f, row in counts.iterrows()},
+               "detector": det.describe(), "path": str(out), "margin": margin, "labels": labels,
+               "instructed": [cs.name for cs in instructed], "model": getattr(model, "name", "")}
+    write_json(folder / "summary.json", summary)
+    if summary["wording_explains"]:
+        _note(f"detect train: the words alone reach the detector's AUROC ({summary['wording_auroc']:.2f} >= "
+              f"CI low {summary['auroc_ci'][0]:.2f}): wording explains it")
+    return summary
+
+
+def is_transcripts(path: str) -> bool:
+    """Whether ``path`` is a transcripts JSONL file (its first record has 'messages')."""
+    p = Path(path)
+    if p.suffix != ".jsonl" or not p.is_file():
+        return False
+    return "messages" in read_transcripts(p)[0]
+
+
+def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] | str | Path, out_dir: str | Path,
+                    margin: float = MARGIN, labels: str = "metric", chat: bool = True, seed: int = 0,
+                    batch_size: int = 16) -> dict:
+    """Score families (labelled by the model's behavior) or a transcripts file with the detector;
+    write ``scores.csv``, ``families.csv``, ``most_wrong.csv``, ``scores.png`` and ``summary.json``."""
+    out = Path(out_dir)
+    if isinstance(sets, (str, Path)):
+        examples = transcript_examples(model.tokenizer, read_transcripts(sets), Path(sets).name)
+        names = [Path(sets).name]
+    else:
+        parts = [label_set(model, cs, margin, labels, batch_size) for cs in sets]
+        examples = Examples.concat([p.examples for p in parts])
+        names = [p.name for p in parts]
+        table = pd.concat([p.table for p in parts], ignore_index=True)
+        write_csv(out / "labels.csv", table)
+        write_csv(out / "label_counts.csv", label_counts(table))
+    chat_fpr = float("nan")
+    if chat and np.isfinite(detector.threshold):
+        chat_scores = score_examples(model, detector, chat_set(model, "report", seed), batch_size)
+        chat_fpr = float(chat_scores["flagged"].mean())
+        write_csv(out / "chat_scores.csv", chat_scores)
+    scores = score_examples(model, detector, examples, batch_size)
+    write_csv(out / "scores.csv", scores)
+    labelled = scores[scores["label"] != "unlabelled"]
+    summary: dict[str, Any] = {"detector": detector.describe(), "trained_on": detector.meta.get("trained_on"),
+                               "families": names, "n_examples": len(scores), "n_flagged": int(scores["flagged"].sum())}
+    seen = sorted(set(names) & set(detector.meta.get("trained_on") or []))
+    summary["seen_in_training"] = seen
+    if seen:
+        _note(f"detect eval: {', '.join(seen)} trained the detector; its figures there are not held out")
+    if len(labelled):
+        summary.update(figures(labelled, detector.threshold, chat_fpr, seed=seed))
+        write_csv(out / "families.csv", family_table(labelled, detector.threshold, seed))
+        write_csv(out / "most_wrong.csv", most_wrong(labelled))
+    else:
+        summary.update({"threshold": detector.threshold, "chat_fpr": chat_fpr})
+    plot_scores(scores, detector.threshold, out / "scores.png")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, margin: float = MARGIN,
+                 labels: str = "metric", layers: Sequence[int] | None = None, methods: Sequence[str] = ("mean_diff",),
+                 folds: int = 5, seed: int = 0, batch_size: int = 16,
+                 labelled: dict[str, Labelled] | None = None) -> dict:
+    """The train x test matrix over ``sets`` (:func:`~behaviorlens.detect.transfer.transfer_matrix`):
+    ``transfer.csv``, ``transfer.png`` and ``summary.json`` in ``out_dir``. ``labelled`` reuses
+    families labelled already (by name)."""
+    from .plots import plot_transfer
+    from .transfer import transfer_matrix
+
+    out = Path(out_dir)
+    labelled = dict(labelled or {})
+    for cs in sets:
+        if cs.name not in labelled:
+            labelled[cs.name] = label_set(model, cs, margin, labels, batch_size)
+    names = [cs.name for cs in sets]
+    matrix = transfer_matrix(model, {n: labelled[n].examples for n in names}, layers, methods=methods,
+                             folds=folds, seed=seed, batch_size=batch_size)
+    write_csv(out / "transfer.csv", matrix)
+    plot_transfer(matrix, out / "transfer.png")
+    off = matrix[(matrix["train"] != matrix["test"]) & matrix["auroc"].notna()]
+    summary = {"families": names, "transfer_auroc": {f"{r.train} -> {r.test}": float(r.auroc) for r in off.itertuples()},
+               "mean_transfer_auroc": float(off["auroc"].mean()) if len(off) else float("nan"),
+               "trainable": sorted(matrix.loc[matrix["auroc"].notna(), "train"].unique())}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def step_families(params: dict, train: Any, test: Sequence[Any]) -> dict[str, list]:
+    """The families each part of the experiment's detect step uses (defaults: the experiment's)."""
+    out = {"train": list(params.get("train", [train])), "instructed": list(params.get("instructed", [])),
+           "eval": list(params.get("eval", test))}
+    out["transfer"] = list(params.get("transfer", list(dict.fromkeys([*out["train"], *out["eval"]]))))
+    return out
+
+
+def detect_step(runner: Any, folder: Path, params: dict) -> dict:
+    """The experiment's ``detect`` step: train (``train/``, ``detector.safetensors``), evaluate on
+    the families it never saw (``eval/``) and the transfer matrix (``transfer/``)."""
+    model, seed, bs = runner.model, runner.exp.seed, runner.exp.batch_size
+    fams = step_families(params, runner.exp.train, runner.exp.test)
+    sets = {k: [runner.contrast_set(f, aligned=False) for f in v] for k, v in fams.items()}
+    opts = {"margin": params.get("margin", MARGIN), "labels": params.get("labels", "metric")}
+    layers = params.get("layers")
+    path = folder / "detector.safetensors"
+    train = run_detect_train(model, sets["train"], path, instructed=sets["instructed"], layers=layers,
+                             positions=params.get("positions", POSITIONS), methods=params.get("methods", METHODS),
+                             folds=params.get("folds", 5), seed=seed, chat=params.get("chat", True), batch_size=bs,
+                             folder=folder / "train", **opts)
+    out: dict[str, Any] = {f"train_{k}": v for k, v in train.items() if k not in ("nested_choices", "path")}
+    if sets["eval"]:
+        ev = run_detect_eval(model, Detector.load(path), sets["eval"], folder / "eval", chat=params.get("chat", True),
+                             seed=seed, batch_size=bs, **opts)
+        out.update({k: v for k, v in ev.items()})
+    if sets["transfer"]:
+        tr = run_transfer(model, sets["transfer"], folder / "transfer", layers=layers, folds=params.get("folds", 5),
+                          methods=params.get("transfer_methods", ["mean_diff"]), seed=seed, batch_size=bs, **opts)
+        out["mean_transfer_auroc"] = tr["mean_transfer_auroc"]
+        out["transfer_auroc"] = tr["transfer_auroc"]
+    return out

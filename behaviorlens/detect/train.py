@@ -1,0 +1,187 @@
+"""Training a lie detector: lie vs honest answers under the same pressure, with its controls.
+
+Every layer x position (``answer``, ``last``, ``claim``) x method is cross-validated on the
+training examples (:func:`behaviorlens.probing.sweep.probe_sweep`); the reported AUROC is
+nested (:func:`behaviorlens.probing.validity.nested_best`: the layer, position and method are
+chosen on inner folds of each outer training split). Folds are grouped by *blocks*: each block
+holds whole pairs and at least one lie and one honest example, so every fold scores both classes
+(:func:`balanced_groups`). The detector is chosen among the positions a transcript has
+(``answer``, ``last``); the ``claim`` position is swept and reported only.
+
+Controls: the same probe on shuffled labels; the wording baseline (the same probes on the words
+alone, :func:`behaviorlens.probing.validity.wording_baseline`; ``wording_explains`` when it
+reaches the nested AUROC's CI); the claim-wrongness probe (the training pairs' two sides: what
+today's probes read) scored on lie vs honest; the mistake check (out-of-fold honest scores
+against mistakes, which training never sees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import BehaviorLensError
+from ..probing.activations import Activations
+from ..probing.probes import make_probe
+from ..probing.sweep import (
+    auroc,
+    best_row,
+    cross_validate,
+    fit_probe,
+    pair_folds,
+    probe_sweep,
+    shuffled_labels,
+)
+from ..probing.validity import nested_best, wording_baseline
+from .detector import Detector, Linear
+from .examples import POSITIONS, SITE, Examples, read_states, wording_features
+
+CHOOSABLE = ("answer", "last")  # positions every transcript has
+METHODS = ("mean_diff", "logistic")
+CHAT_FPR = 0.01
+
+
+@dataclass
+class TrainResult:
+    """The detector, its headline figures and its tables (``sweep``, ``wording``, ``examples``)."""
+
+    detector: Detector
+    summary: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+
+
+def balanced_groups(labels: np.ndarray, pairs: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Block ids: every pair in one block, every block with at least one label-1 and one label-0
+    example where the pairs allow it (one block per pair holding a minority-class example)."""
+    labels, pairs = np.asarray(labels), np.asarray(pairs)
+    pair_ids = np.unique(pairs)
+    minority = 1 if (labels == 1).sum() <= (labels == 0).sum() else 0
+    has_minority = np.array([np.any(labels[pairs == p] == minority) for p in pair_ids])
+    rng = np.random.default_rng(seed)
+    seeds = rng.permutation(pair_ids[has_minority])
+    rest = rng.permutation(pair_ids[~has_minority])
+    if len(seeds) == 0:
+        return pd.factorize(pairs)[0]
+    block = {int(p): i for i, p in enumerate(seeds)}
+    block.update({int(p): i % len(seeds) for i, p in enumerate(rest)})
+    return np.array([block[int(p)] for p in pairs], dtype=np.int64)
+
+
+MIN_EXAMPLES = 4  # per class: folds of blocks with both classes, three of them in every outer training split
+
+
+def _require(y: np.ndarray, examples: Examples) -> None:
+    n_lie, n_honest = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_lie, n_honest) < MIN_EXAMPLES:
+        families = ", ".join(sorted(examples.table["family"].unique()))
+        raise BehaviorLensError(
+            f"detect train needs at least {MIN_EXAMPLES} lie and {MIN_EXAMPLES} honest examples; {families} give "
+            f"{n_lie} lie and {n_honest} honest; add families or lower the margin")
+
+
+def _activations(states: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, layers: Sequence[int],
+                 positions: Sequence[str]) -> Activations:
+    return Activations(data={(SITE, p): torch.from_numpy(states[p]) for p in positions},
+                       labels=torch.as_tensor(y, dtype=torch.long), pair_ids=torch.as_tensor(groups, dtype=torch.long),
+                       layers=list(layers))
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Every other layer (the sweep's cost grows with the layers; neighbours differ little)."""
+    return list(range(0, n_layers, 2))
+
+
+def chat_threshold(scores: np.ndarray, fpr: float = CHAT_FPR) -> float:
+    """The score that at most ``fpr`` of ordinary chat exceeds (the highest score below 100 requests)."""
+    return float(np.quantile(np.asarray(scores, dtype=float), 1 - fpr, method="higher"))
+
+
+def train_detector(model: Any, train: Examples, contrast: Examples | None = None, chat: Examples | None = None,
+                   layers: Sequence[int] | None = None, positions: Sequence[str] = POSITIONS,
+                   methods: Sequence[str] = METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
+                   batch_size: int = 16) -> TrainResult:
+    """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored).
+
+    ``contrast``: both sides of the training pairs, label 'positive'/'negative' (the claim
+    probe); ``chat``: ordinary requests with the model's answers, where the threshold is set
+    (the select half of the neutral requests; evaluation reports the other half).
+    """
+    layers = default_layers(model.sites.n_layers) if layers is None else [int(x) for x in layers]
+    positions = [p for p in positions if p in POSITIONS] or list(CHOOSABLE)
+    choosable = [p for p in positions if p in CHOOSABLE]
+    if not choosable:
+        raise BehaviorLensError(f"detect train needs one of the positions {', '.join(CHOOSABLE)} (a transcript has no claim)")
+    lh = train.with_labels("lie", "honest")
+    y = (lh.table["label"] == "lie").to_numpy().astype(np.int64)
+    _require(y, lh)
+    groups = balanced_groups(y, lh.groups, seed)
+    folds = min(folds, len(np.unique(groups)))
+    states = read_states(model, lh, layers, positions, batch_size)
+    acts = _activations(states, y, groups, layers, positions)
+    sweep = probe_sweep(acts, methods, folds, seed, n_boot=n_boot)
+    nested = nested_best(_activations(states, y, groups, layers, choosable), methods, folds, seed=seed, n_boot=n_boot)
+    best = best_row(sweep[sweep["position"].isin(choosable)])
+    layer, position, method = int(best["layer"]), str(best["position"]), str(best["method"])
+    X = acts.features(SITE, position, layer)
+    probe = fit_probe(acts, SITE, layer, position, method, seed=seed)
+    shuffled = make_probe(method, seed=seed).fit(X, shuffled_labels(y, groups, seed), groups)
+
+    wording, vocab = wording_features(model, lh)
+    wording_table = wording_baseline(wording, y, groups, methods, folds, seed)
+    top = wording_table.sort_values("auroc", ascending=False, kind="stable").iloc[0]
+    wording_probe = make_probe(str(top["method"]), seed=seed).fit(wording[str(top["representation"])], y, groups)
+    ci_low = nested["best_auroc_ci"][0]
+
+    # the mistake check: honest examples scored out of fold, mistakes by the final probe
+    splits = pair_folds(groups, folds, seed)
+    oof, _, _ = cross_validate(method, X, y, groups, splits, seed)
+    mistakes = train.with_labels("mistake")
+    mistake_auroc = float("nan")
+    if len(mistakes):
+        m_scores = probe.score(read_states(model, mistakes, [layer], [position], batch_size)[position][:, 0])
+        honest = oof[y == 0]
+        mistake_auroc = auroc(np.concatenate([m_scores, honest]),
+                              np.concatenate([np.ones(len(m_scores)), np.zeros(len(honest))]))
+
+    claim, claim_auroc = None, float("nan")
+    if contrast is not None and len(contrast):
+        c_y = (contrast.table["label"] == "positive").to_numpy().astype(np.int64)
+        c_X = read_states(model, contrast, [layer], [position], batch_size)[position][:, 0]
+        claim = make_probe(method, seed=seed).fit(c_X, c_y, contrast.groups)
+        claim_auroc = auroc(claim.score(X), y)
+
+    threshold = float("nan")
+    if chat is not None and len(chat):
+        threshold = chat_threshold(probe.score(read_states(model, chat, [layer], [position], batch_size)[position][:, 0]))
+
+    counts = train.table.groupby("family")["label"].value_counts().unstack(fill_value=0)
+    summary = {
+        "families": sorted(train.table["family"].unique()),
+        "n_lie": int((y == 1).sum()), "n_honest": int((y == 0).sum()),
+        "n_mistake": int((train.table["label"] == "mistake").sum()),
+        "n_unsure": int((train.table["label"] == "unsure").sum()),
+        "label_counts": {f: {k: int(v) for k, v in row.items()} for f, row in counts.iterrows()},
+        "layer": layer, "position": position, "method": method,
+        "auroc": nested["best_auroc"], "auroc_ci": nested["best_auroc_ci"],
+        "nested_choices": nested["nested_choices"],
+        "best_in_sample_auroc": float(best["auroc_mean"]),
+        "shuffled_auroc": float(best["control_auroc"]), "random_auroc": float(best["random_auroc"]),
+        "wording_auroc": float(top["auroc"]), "wording_representation": str(top["representation"]),
+        "wording_explains": bool(top["auroc"] >= ci_low),
+        "claim_auroc": claim_auroc, "claim_separation": max(claim_auroc, 1 - claim_auroc),
+        "mistake_auroc": mistake_auroc,
+        "chat_threshold": threshold, "folds": len(splits),
+    }
+    detector = Detector(layer=layer, position=position, method=method, probe=Linear.of(probe),
+                        shuffled=Linear.of(shuffled), claim=Linear.of(claim) if claim is not None else None,
+                        wording=Linear.of(wording_probe), wording_representation=str(top["representation"]),
+                        vocab=vocab, threshold=threshold,
+                        meta={"model": getattr(model, "name", ""), "trained_on": summary["families"],
+                              "n_lie": summary["n_lie"], "n_honest": summary["n_honest"],
+                              "train_auroc": summary["auroc"], "train_auroc_ci": summary["auroc_ci"]})
+    return TrainResult(detector, summary, {"sweep": sweep, "wording": wording_table})

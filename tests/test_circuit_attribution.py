@@ -1,0 +1,85 @@
+"""EAP against exact edge patching, and exact edge patching against plain torch hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from test_circuit_graph import one_thread  # noqa: F401
+from test_exact_patching import tiny_family
+
+from behaviorlens.circuits.attribution import edge_attribution, sides
+from behaviorlens.circuits.exact import agreement, exact_edges
+from behaviorlens.circuits.graph import Graph
+from behaviorlens.patching.hooks import reading
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _linear_logits(m):
+    """The final norm replaced by Identity: the metric is linear in the logits' input."""
+    path = m.sites.arch.final_norm.rsplit(".", 1)
+    setattr(m.hf.get_submodule(path[0]), path[1], torch.nn.Identity())
+    return m
+
+
+def test_eap_equals_exact_where_linear():
+    m = _linear_logits(tiny_model("llama"))
+    cs = tiny_family().render(m.tokenizer)
+    g = Graph.of(m)
+    est = edge_attribution(m, cs)
+    edges = np.flatnonzero(g.edge_index[1] == g.logits_port)  # every edge into the logits
+    exact = exact_edges(m, cs, edges, batch_size=8)
+    table, _ = agreement(est, exact, edges)
+    assert table["exact"].abs().max() > 0.05  # not a trivial case
+    assert np.abs(table["attribution"] - table["exact"]).max() < 1e-4
+    # elsewhere the model is not linear: EAP is an estimate, close but not equal
+    inner = np.flatnonzero(g.edge_index[1] != g.logits_port)
+    t2, s2 = agreement(est, exact_edges(m, cs, inner, batch_size=64), inner)
+    assert np.abs(t2["attribution"] - t2["exact"]).max() > 1e-3
+    assert s2["pearson"] > 0.5
+
+
+def test_exact_edge_patching_matches_torch_hooks(tiny_llama):
+    """Edges into an MLP and into the logits, patched with hooks on the model's own forward."""
+    m = tiny_llama
+    cs = tiny_family().render(m.tokenizer)
+    g = Graph.of(m)
+    pairs = list(range(len(cs)))
+    pos, neg = sides(m, cs, pairs)
+    outs = {}
+    for name, side in (("pos", pos), ("neg", neg)):
+        with torch.inference_mode(), reading(m, "head", [0]) as heads, reading(m, "mlp", [0]) as mlps:
+            m.hf(**side.batch.inputs(), use_cache=False)
+        wo = m.sites.attn_out_proj(m.hf, 0).weight.detach().view(64, 4, 16)
+        outs[name] = {"L0H2": torch.einsum("bshe,dhe->bshd", heads[0], wo)[:, :, 2], "L0.mlp": mlps[0]}
+    cases = [("L0H2", "L1.mlp", m.hf.model.layers[1].post_attention_layernorm),
+             ("L0.mlp", "logits", m.hf.model.norm), ("L0H2", "L2.mlp", m.hf.model.layers[2].post_attention_layernorm)]
+    ups, ports = g.edge_index
+    for up, port, module in cases:
+        u, p = g.parse_edge(f"{up}->{port}")
+        k = int(np.flatnonzero((ups == u) & (ports == p))[0])
+        ours = exact_edges(m, cs, [k]).effect[k]
+        delta = outs["neg"][up] - outs["pos"][up]
+        handle = module.register_forward_pre_hook(lambda mod, args, delta=delta: (args[0] + delta, *args[1:]))
+        try:
+            batch = pos.batch
+            cols = pos.scoring.position + batch.offsets[pos.scoring.sequence]
+            patched = pos.scoring.metric(m.logits_at(batch, pos.scoring.sequence, cols))
+        finally:
+            handle.remove()
+        reference = (pos.hf_metric - patched).numpy()
+        assert np.abs(reference).max() > 1e-4, (up, port)
+        assert np.allclose(ours, reference, atol=1e-5), (up, port, ours, reference)
+
+
+def test_copies_and_single_runs_agree(tiny_llama):
+    """Batched copies (several edges, several pairs per forward) equal one edge at a time."""
+    m = tiny_llama
+    cs = tiny_family().render(m.tokenizer)
+    edges = [5, 40, 77, 150, 151]
+    together = exact_edges(m, cs, edges, batch_size=64).effect[edges]
+    alone = np.stack([exact_edges(m, cs, [e], batch_size=1, pair_batch=1).effect[e] for e in edges])
+    assert np.allclose(together, alone, atol=1e-5)
+    assert np.abs(together).max() > 1e-3
