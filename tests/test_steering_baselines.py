@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from steering_helpers import planted_model, planted_set, tiny_context_set, tiny_set
+from steering_helpers import planted_model, planted_set, tiny_set
 
 from behaviorlens.chat import Scaffold
 from behaviorlens.measure import side_metrics
@@ -123,12 +123,6 @@ def test_filler_pairs_replace_only_the_claim_and_blocking_nothing_changes_nothin
     assert np.allclose(free, behavior_metric(model, pairs, "positive").numpy(), atol=1e-5)
     blocked = blocked_metric(model, pairs, "positive", spans, {1: [0, 1, 2, 3]})
     assert not np.allclose(blocked, free, atol=1e-4)  # blocking the span does reach the heads
-
-
-def test_tiny_context_set_marks_claim_recall_rows(planted):
-    model, _ = planted
-    ctx = tiny_context_set(model)
-    assert [p.variables["style"] == "claim_recall" for p in ctx] == [i % 2 == 1 for i in range(len(ctx))]
 
 
 def test_a_knockout_control_in_use_draws_only_among_the_conversation_s_tokens(planted, monkeypatch):
