@@ -25,26 +25,27 @@ from typing import Any
 
 import yaml
 
+from .circuits.params import CircuitParams
+from .detect.params import DetectParams
 from .errors import BehaviorLensError
 from .io import write_json
+from .remote import mode as remote_mode
+from .measure_params import MeasureParams
+from .params import from_step, step_keys
+from .patching.params import PatchParams
+from .probing.params import ProbeParams
+from .steering.params import SteerParams
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 STEPS = ("measure", "probe", "patch", "circuit", "steer", "detect")
 TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size", "predictions"}
 MODEL_KEYS = {"name", "dtype", "device", "device_map", "remote"}
 FAMILY_KEYS = {"train", "test"}
-STEP_KEYS: dict[str, set[str]] = {
-    "measure": {"families"},
-    "probe": {"sites", "positions", "methods", "folds"},
-    "patch": {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"},
-    "circuit": {"pairs", "test", "test_pairs", "method", "steps", "ablation", "keep", "exact_edges", "acdc",
-                "acdc_threshold"},
-    "detect": {"train", "instructed", "eval", "transfer", "margin", "labels", "layers", "positions", "methods",
-               "transfer_methods", "folds", "chat"},
-    "steer": {"eval_family", "multipliers", "layers", "method", "layer", "multiplier", "generate",
-              "max_accuracy_drop", "kl_max", "candidates", "controls", "side_effects", "refits",
-              "outside_limits"},
+STEP_PARAMS: dict[str, type] = {  # each step's parameter class: its fields are the step's keys
+    "measure": MeasureParams, "probe": ProbeParams, "patch": PatchParams, "circuit": CircuitParams,
+    "detect": DetectParams, "steer": SteerParams,
 }
+STEP_KEYS: dict[str, set[str]] = {step: step_keys(cls) for step, cls in STEP_PARAMS.items()}
 DEPENDS = {"steer": ("patch", "probe")}  # a step's fingerprint includes these steps' fingerprints
 PREDICTION_KEYS = {"what", "key", "equals", "at_least", "at_most"}
 PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
@@ -117,10 +118,7 @@ def validate(data: Any, source: str) -> Experiment:
     if isinstance(model, str):
         model = {"name": model}
     _known(model, MODEL_KEYS, f"{source}: model")
-    if model.get("remote"):
-        from .model import REMOTE_REFUSED
-
-        raise BehaviorLensError(f"{source}: model.remote: steps {', '.join(data.get('steps') or {})}: {REMOTE_REFUSED}")
+    remote_mode(model.get("remote"), f"{source}: model.remote")
     families = data.get("families") or {}
     _known(families, FAMILY_KEYS, f"{source}: families")
     if "train" not in families:
@@ -205,8 +203,13 @@ class Runner:
             m = self.exp.model
             self.log(f"loading model {m['name']!r}")
             self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
-                                     device_map=m.get("device_map"))
+                                     device_map=m.get("device_map"), remote=self.remote)
         return self._model
+
+    @property
+    def remote(self) -> str | None:
+        """The model's ``remote`` key as :func:`~behaviorlens.model.load_model` takes it: 'ndif', 'local' or None."""
+        return remote_mode(self.exp.model.get("remote"))
 
     def contrast_set(self, spec: Any, aligned: bool = True):
         from .prompts.sources import render_source, source_from
@@ -309,12 +312,13 @@ class Runner:
         from .analysis.plots import plot_shifts
         from .io import write_csv
         from .measure import run_measure
+        from .params import kwargs
 
-        names = params.get("families") or self.exp.families
+        p = from_step(MeasureParams, params)
         rows, examples = [], {}
-        for name in names:
+        for name in p.families or self.exp.families:
             cs = self.contrast_set(name, aligned=False)
-            s = run_measure(self.model, cs, folder / cs.name)
+            s = run_measure(self.model, cs, folder / cs.name, **kwargs(p))
             rows.append({"family": cs.name, "behavior": cs.behavior, "aligned": cs.aligned,
                          **{k: v for k, v in s.items() if not isinstance(v, (list, dict))},
                          "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1],
@@ -337,84 +341,59 @@ class Runner:
     def _probe(self, folder: Path, params: dict) -> dict:
         from .probing import run_probe
 
+        p = from_step(ProbeParams, params)
         train = self.contrast_set(self.exp.train, aligned=False)
         tests = {cs.name: cs for cs in (self.contrast_set(n, aligned=False) for n in self.exp.test)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        return run_probe(self.model, train, tests, out_dir=folder, batch_size=self.exp.batch_size, **kwargs)
+        return run_probe(self.model, train, tests, out_dir=folder, **(p.kwargs() | {"batch_size": self.exp.batch_size}))
 
     def _patch(self, folder: Path, params: dict) -> dict:
-        from .patching import run_patch
+        from .patching.run import patch_step
 
-        cs = self.contrast_set(self.exp.train)
-        n = params.get("pairs", 8)
-        common = {k: params[k] for k in ("direction", "clean") if k in params}
-        summary = {"resid": run_patch(self.model, cs, site=params.get("site", "resid_pre"), method="exact",
-                                      out_dir=folder / "resid", n_pairs=n,
-                                      positions=params.get("positions", "all"), **common)}
-        if params.get("heads", True):
-            summary["heads"] = run_patch(self.model, cs, site="head", method="exact",
-                                         out_dir=folder / "heads", n_pairs=n, **common)
-        if params.get("attribution", True):
-            summary["attribution"] = run_patch(self.model, cs, site=params.get("site", "resid_pre"),
-                                               method="attribution", out_dir=folder / "attribution",
-                                               n_pairs=n, **common)
-        return _flatten(summary)
+        return _flatten(patch_step(self, folder, from_step(PatchParams, params)))
 
     def _circuit(self, folder: Path, params: dict) -> dict:
         from .circuits.run import circuit_step
 
-        return circuit_step(self, folder, params)
+        return circuit_step(self, folder, from_step(CircuitParams, params))
 
     def _detect(self, folder: Path, params: dict) -> dict:
         from .detect.run import detect_step
 
-        return detect_step(self, folder, params)
+        return detect_step(self, folder, from_step(DetectParams, params))
 
     def _steer(self, folder: Path, params: dict) -> dict:
         from .io import write_csv
+        from .patching.results import PatchStepResult
+        from .probing.run import ProbeResult
         from .steering import Edit, generate_examples, run_steer_eval, run_steer_train
-        from .steering.choose import (
-            ACCURACY_DROP_MAX,
-            CHOICE_REQUESTS,
-            GROUPS,
-            KL_MAX,
-            load_evidence,
-        )
+        from .steering.choose import CHOICE_REQUESTS
 
+        p = from_step(SteerParams, params)
         train = self.contrast_set(self.exp.train, aligned=False)
-        eval_spec = params.get("eval_family") or (self.exp.test[0] if self.exp.test else self.exp.train)
-        eval_set = self.contrast_set(eval_spec, aligned=False)
+        eval_set = self.contrast_set(p.eval_family or (self.exp.test[0] if self.exp.test else self.exp.train),
+                                     aligned=False)
         evidence, head_effects = None, None
-        if "layer" not in params:  # what to edit comes from this run's patching results
-            folders = [f for f in sorted((self.out / "patch").glob("*")) if (f / "patching_means.csv").is_file()
-                       and f.name != "attribution"]
-            evidence = load_evidence(folders) if folders else None
-            if evidence is not None:
-                head_effects = {(int(r.layer), int(r["head"])): float(r.metric)
-                                for _, r in evidence.cells[evidence.cells.site == "head"].iterrows()
-                                if int(r.from_end) == 0}
-        layer = params.get("layer")
+        if p.layer is None:  # what to edit comes from this run's patching results
+            evidence = PatchStepResult.load(self.out / "patch").evidence()
+            head_effects = evidence.head_effects() if evidence is not None else None
+        layer = p.layer
         if layer == "probe":  # the layer where the probe step read the behavior best
-            layer = int(json.loads((self.out / "probe" / "summary.json").read_text())["best_layer"])
+            layer = ProbeResult.load(self.out / "probe").best_layer
         edit_path = folder / "edit.safetensors"
         train_summary = run_steer_train(
-            self.model, train, edit_path, layer=layer,
-            method=params.get("method", "mean_diff"), from_patching=evidence,
-            kl_max=params.get("kl_max", KL_MAX), max_accuracy_drop=params.get("max_accuracy_drop", ACCURACY_DROP_MAX),
-            groups=params.get("candidates", GROUPS), choice_dir=folder / "choice", seed=self.exp.seed,
+            self.model, train, edit_path, **(p.train_kwargs() | {"layer": layer}), from_patching=evidence,
+            choice_dir=folder / "choice", seed=self.exp.seed,
             side_effects=self.side_effects(params, "select", CHOICE_REQUESTS) if layer is None else None,
-            refits=params.get("refits", 2), outside_limits=params.get("outside_limits", True),
         )
         edit = Edit.load(edit_path, self.model)
-        if "multiplier" in params:  # the headline multiplier, stated before the run
-            edit.notes["multiplier"] = float(params["multiplier"])
+        if p.multiplier is not None:  # the headline multiplier, stated before the run
+            edit.notes["multiplier"] = float(p.multiplier)
         eval_summary = run_steer_eval(
-            self.model, edit, eval_set, multipliers=params.get("multipliers", [1.0]),
-            layers=params.get("layers"), out_dir=folder / "eval", batch_size=self.exp.batch_size,
-            seed=self.exp.seed, controls=params.get("controls", 5), head_effects=head_effects,
-            side_effects=self.side_effects(params, "report"),
+            self.model, edit, eval_set, out_dir=folder / "eval",
+            **(p.eval_kwargs() | {"batch_size": self.exp.batch_size}), seed=self.exp.seed,
+            head_effects=head_effects, side_effects=self.side_effects(params, "report"),
         )
-        gen = params.get("generate") or {}
+        gen = p.generate or {}
         if gen.get("prompts"):
             frame = generate_examples(
                 self.model, edit, gen["prompts"], [0.0, eval_summary["multiplier"]],
@@ -525,9 +504,15 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_experiment(name_or_path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """Validate and run an experiment; returns the results folder (holding report.html)."""
+def run_experiment(name_or_path: str | Path, out: str | Path | None = None, force: bool = False,
+                   remote: str | None = None) -> Path:
+    """Validate and run an experiment; returns the results folder (holding report.html).
+    ``remote`` ('local' or 'ndif') overrides the experiment's ``model.remote``."""
     exp = load_experiment(name_or_path)
+    if remote is not None:
+        exp.model["remote"] = remote_mode(remote)
+        raw = exp.raw.get("model", "default")
+        exp.raw["model"] = {**({"name": raw} if isinstance(raw, str) else raw), "remote": exp.model["remote"]}
     out = Path(out or Path("results") / exp.name)
     Runner(exp, out, force=force).run()
     return out

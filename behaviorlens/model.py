@@ -35,11 +35,6 @@ CACHE_ENV = "BEHAVIORLENS_CACHE"
 MANIFEST = "behaviorlens-manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREFIX_MIN = 8  # a shared prefix shorter than this is not worth a cached run
-REMOTE_REFUSED = (
-    "remote execution (NDIF) is not supported: every stage runs local forward passes with hooks on "
-    "the model's modules, which nnsight's remote execution does not run; load the model locally "
-    "(device_map='auto' shards one that needs several GPUs)"
-)
 
 
 def cache_root() -> Path:
@@ -60,6 +55,19 @@ class Model:
     sites: SiteMap
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    remote: str | None = None  # None, "local" (nnsight's simulation of NDIF) or "ndif"
+    interventions: list = field(default_factory=list)  # in force on the trace path (steering.apply)
+
+    @property
+    def traced(self) -> bool:
+        """Whether forwards run as nnsight traces (remote, or simulated) rather than plain calls."""
+        return self.remote is not None
+
+    def trace_kwargs(self) -> dict[str, Any]:
+        """What sends an nnsight trace of this model to its backend."""
+        from .remote import trace_kwargs
+
+        return trace_kwargs(self.remote, self.lm)
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -76,8 +84,12 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the input embedding."""
-        return self.sites.embedding(self.hf).weight.device
+        """Where inputs go: the device of the input embedding (NDIF: here, on the CPU)."""
+        if self.remote == "ndif":
+            return torch.device("cpu")
+        embedding = self.sites.embedding(self.hf)
+        hook = getattr(embedding, "_hf_hook", None)  # accelerate: where an offloaded module runs
+        return getattr(hook, "execution_device", None) or embedding.weight.device
 
     @property
     def pad_id(self) -> int:
@@ -90,12 +102,27 @@ class Model:
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
         """An nnsight trace; a :class:`Batch` is passed as its tensors."""
         inputs = tuple(x.inputs() if isinstance(x, Batch) else x for x in inputs)
-        return self.lm.trace(*inputs, **kwargs)
+        return self.lm.trace(*inputs, **self.trace_kwargs(), **kwargs)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
-        """Plain forward (no nnsight): float32 logits at every column."""
+        """Float32 logits at every column (a plain forward, or a trace when :attr:`traced`)."""
+        if self.traced:
+            from .interventions.trace import traced_logits
+
+            return traced_logits(self, batch)
         return self.hf(**batch.inputs(), use_cache=False).logits.float()
+
+    def generate(self, batch: Batch, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Greedy continuations (prompt and new ids) with the edits in force at every step."""
+        if self.traced:
+            from .interventions.trace import traced_generate
+
+            return traced_generate(self, batch, max_new_tokens, pad_token_id=self.pad_id, **kwargs)
+        with torch.inference_mode():
+            return self.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                    **kwargs)
 
     def logits_at(self, batch: Batch, rows: torch.Tensor, columns: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Float32 logits at (row, padded column) pairs: [reads, vocab].
@@ -104,6 +131,10 @@ class Model:
         mode unless ``grad`` (gradient work keeps the autograd graph).
         """
         width = batch.input_ids.shape[1]
+        if self.traced:
+            from .interventions.trace import traced_logits
+
+            return traced_logits(self, batch, rows, columns, grad)
         keep = width - int(columns.min())
         kwargs = {"logits_to_keep": keep} if self._keeps_logits and keep < width else {}
         with torch.inference_mode(not grad):
@@ -120,7 +151,7 @@ class Model:
         (:func:`behaviorlens.batching.prompt_part`). Same numbers as one padded batch.
         """
         prefix = shared_prefix(sequences) if len(sequences) > 1 else 0
-        if prefix < PREFIX_MIN or not self._caches_prefix:
+        if prefix < PREFIX_MIN or not self._caches_prefix or self.traced:
             batch = self.batch(sequences)
             return self.logits_at(batch, rows, positions + batch.offsets[rows])
         with prompt_part("prefix"):
@@ -188,16 +219,21 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | dict | None = None,
-    remote: bool = False,
+    remote: bool | str | None = None,
 ) -> Model:
     """Load a causal LM by name: ``"default"``, a Hugging Face id, a local folder or a .gguf file.
 
     ``dtype`` is float32 (the default on CPU), bfloat16 or float16; ``device`` is e.g.
     ``"cuda"``; ``device_map="auto"`` shards a large model over the GPUs (accelerate).
-    ``remote=True`` is refused (see :data:`REMOTE_REFUSED`).
+    ``remote="local"`` runs every forward as a trace through nnsight's simulation of NDIF (the
+    model still loads here); ``remote="ndif"`` (or ``True``) runs them on NDIF, which must serve
+    ``name`` (a Hugging Face id): only the config and tokenizer load here.
     """
-    if remote:
-        raise BehaviorLensError(f"load_model: {REMOTE_REFUSED}")
+    from .remote import mode
+
+    remote = mode(remote)
+    if remote == "ndif":
+        return _load_ndif(name)
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
     hf, tokenizer = _load_hf(name, torch_dtype, device_map)
@@ -208,7 +244,28 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config))
+    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config), remote=remote)
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def _load_ndif(name: str) -> Model:
+    """A model NDIF serves, with its weights on the meta device here (nothing downloads)."""
+    from nnsight import LanguageModel
+
+    from .remote import check_ndif
+
+    if name == DEFAULT or Path(name).exists():
+        raise BehaviorLensError(f"--remote: NDIF runs models by Hugging Face id; {name!r} is a local model "
+                                "(use --remote local for nnsight's simulation of NDIF)")
+    check_ndif(name)
+    start = time.perf_counter()
+    lm = LanguageModel(name)
+    tokenizer = lm.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(lm._module.config), remote="ndif")
     model.load_seconds = time.perf_counter() - start
     return model
 

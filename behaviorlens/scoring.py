@@ -21,6 +21,7 @@ import torch
 
 from .batching import answer_tail, map_batches
 from .errors import BehaviorLensError
+from .interventions.kinds import answer_metric
 
 
 @dataclass
@@ -45,16 +46,11 @@ class Scoring:
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric per prompt from the logits of every read ([reads, vocab]), in float32."""
-        logits = logits.float()
-        rows = torch.arange(len(logits), device=logits.device)
-        token = self.token.to(logits.device)
-        scores = torch.log_softmax(logits, -1)[rows, token] if self.whole else logits[rows, token]
-        per_answer = torch.zeros(len(self.answer_prompt), device=logits.device).index_add(
-            0, self.answer.to(logits.device), scores)
-        matching = self.answer_matching.to(logits.device)
-        prompt = self.answer_prompt.to(logits.device)
-        return _group_logsumexp(per_answer[matching], prompt[matching], self.n_prompts) - \
-            _group_logsumexp(per_answer[~matching], prompt[~matching], self.n_prompts)
+        return answer_metric(logits, *self.tensors(), self.n_prompts, self.whole)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What :func:`~behaviorlens.interventions.kinds.answer_metric` needs besides the logits."""
+        return self.token, self.answer, self.answer_prompt, self.answer_matching
 
     def take(self, prompts: Sequence[int]) -> tuple[Scoring, list[int]]:
         """The scoring of the given prompts (repeats allowed) and, per new sequence, the old one."""
@@ -97,17 +93,6 @@ class Scoring:
         first = torch.full((len(self.sequences),), 10**9).scatter_reduce(
             0, self.sequence, self.position, "amin", include_self=True)
         return lengths - first
-
-
-def _group_logsumexp(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
-    """logsumexp of ``values`` within each group 0..n-1 (a plain sum where a group has one)."""
-    counts = torch.bincount(groups, minlength=n)
-    if bool((counts == 1).all()):
-        return torch.zeros(n, device=values.device).index_add(0, groups, values)
-    peak = torch.full((n,), -torch.inf, device=values.device).scatter_reduce(
-        0, groups, values.detach(), "amax", include_self=True)
-    total = torch.zeros(n, device=values.device).index_add(0, groups, (values - peak[groups]).exp())
-    return total.log() + peak
 
 
 def needs_whole(pairs: Sequence) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Self
 import torch
 
 from .errors import BehaviorLensError
+from .interventions.access import RANKS, SiteRef
 
 SITES = ("resid_pre", "head", "attn", "mlp", "resid_post")  # execution order within a layer
 
@@ -170,21 +171,43 @@ class SiteMap:
     def layer(self, lm: Any, layer: int) -> Any:
         return _get(lm, self.arch.layers)[layer]
 
+    def ref(self, site: str, layer: int) -> SiteRef:
+        """Where a named site lives (:class:`~behaviorlens.interventions.access.SiteRef`)."""
+        self.check(site, layer)
+        block = f"{self.arch.layers}.{layer}"
+        order = (layer, RANKS[site])
+        if site == "resid_pre":
+            return SiteRef(block, "input", order=order)
+        if site == "resid_post":
+            return SiteRef(block, "output", order=order)
+        if site == "head":
+            return SiteRef(f"{block}.{self.arch.head_in}", "input", heads=self.n_heads, order=order)
+        path = self.arch.attn_out if site == "attn" else self.arch.mlp_out
+        return SiteRef(f"{block}.{path}", "output", order=order)
+
+    def attention_call_ref(self, layer: int) -> SiteRef:
+        """The call of a block's attention module (its keyword arguments hold the mask)."""
+        self.check("attn", layer)
+        return SiteRef(f"{self.arch.layers}.{layer}.{self.arch.attn}", "inputs", order=(layer, RANKS["attn_call"]))
+
+    def residual_source_refs(self) -> list[SiteRef]:
+        """Every output that sums into the residual stream: embeddings, each attn and mlp."""
+        refs = [SiteRef(self.arch.embed, order=(-1, RANKS["embed"]))]
+        if self.arch.pos_embed:
+            refs.append(SiteRef(self.arch.pos_embed, order=(-1, RANKS["embed"])))
+        return refs + [self.ref(site, i) for i in range(self.n_layers) for site in ("attn", "mlp")]
+
+    def parameter_ref(self, hf_model: torch.nn.Module, name: str) -> SiteRef:
+        """The module owning parameter ``name``, ordered by layer and registration."""
+        names = [n for n, _ in hf_model.named_parameters()]
+        path = name.rsplit(".", 1)[0]
+        prefix = self.arch.layers + "."
+        layer = int(path[len(prefix):].split(".")[0]) if path.startswith(prefix) else -1
+        return SiteRef(path, order=(layer, RANKS["linear"], names.index(name)))
+
     def read(self, lm: Any, site: str, layer: int) -> torch.Tensor:
         """The live activation of a site inside a trace (heads as [b, s, n_heads, head_dim])."""
-        self.check(site, layer)
-        block = self.layer(lm, layer)
-        if site == "resid_pre":
-            return block.input
-        if site == "resid_post":
-            return block.output
-        if site == "attn":
-            out = _get(block, self.arch.attn_out).output
-            return out[0] if self.arch.attn_out_is_tuple else out
-        if site == "mlp":
-            return _get(block, self.arch.mlp_out).output
-        x = _get(block, self.arch.head_in).input
-        return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
+        return self.ref(site, layer).read(lm)
 
     def write(self, lm: Any, site: str, layer: int, value: Any, index: Any = ...) -> torch.Tensor:
         """Set ``site[index] = value`` in place inside a trace; returns the edited live tensor.
@@ -198,9 +221,7 @@ class SiteMap:
                 # an out-of-range head would otherwise surface as a bare IndexError mid-trace
                 wrapped = head + self.n_heads if head < 0 <= head + self.n_heads else head
                 self.check(site, layer, wrapped)
-        live = self.read(lm, site, layer)
-        live[index] = value
-        return live
+        return self.ref(site, layer).write(lm, value, index)
 
     # -- plain torch modules (hooks, weight edits) -------------------------------------------
 

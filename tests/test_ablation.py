@@ -81,12 +81,12 @@ def test_three_conventions_match_a_hand_computation(tiny_llama):
 
 
 def test_cli_ablation_scan(tiny_llama, tmp_path, monkeypatch, capsys):
-    from behaviorlens import cli
+    from behaviorlens.cli import options
 
     path = tmp_path / "fam.yaml"
     path.write_text("name: abl\nchat: false\nuser: 'w5 {{ x }} {{ s }} w6'\nvalence: {s: {positive: w40, negative: w41}}\n"
                     "answers: {matching: ' w50', not_matching: ' w51'}\nrows: [{x: w30}, {x: w31 w32}, {x: w33}]\n")
-    monkeypatch.setattr(cli, "model_from_args", lambda args: tiny_llama)
+    monkeypatch.setattr(options, "model_from_args", lambda args: tiny_llama)
     assert main(["patch", str(path), "--method", "ablation", "--ablation", "zero", "--site", "mlp",
                  "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "ablation.csv").is_file() and (tmp_path / "out" / "heatmap_ablation.png").is_file()

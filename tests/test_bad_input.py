@@ -92,7 +92,6 @@ OUT_COMMANDS = [
     ["steer", "eval", "edit.safetensors", "capitals_opinion"],
     ["run", "sycophancy"],
 ]
-STAGE = {"measure": "measure", "probe": "probe", "patch": "patch"}
 
 # (id, argv built from tmp_path, words the one-line message must contain)
 CASES = [
@@ -150,9 +149,14 @@ CASES = [
        ["cannot write", "a-file/sub"]) for cmd in OUT_COMMANDS],
     *[(f"{' '.join(cmd[:2])}: output on a read-only file system", lambda t, cmd=cmd: [*cmd, "--out", "/sys/behaviorlens-x"],
        ["cannot write", "/sys/behaviorlens-x"]) for cmd in OUT_COMMANDS],
-    *[(f"{' '.join(cmd[:2])}: --remote", lambda t, cmd=cmd: [*cmd, "--remote", "--out", str(t / "r")],
-       [STAGE[cmd[0]] if cmd[0] != "steer" else f"steer {cmd[1]}", "remote execution (NDIF) is not supported"])
-      for cmd in OUT_COMMANDS if cmd[0] != "run"],
+    ("experiment with an unknown remote", lambda t: ["run", experiment(t, model={"name": "default", "remote": "cloud"})],
+     ["model.remote", "cloud", "local, ndif"]),
+    ("NDIF for a local model", lambda t: ["info", "--remote"], ["--remote", "Hugging Face id", "--remote local"]),
+    ("NDIF without a key", lambda t: ["info", "--model", "meta-llama/Llama-3.1-70B", "--remote"],
+     ["no NDIF API key", "NDIF_API_KEY"]),
+    ("a stage with no trace path, remotely", lambda t: ["circuit", "capitals_opinion", "--remote", "local",
+                                                        "--out", str(t / "c")],
+     ["circuit discovery cannot run remotely (local)", "plain torch"]),
 ]
 
 
@@ -183,7 +187,10 @@ def heads_file(tmp_path, head):
 
 @pytest.mark.parametrize("case, argv, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_clear_line_and_status_2(tmp_path, capsys, monkeypatch, case, argv, words):
+    import nnsight
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)  # "NDIF without a key" on any machine
     args = argv(tmp_path)
     capsys.readouterr()  # what building the bad input printed is not the CLI's output
     code = main(args)

@@ -32,6 +32,8 @@ from behaviorlens.circuits import test_faithfulness as score_on_family
 from behaviorlens.circuits.acdc import acdc
 from behaviorlens.circuits.exact import agreement
 from behaviorlens.circuits.faithfulness import CONVENTIONS, controls, ranked
+from behaviorlens.circuits.params import CircuitParams
+from behaviorlens.params import from_step
 from behaviorlens.circuits.run import circuit_step, run_circuit
 from behaviorlens.cli import main
 from behaviorlens.errors import BehaviorLensError
@@ -153,8 +155,9 @@ def test_run_circuit_writes_its_results_and_report(planted, tmp_path):
     out = tmp_path / "circuit"
     runner = SimpleNamespace(model=m, exp=SimpleNamespace(train="planted", test=["planted"], seed=0),
                              contrast_set=lambda spec: cs)  # the experiment step, on the planted model
-    s = circuit_step(runner, out, {"method": "eap-ig", "steps": 4, "exact_edges": 5, "acdc": 20,
-                                    "acdc_threshold": 0.02})
+    params = from_step(CircuitParams, {"method": "eap-ig", "steps": 4, "exact_edges": 5, "acdc": 20,
+                                       "acdc_threshold": 0.02})
+    s = circuit_step(runner, out, params)
     s.pop("test_faithfulness_planted")
     for name in ("edges.csv", "circuit.json", "faithfulness_curve.csv", "controls.csv", "composition.csv",
                  "composition_null.csv", "head_figures.csv", "faithfulness_curve.png", "circuit_graph.png",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from behaviorlens import cli
 from behaviorlens.cli import main
+from behaviorlens.cli import options as cli_options
 from behaviorlens.prompts.sources import Source, dataset_format, render_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="the shared datasets s
 
 @pytest.fixture
 def local(default_model, monkeypatch):
-    monkeypatch.setattr(cli, "model_from_args", lambda args: default_model)
+    monkeypatch.setattr(cli_options, "model_from_args", lambda args: default_model)
     return default_model
 
 

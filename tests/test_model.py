@@ -219,8 +219,10 @@ def test_known_dtypes():
     assert model_mod._dtype(torch.float16) is torch.float16
 
 
-def test_remote_is_refused_with_one_line():
+def test_remote_needs_a_hub_id_and_a_known_mode():
     from behaviorlens import BehaviorLensError, load_model
 
-    with pytest.raises(BehaviorLensError, match="remote execution .NDIF. is not supported"):
+    with pytest.raises(BehaviorLensError, match="Hugging Face id"):
         load_model("default", remote=True)
+    with pytest.raises(BehaviorLensError, match="not one of local, ndif"):
+        load_model("default", remote="cloud")

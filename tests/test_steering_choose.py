@@ -11,7 +11,8 @@ from behaviorlens.errors import BehaviorLensError
 from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
 from behaviorlens.steering import steer
-from behaviorlens.steering.choose import Evidence, choose_edit, split_for_choice
+from behaviorlens.patching.results import PatchEvidence
+from behaviorlens.steering.choose import choose_edit, split_for_choice
 from behaviorlens.steering.run import run_steer_train
 
 
@@ -20,7 +21,7 @@ def planted():
     model = planted_model()
     cset = planted_set(model, 20)
     patched = cset.subset(range(6))
-    evidence = Evidence(pd.concat([patch(model, patched, "head", progress=False).means(),
+    evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
                                    patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
                         {p.row for p in patched})
     return model, cset, evidence, tiny_side_effects(model, "select")

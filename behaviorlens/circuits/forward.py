@@ -32,6 +32,7 @@ from ..batching import Batch
 from ..errors import BehaviorLensError
 from ..patching.hooks import reading
 from ..prompts.contrast import ContrastSet
+from ..remote import refuse
 from ..scoring import Scoring, needs_whole, plan
 from ..sites import split_block
 from .graph import Graph
@@ -95,6 +96,8 @@ def first_columns(model, cset: ContrastSet, pairs: Sequence[int], side: str) -> 
 
 def prepare(model, cset: ContrastSet, pairs: Sequence[int], side: str, start: int | None = None) -> Side:
     """Run the model once on ``side`` of ``pairs``, recording what split forwards need."""
+    refuse(model, "circuit discovery", "it runs each block split into heads and edges in plain torch on the weights "
+           "here (no trace path yet)")
     cset.require_aligned("circuit discovery")
     scoring, batch, first = first_columns(model, cset, pairs, side)
     start = int(first.min()) if start is None else start

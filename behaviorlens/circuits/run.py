@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,9 @@ from .composition import composition_table, run_figures
 from .exact import agreement, exact_edges, sample_edges
 from .graph import Graph
 from .plots import circuit_graph, composition_plot, faithfulness_curve, head_figures_plot
+
+if TYPE_CHECKING:
+    from .params import CircuitParams
 
 METHODS = ("eap", "eap-ig")
 
@@ -267,16 +271,11 @@ def _top_composition(comp: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def circuit_step(runner, folder: Path, params: dict) -> dict:
+def circuit_step(runner: Any, folder: Path, params: CircuitParams) -> dict:
     """The experiment's ``circuit`` step: the train family's circuit, scored on the test families
     (or the step's own ``test`` list); flat ``test_faithfulness_FAMILY`` keys for predictions."""
     train = runner.contrast_set(runner.exp.train)
-    tests = [runner.contrast_set(t) for t in params.get("test", runner.exp.test)]
-    n_exact = int(params.get("exact_edges", 40))
-    s = run_circuit(runner.model, train, tests, folder, n_pairs=params.get("pairs", 16),
-                    test_pairs=params.get("test_pairs", 16), method=params.get("method", "eap"),
-                    steps=int(params.get("steps", 4)), convention=params.get("ablation", "counterfactual"),
-                    keep=float(params.get("keep", 0.8)), exact_top=n_exact, exact_random=n_exact,
-                    seed=runner.exp.seed, acdc_candidates=int(params.get("acdc", 0)),
-                    acdc_threshold=float(params.get("acdc_threshold", 0.01)), progress=False)
+    tests = [runner.contrast_set(t) for t in (runner.exp.test if params.test is None else params.test)]
+    s = run_circuit(runner.model, train, tests, folder, **(params.kwargs() | {"seed": runner.exp.seed}),
+                    progress=False)
     return s | {f"test_faithfulness_{k}": v for k, v in s["test_faithfulness"].items()}

@@ -145,7 +145,6 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
                   source: str = "ordinary chat") -> Examples:
     """Ordinary requests, each followed by the first statement of the model's own greedy answer
     (:func:`first_statement`), as transcripts."""
-    import torch
 
     from ..batching import chunks
     from ..steering.side_effects import chat_ids
@@ -155,9 +154,7 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
     ids = [chat_ids(tok, t) for t in prompts]
     for idx in chunks(len(ids), batch_size):
         batch = model.batch([ids[i] for i in idx])
-        with torch.inference_mode():
-            new = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.pad_id)
+        new = model.generate(batch, max_new_tokens)
         for j, i in enumerate(idx):
             answer = first_statement(tok.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True))
             records.append({"messages": [{"role": "user", "content": prompts[i]}], "answer": answer or "OK",
@@ -201,6 +198,9 @@ def wording_features(model: Any, examples: Examples, vocab: np.ndarray | None = 
         for t in seq:
             if t in index:
                 counts[i, index[t]] += 1
+    if model.remote == "ndif":
+        raise BehaviorLensError("the wording control reads the input embeddings, which only NDIF holds for this "
+                                "model; run the detector with --remote local or on a local copy")
     embed = model.sites.embedding(model.hf).weight
     rows = []
     for seq, start in zip(examples.sequences, examples.answer_start):

@@ -115,7 +115,6 @@ def answer_in_text(text: str, right: str, wrong: str) -> str:
 def generate_answers(model: Any, contrast_set: ContrastSet, sides: Sequence[str], max_new_tokens: int = 12,
                      batch_size: int = 16) -> pd.DataFrame:
     """The model's greedy continuation of every pair on each side: family, pair, side, text."""
-    import torch
 
     from ..batching import chunks
 
@@ -124,9 +123,7 @@ def generate_answers(model: Any, contrast_set: ContrastSet, sides: Sequence[str]
         prompts = contrast_set.tokens(side)
         for idx in chunks(len(prompts), batch_size):
             batch = model.batch([prompts[i] for i in idx])
-            with torch.inference_mode():
-                new = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.pad_id)
+            new = model.generate(batch, max_new_tokens)
             for j, i in enumerate(idx):
                 text = model.tokenizer.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True)
                 rows.append({"family": contrast_set.name, "pair": i, "side": side, "text": text})

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import write_csv, write_json
+from ..params import from_step
 from ..prompts.contrast import SIDES, ContrastSet
 from .detector import Detector
 from .evaluate import family_table, figures, most_wrong, score_examples
@@ -32,6 +33,7 @@ from .labels import (
     labels_from_text,
     reference_side,
 )
+from .params import DetectParams
 from .plots import plot_scores, plot_sweep
 from .train import METHODS, train_detector
 
@@ -199,35 +201,31 @@ def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, m
     return summary
 
 
-def step_families(params: dict, train: Any, test: Sequence[Any]) -> dict[str, list]:
+def step_families(params: dict | DetectParams, train: Any, test: Sequence[Any]) -> dict[str, list]:
     """The families each part of the experiment's detect step uses (defaults: the experiment's)."""
-    out = {"train": list(params.get("train", [train])), "instructed": list(params.get("instructed", [])),
-           "eval": list(params.get("eval", test))}
-    out["transfer"] = list(params.get("transfer", list(dict.fromkeys([*out["train"], *out["eval"]]))))
+    p = params if isinstance(params, DetectParams) else from_step(DetectParams, params)
+    out = {"train": list([train] if p.train is None else p.train), "instructed": list(p.instructed),
+           "eval": list(test if p.eval is None else p.eval)}
+    out["transfer"] = list(dict.fromkeys([*out["train"], *out["eval"]]) if p.transfer is None else p.transfer)
     return out
 
 
-def detect_step(runner: Any, folder: Path, params: dict) -> dict:
+def detect_step(runner: Any, folder: Path, params: DetectParams) -> dict:
     """The experiment's ``detect`` step: train (``train/``, ``detector.safetensors``), evaluate on
     the families it never saw (``eval/``) and the transfer matrix (``transfer/``)."""
-    model, seed, bs = runner.model, runner.exp.seed, runner.exp.batch_size
+    model = runner.model
     fams = step_families(params, runner.exp.train, runner.exp.test)
     sets = {k: [runner.contrast_set(f, aligned=False) for f in v] for k, v in fams.items()}
-    opts = {"margin": params.get("margin", MARGIN), "labels": params.get("labels", "metric")}
-    layers = params.get("layers")
+    own = {"seed": runner.exp.seed, "batch_size": runner.exp.batch_size}
     path = folder / "detector.safetensors"
-    train = run_detect_train(model, sets["train"], path, instructed=sets["instructed"], layers=layers,
-                             positions=params.get("positions", POSITIONS), methods=params.get("methods", METHODS),
-                             folds=params.get("folds", 5), seed=seed, chat=params.get("chat", True), batch_size=bs,
-                             folder=folder / "train", **opts)
+    train = run_detect_train(model, sets["train"], path, instructed=sets["instructed"], folder=folder / "train",
+                             **(params.train_kwargs() | own))
     out: dict[str, Any] = {f"train_{k}": v for k, v in train.items() if k not in ("nested_choices", "path")}
     if sets["eval"]:
-        ev = run_detect_eval(model, Detector.load(path), sets["eval"], folder / "eval", chat=params.get("chat", True),
-                             seed=seed, batch_size=bs, **opts)
+        ev = run_detect_eval(model, Detector.load(path), sets["eval"], folder / "eval", **(params.eval_kwargs() | own))
         out.update({k: v for k, v in ev.items()})
     if sets["transfer"]:
-        tr = run_transfer(model, sets["transfer"], folder / "transfer", layers=layers, folds=params.get("folds", 5),
-                          methods=params.get("transfer_methods", ["mean_diff"]), seed=seed, batch_size=bs, **opts)
+        tr = run_transfer(model, sets["transfer"], folder / "transfer", **(params.transfer_kwargs() | own))
         out["mean_transfer_auroc"] = tr["mean_transfer_auroc"]
         out["transfer_auroc"] = tr["transfer_auroc"]
     return out

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..batching import chunks
 from ..errors import BehaviorLensError
+from ..interventions.hooks import applied
+from ..interventions.kinds import SetSite
+from ..interventions.trace import site_values
 from ..scoring import behavior_metric, needs_whole, plan
-from ..sites import module_output
-from .hooks import reading
 
 CONVENTIONS = ("zero", "mean", "resample")
 SITES = ("head", "attn", "mlp")
@@ -45,8 +46,7 @@ def _component_values(model: Any, cset: Any, site: str, layers: Sequence[int],
     for idx in chunks(len(cset), batch_size):
         pairs = [cset.pairs[i] for i in idx]
         batch = model.batch([p.tokens["negative"] for p in pairs])
-        with torch.inference_mode(), reading(model, site, layers) as acts:
-            model.hf(**batch.inputs(), use_cache=False)
+        acts = site_values(model, batch, site, layers)
         for layer in layers:
             for j in range(len(pairs)):
                 out[layer].append(acts[layer][j, int(batch.offsets[j]):].float().cpu())
@@ -112,32 +112,14 @@ def _score_with(model: Any, scoring: Any, site: str, layer: int, head: int | Non
                 fills: list[torch.Tensor]) -> torch.Tensor:
     """The metric of every prompt with the component's output replaced at its prompt positions
     (``fills[i]`` for prompt ``i``): one batched forward."""
-    s = model.sites
     batch = model.batch(scoring.sequences)
-    module = s.module(model.hf, site, layer)
-
-    def place(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        view = x.view(*x.shape[:-1], s.n_heads, s.head_dim) if head is not None else x
-        for row, prompt in enumerate(scoring.prompt_of):
-            fill = fills[prompt]
-            cols = slice(int(batch.offsets[row]), int(batch.offsets[row]) + len(fill))
-            if head is None:
-                view[row, cols] = fill.to(x.device, x.dtype)
-            else:
-                view[row, cols, head] = fill.to(x.device, x.dtype)
-        return x
-
-    if site == "head":
-        handle = module.register_forward_pre_hook(lambda mod, args: (place(args[0]), *args[1:]))
-    else:
-        def post(mod: Any, args: Any, out: Any) -> Any:
-            new = place(module_output(out))
-            return (new, *out[1:]) if isinstance(out, tuple) else new
-        handle = module.register_forward_hook(post)
-    try:
-        cols = scoring.position + batch.offsets[scoring.sequence]
-        logits = model.logits_at(batch, scoring.sequence, cols)
-    finally:
-        handle.remove()
+    rows, cols, values = [], [], []
+    for row, prompt in enumerate(scoring.prompt_of):
+        fill = fills[prompt]
+        rows += [row] * len(fill)
+        cols += range(int(batch.offsets[row]), int(batch.offsets[row]) + len(fill))
+        values.append(fill)
+    index = (torch.tensor(rows), torch.tensor(cols)) + (() if head is None else (head,))
+    with applied(model, [SetSite(model.sites.ref(site, layer), torch.cat(values), index)]):
+        logits = model.logits_at(batch, scoring.sequence, scoring.position + batch.offsets[scoring.sequence])
     return scoring.metric(logits).cpu()

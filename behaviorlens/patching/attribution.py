@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import chunks
+from ..interventions.trace import traced_gradients
 from ..model import Model
 from ..prompts.contrast import ContrastSet
 from ..scoring import Scoring
@@ -109,6 +110,11 @@ def _mean_gradients(model: Model, base, site: str, layers: Sequence[int], steps:
     alpha = alphas.repeat_interleave(n).to(base0.device, base0.dtype)[:, None, None]
     start = (base0.repeat(steps, 1, 1) + alpha * (source0 - base0).repeat(steps, 1, 1)).detach()
 
+    if model.traced:
+        grads = traced_gradients(model, batch, repeated.sequence, cols, repeated,
+                                 [model.sites.ref(site, L) for L in layers], start)
+        return _averaged(model, site, layers, grads, steps, n)
+
     def interpolate(module, args):
         return (start.clone().requires_grad_(True), *args[1:])
 
@@ -121,9 +127,15 @@ def _mean_gradients(model: Model, base, site: str, layers: Sequence[int], steps:
             grads = torch.autograd.grad(metric.sum(), tensors, allow_unused=True)
     finally:
         handle.remove()
+    return _averaged(model, site, layers, [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)],
+                     steps, n)
+
+
+def _averaged(model: Model, site: str, layers: Sequence[int], grads: Sequence[torch.Tensor], steps: int, n: int,
+              ) -> dict[int, torch.Tensor]:
+    """Per layer, the gradients (heads split) averaged over the interpolation steps."""
     out = {}
-    for L, t, g in zip(layers, tensors, grads):
-        g = torch.zeros_like(t) if g is None else g
+    for L, g in zip(layers, grads):
         if site == "head":
             g = g.view(*g.shape[:-1], model.sites.n_heads, model.sites.head_dim)
         out[L] = g.detach().float().view(steps, n, *g.shape[1:]).mean(0)

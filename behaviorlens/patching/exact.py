@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from ..batching import Batch, chunks
 from ..errors import BehaviorLensError
+from ..interventions.kinds import SetSite
+from ..interventions.trace import traced_logits
 from ..model import Model
 from ..prompts.contrast import ContrastSet
 from ..scoring import Scoring, needs_whole, plan
@@ -54,6 +56,11 @@ def run_side(model: Model, cset: ContrastSet, pairs: Sequence[int], side: str, s
     scoring = plan([cset[i] for i in pairs], side, needs_whole(cset.pairs))
     batch = model.batch(scoring.sequences)
     cols = scoring.position + batch.offsets[scoring.sequence]
+    if model.traced:  # the trace path reads the site in the trace; patched runs are whole forwards
+        refs = [model.sites.ref(site, layer) for layer in layers] + [model.sites.ref("resid_pre", L) for L in starts]
+        logits, reads = traced_logits(model, batch, scoring.sequence, cols, reads=refs)
+        return SideRun(batch, scoring, scoring.metric(logits).cpu(), dict(zip(layers, reads)),
+                       dict(zip(starts, reads[len(layers):])))
     with torch.inference_mode(), reading(model, site, layers) as acts, \
             reading(model, "resid_pre", starts) as resid, \
             (model.sites.capture_layer_calls(model.hf) if replay else nullcontext()) as calls:
@@ -139,6 +146,8 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
                   source: SideRun, base: SideRun) -> list[float]:
     """One batched forward from ``layer``: cell k patched into copies of the base sequences of
     pair row rows[k] (one copy per scoring sequence); its patched metric per cell."""
+    if model.traced:
+        return _patched_traces(model, site, layer, cells, rows, source, base)
     device = model.device
     copies, seq_of_copy = base.scoring.take(rows)
     offsets = base.batch.offsets
@@ -165,11 +174,38 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
         index = (torch.tensor(copy_idx), col_t - start)
     index = tuple(t.to(device) for t in index)
     rows_t = seq_t.to(device)
-    hidden = base.resid[layer].index_select(0, rows_t)[:, start:]
+    hidden = base.resid[layer].index_select(0, rows_t.to(base.resid[layer].device))[:, start:]
     with Overwrite(model, site, layer, index, values):
         out = model.sites.run_from(model.hf, layer, hidden, base.calls, rows_t, start)
     read = out[copies.sequence.to(out.device), (read_cols - start).to(out.device)]
     logits = model.sites.logits_from_hidden(model.hf, read).float()
+    return copies.metric(logits).cpu().tolist()
+
+
+def _patched_traces(model: Model, site: str, layer: int, cells: list[Cell], rows: list[int],
+                    source: SideRun, base: SideRun) -> list[float]:
+    """The trace path of :func:`_patched_runs`: the copies run whole, patched by a
+    :class:`~behaviorlens.interventions.kinds.SetSite` (one trace, any backend)."""
+    copies, seq_of_copy = base.scoring.take(rows)
+    batch = model.batch([base.scoring.sequences[seq] for seq in seq_of_copy])
+    src_rows, src_cols, copy_idx, cols, heads = [], [], [], [], []
+    for c, seq in enumerate(seq_of_copy):
+        cell = cells[copies.prompt_of[c]]
+        for j in cell.positions:
+            src_rows.append(seq)  # the source batch has the same sequences, lengths and padding
+            src_cols.append(j + int(base.batch.offsets[seq]))
+            copy_idx.append(c)
+            cols.append(j + int(batch.offsets[c]))
+            heads.append(cell.head)
+    src = source.acts[layer]
+    index = [torch.tensor(copy_idx), torch.tensor(cols)]
+    values = src[torch.tensor(src_rows), torch.tensor(src_cols)]
+    if site == "head":
+        index.append(torch.tensor(heads))
+        values = values[torch.arange(len(heads)), torch.tensor(heads)]
+    patch = SetSite(model.sites.ref(site, layer), values, tuple(t.to(model.device) for t in index))
+    read_cols = copies.position + batch.offsets[copies.sequence]
+    logits = traced_logits(model, batch, copies.sequence, read_cols, extra=[patch])
     return copies.metric(logits).cpu().tolist()
 
 

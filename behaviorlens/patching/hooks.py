@@ -69,8 +69,9 @@ class Overwrite:
 
     def _edit(self, x: torch.Tensor) -> torch.Tensor:
         view = _heads(self.model, x) if self.site == "head" else x
-        view[self.index] = self.values.to(view.dtype)
-        check_edit(view[self.index], self.values, f"{self.site} at layer {self.layer}")
+        index = tuple(t.to(view.device) for t in self.index)
+        view[index] = self.values.to(view.device, view.dtype)
+        check_edit(view[index], self.values, f"{self.site} at layer {self.layer}")
         self.fired += 1
         return x
 

@@ -8,11 +8,15 @@ zero and dominate). Each cell carries a bootstrap CI over pairs.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..errors import BehaviorLensError
 from ..prompts.contrast import ContrastSet
 from .plan import Cell, Sides, position_names
 
@@ -164,3 +168,117 @@ def build_frame(
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["head"] = frame["head"].astype("Int64")
     return frame
+
+
+# -- what the patching stage hands on ----------------------------------------------------------
+
+CELLS_CSV = "patching.csv"  # one row per cell and pair (PatchResult.frame)
+MEANS_CSV = "patching_means.csv"  # one row per cell (PatchResult.means())
+SUMMARY_JSON = "summary.json"
+STEP_RESID, STEP_HEADS = "resid", "heads"  # the experiment step's exact runs: the site, every head
+STEP_EXACT = (STEP_HEADS, STEP_RESID)  # in the order they are handed on
+STEP_ATTRIBUTION = "attribution"  # the step's attribution run: checked against exact, not handed on
+
+
+@dataclass
+class PatchEvidence:
+    """What a later stage learns from patching: every cell's value (one row per cell: site,
+    layer, head, from_end, metric, ...) and the training family's rows they were computed on."""
+
+    cells: pd.DataFrame
+    rows: set[int]
+
+    def head_effects(self) -> dict[tuple[int, int], float]:
+        """Each head's value at the last position: {(layer, head): metric}."""
+        heads = self.cells[(self.cells.site == "head")]
+        return {(int(r.layer), int(r["head"])): float(r.metric) for _, r in heads.iterrows() if int(r.from_end) == 0}
+
+    def heads(self) -> pd.DataFrame:
+        """Heads at the last position that carry the behavior, strongest first."""
+        c = self.cells
+        heads = c[(c.site == "head") & (c.from_end == 0) & (c.metric > 0)]
+        return heads.sort_values("metric", ascending=False).reset_index(drop=True)
+
+    def arrival_layer(self) -> int | None:
+        """The residual layer (resid_post index) from which the last token holds >= 80% of the
+        behavior's patching effect."""
+        c = self.cells
+        resid = c[c.site.isin(["resid_pre", "resid_post"]) & (c.from_end == 0)].sort_values("layer")
+        if resid.empty:
+            return None
+        row = resid[resid.metric >= 0.8 * resid.metric.max()].iloc[0]
+        return int(row.layer) - (1 if row.site == "resid_pre" and int(row.layer) > 0 else 0)
+
+
+@dataclass
+class PatchRun:
+    """A finished :func:`~.run.run_patch` folder: its cell means, the rows it patched, its summary."""
+
+    path: Path
+
+    @staticmethod
+    def holds(folder: str | Path) -> bool:
+        return (Path(folder) / MEANS_CSV).is_file()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PatchRun:
+        if not cls.holds(folder):
+            raise BehaviorLensError(f"no patching result in {folder} (expected {MEANS_CSV})")
+        return cls(Path(folder))
+
+    def means(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / MEANS_CSV)
+
+    def rows(self) -> set[int]:
+        """The training family's rows that were patched (none known without ``patching.csv``)."""
+        if not (self.path / CELLS_CSV).is_file():
+            return set()
+        return set(pd.read_csv(self.path / CELLS_CSV, usecols=["row"])["row"].astype(int))
+
+    def summary(self) -> dict:
+        return json.loads((self.path / SUMMARY_JSON).read_text())
+
+
+@dataclass
+class PatchStepResult:
+    """The experiment's patch step folder: exact runs (``resid/``, ``heads/``) and ``attribution/``."""
+
+    path: Path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PatchStepResult:
+        return cls(Path(folder))
+
+    def exact_runs(self) -> list[PatchRun]:
+        """The finished exact runs, in hand-over order (none when the step did not run)."""
+        return [PatchRun(self.path / name) for name in STEP_EXACT if PatchRun.holds(self.path / name)]
+
+    def evidence(self) -> PatchEvidence | None:
+        """The exact runs' cells for a later stage, or None when there are none."""
+        runs = self.exact_runs()
+        return evidence_of(runs) if runs else None
+
+
+def patch_runs(folders: Iterable[str | Path]) -> list[PatchRun]:
+    """Patching runs named by folder: a :func:`~.run.run_patch` folder, or an experiment's patch
+    step folder (its exact runs)."""
+    runs: list[PatchRun] = []
+    for folder in folders:
+        step = PatchStepResult.load(folder).exact_runs()
+        runs.extend(step if step and not PatchRun.holds(folder) else [PatchRun.load(folder)])
+    return runs
+
+
+def evidence_of(runs: Iterable[PatchRun]) -> PatchEvidence:
+    """The cells of several patching runs (e.g. heads and the residual stream) in one table."""
+    cells, rows = [], set()
+    for run in runs:
+        cells.append(run.means())
+        rows |= run.rows()
+    if not cells:
+        raise BehaviorLensError("no patching result to hand on")
+    table = pd.concat(cells, ignore_index=True)
+    missing = [c for c in ("site", "layer", "head", "from_end", "metric") if c not in table.columns]
+    if missing:
+        raise BehaviorLensError(f"patching table lacks columns {missing}")
+    return PatchEvidence(table, rows)

@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -14,12 +15,22 @@ from tqdm.auto import tqdm
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from ..model import Model
+from ..params import kwargs
 from ..prompts.contrast import ContrastSet
 from .attribution import DEFAULT_STEPS, attribution_patch, verify_top_k
 from .exact import patch, patch_whole
+from .params import PatchParams
 from .plan import check_site, default_positions
 from .plots import head_heatmap, position_heatmap
-from .results import PatchResult
+from .results import (
+    CELLS_CSV,
+    MEANS_CSV,
+    STEP_ATTRIBUTION,
+    STEP_HEADS,
+    STEP_RESID,
+    SUMMARY_JSON,
+    PatchResult,
+)
 
 METHODS = ("exact", "attribution")  # run_patch; ablation scans run through run_ablation
 LAYERS_PER_CACHE_FILE = 5
@@ -88,9 +99,9 @@ def run_patch(
             attribution_verified_cells=len(check.table),
             attribution_wrong_cells=int(check.table["wrong"].sum()),
         )
-    write_csv(out / "patching.csv", result.frame)
+    write_csv(out / CELLS_CSV, result.frame)
     means = result.means()
-    write_csv(out / "patching_means.csv", means)
+    write_csv(out / MEANS_CSV, means)
     title = f"{contrast_set.name}: {method} {direction} {site} ({model.name})"
     if site == "head":
         head_heatmap(means, out / "heatmap_heads.png", title)
@@ -115,7 +126,24 @@ def run_patch(
         mean_corrupt=float(f["corrupt"].mean()),
         seconds=round(time.perf_counter() - start, 2),
     )
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY_JSON, summary)
+    return summary
+
+
+def patch_step(runner: Any, folder: Path, params: PatchParams) -> dict:
+    """The experiment's ``patch`` step on the train family: exact patching of ``params.site``
+    (``resid/``), of every head at the last position (``heads/``) and attribution patching of the
+    site (``attribution/``), each where ``params`` asks; their summaries under those names.
+    A later step reads them back with :class:`~.results.PatchStepResult`."""
+    cs = runner.contrast_set(runner.exp.train)
+    common = kwargs(params) | {"method": "exact"}
+    summary = {STEP_RESID: run_patch(runner.model, cs, out_dir=folder / STEP_RESID, **common)}
+    if params.heads:
+        summary[STEP_HEADS] = run_patch(runner.model, cs, out_dir=folder / STEP_HEADS,
+                                        **(common | {"site": "head", "positions": None}))
+    if params.attribution:
+        summary[STEP_ATTRIBUTION] = run_patch(runner.model, cs, out_dir=folder / STEP_ATTRIBUTION,
+                                              **(common | {"method": "attribution", "positions": None}))
     return summary
 
 

@@ -190,24 +190,34 @@ def _run_batch(
     for name in positions:
         spans = [position_span(p, side, name) for p, side in rows]
         if name.endswith(":mean"):
-            w = torch.zeros(n, width, dtype=model.dtype)
+            w = torch.zeros(n, width)
             for i, (a, b) in enumerate(spans):
                 off = int(batch.offsets[i])
                 w[i, a + off : b + off] = 1.0 / (b - a)
             select[name] = w.to(dev)
         else:
             select[name] = batch.columns([b - 1 for _, b in spans]).to(dev)
-    saved: dict[tuple[str, int, str], Any] = {}
-    with torch.inference_mode(), model.trace(batch):
-        for site, layer in execution_order([(s, L) for s in sites for L in layers]):
-            x = model.sites.read(model.lm, site, layer)
-            for name in positions:
-                sel = select[name]
-                if name.endswith(":mean"):
-                    v = torch.einsum("bs,bs...->b...", sel, x)
-                else:
-                    v = x[index, sel]
-                saved[(site, layer, name)] = v.save()
+    order = execution_order([(s, L) for s in sites for L in layers])
+    refs = [model.sites.ref(site, layer) for site, layer in order]
+    keys = [(site, layer, name) for site, layer in order for name in positions]
+    means = [name.endswith(":mean") for name in positions]
+    picks = [select[name] for name in positions]
+    lm = model.lm
+    with torch.inference_mode(), model.trace(batch):  # only tensors, envoys and SiteRefs inside
+        values = []
+        for ref in refs:
+            x = ref.read(lm)
+            for mean, sel in zip(means, picks):
+                v = torch.einsum("bs,bs...->b...", sel.to(x.device), x.float()) if mean else \
+                    x[index.to(x.device), sel.to(x.device)]
+                values.append(v.to(dev, x.dtype))
+        values = torch.cat([v.reshape(n, -1) for v in values], 1).save()  # one tensor comes back
+    saved = {}
+    start = 0
+    for key in keys:
+        size = int(np.prod(_shape(model, key[0])))
+        saved[key] = values[:, start:start + size].reshape(n, *_shape(model, key[0]))
+        start += size
     shard = {}
     for site in sites:
         for name in positions:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from .generalization import collect_sets, matrix_from_activations
 from .plots import plot_auroc_by_layer, plot_head_heatmap, plot_transfer
 from .sweep import METHODS, best_row, probe_sweep
 from .validity import mark_wording, nested_best, wording_baseline, wording_features
+
+SUMMARY_JSON = "summary.json"
 
 
 def run_probe(
@@ -103,8 +107,32 @@ def run_probe(
         "transfer_auroc": {name: float(from_train[name]) for name in tests},
         "transfer_probe": f"{method} {site} L{layer}" + ("" if head is None else f" H{head}") + f" @ {position}",
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY_JSON, summary)
     return summary
+
+
+@dataclass
+class ProbeResult:
+    """A finished probing folder (what :func:`run_probe` wrote), read back for a later stage."""
+
+    path: Path
+    summary: dict
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ProbeResult:
+        path = Path(folder) / SUMMARY_JSON
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise BehaviorLensError(f"no probing result in {folder}: cannot read {path.name} ({err})") from None
+        if "best_layer" not in summary:
+            raise BehaviorLensError(f"{path} is not a probing summary: it has no best_layer")
+        return cls(Path(folder), summary)
+
+    @property
+    def best_layer(self) -> int:
+        """The layer where the behavior was read best (the sweep's best probe)."""
+        return int(self.summary["best_layer"])
 
 
 def _has_position(cset: ContrastSet, position: str) -> bool:

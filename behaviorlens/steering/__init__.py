@@ -13,7 +13,7 @@ from .apply import (
     steer,
 )
 from .bake import bake, edited_module
-from .choose import choose_edit, load_evidence
+from .choose import choose_edit
 from .edit import Edit, Readout
 from .evaluate import evaluate_steering, random_control
 from .gguf_export import export_gguf
@@ -23,6 +23,6 @@ from .vectors import train_vector
 __all__ = [
     "Edit", "Readout", "ablate_direction", "ablate_heads", "bake", "choose_edit",
     "direction_edit", "edited_module", "evaluate_steering", "export_gguf", "generate_examples",
-    "head_edit", "head_means", "knockout", "load_evidence", "random_control", "run_steer_eval",
+    "head_edit", "head_means", "knockout", "random_control", "run_steer_eval",
     "run_steer_train", "scale_heads", "steer", "train_vector",
 ]

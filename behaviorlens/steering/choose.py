@@ -42,6 +42,7 @@ slot tokens (known from the family, so not an edit that runs without them).
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.metrics import ratio_of_means
 from ..errors import BehaviorLensError
+from ..patching.results import PatchEvidence
 from ..prompts.contrast import NEUTRAL, SIDES
 from ..scoring import behavior_metric, needs_whole
 from .apply import head_means, steer
@@ -87,54 +89,10 @@ NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
 CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL limit is measured on
 GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
           "head fine-tuning", "vector", "direction ablation", "gated")
-
-
-@dataclass
-class Evidence:
-    """Patching cells (one row per cell: site, layer, head, from_end, metric) and the training
-    family's rows they were computed on."""
-
-    cells: pd.DataFrame
-    rows: set[int] = field(default_factory=set)
-
-    def heads(self) -> pd.DataFrame:
-        """Heads at the last position that carry the behavior, strongest first."""
-        c = self.cells
-        heads = c[(c.site == "head") & (c.from_end == 0) & (c.metric > 0)]
-        return heads.sort_values("metric", ascending=False).reset_index(drop=True)
-
-    def arrival_layer(self) -> int | None:
-        """The residual layer (resid_post index) from which the last token holds >= 80% of the
-        behavior's patching effect."""
-        c = self.cells
-        resid = c[c.site.isin(["resid_pre", "resid_post"]) & (c.from_end == 0)].sort_values("layer")
-        if resid.empty:
-            return None
-        row = resid[resid.metric >= 0.8 * resid.metric.max()].iloc[0]
-        return int(row.layer) - (1 if row.site == "resid_pre" and int(row.layer) > 0 else 0)
-
-
-def load_evidence(sources: Iterable[str | Path | pd.DataFrame]) -> Evidence:
-    """Patching results: folders written by the patch stage (``patching_means.csv`` with
-    ``patching.csv``) or per-cell frames."""
-    cells, rows = [], set()
-    for source in sources:
-        if isinstance(source, pd.DataFrame):
-            cells.append(source)
-            continue
-        folder = Path(source)
-        if not (folder / "patching_means.csv").is_file():
-            raise BehaviorLensError(f"no patching result in {folder} (expected patching_means.csv)")
-        cells.append(pd.read_csv(folder / "patching_means.csv"))
-        if (folder / "patching.csv").is_file():
-            rows |= set(pd.read_csv(folder / "patching.csv", usecols=["row"])["row"].astype(int))
-    if not cells:
-        raise BehaviorLensError("choosing an edit needs a patching result")
-    table = pd.concat(cells, ignore_index=True)
-    missing = [c for c in ("site", "layer", "head", "from_end", "metric") if c not in table.columns]
-    if missing:
-        raise BehaviorLensError(f"patching table lacks columns {missing}")
-    return Evidence(table, rows)
+LOCAL_ONLY = {  # groups whose building has no trace path, and why
+    "subspace": "its interchange training replays blocks from a layer on local weights",
+    "head fine-tuning": "it trains weight differences by backpropagating through local weights",
+}
 
 
 def split_for_choice(train_set: Any, patched_rows: set[int], seed: int = 0,
@@ -172,7 +130,7 @@ def _named(heads: pd.DataFrame) -> str:
     return ", ".join(f"L{int(r.layer)}H{int(r['head'])} ({r.metric:.2f})" for _, r in heads.iterrows())
 
 
-def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[str] = GROUPS,
+def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequence[str] = GROUPS,
                      seed: int = 0, log: Any = None) -> tuple[list[tuple[str, Edit, str]], dict]:
     """(group, edit, evidence) of every candidate, and the detector and gate with their CV tables."""
     s = model.sites
@@ -185,6 +143,10 @@ def build_candidates(model: Any, fit: Any, evidence: Evidence, groups: Sequence[
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         raise BehaviorLensError(f"unknown candidate group {unknown[0]!r}; groups are {', '.join(GROUPS)}")
+    if model.traced:
+        for group in [g for g in groups if g in LOCAL_ONLY]:
+            warnings.warn(f"{group} candidates are not built on a remote model: {LOCAL_ONLY[group]}", stacklevel=2)
+        groups = [g for g in groups if g not in LOCAL_ONLY]
     if "head ablation" in groups and len(heads):
         means = head_means(model, fit, range(s.n_layers))
         for k in (1, 3, 10):
@@ -432,7 +394,7 @@ class Choice:
 def choose_edit(
     model: Any,
     train_set: Any,
-    evidence: Evidence | None = None,
+    evidence: PatchEvidence | None = None,
     kl_max: float = KL_MAX,
     max_accuracy_drop: float = ACCURACY_DROP_MAX,
     groups: Sequence[str] = GROUPS,
@@ -456,7 +418,7 @@ def choose_edit(
         from ..patching import patch
 
         patched = train_set.subset(range(min(8, len(train_set) // 3)))
-        evidence = Evidence(pd.concat([patch(model, patched, "head", progress=False).means(),
+        evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
                                        patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
                             {p.row for p in patched})
     with remembered_states():  # the detector's refits read each prompt once
@@ -464,7 +426,7 @@ def choose_edit(
                        progress, refits, outside_limits)
 
 
-def _choose(model: Any, train_set: Any, evidence: Evidence, kl_max: float, max_accuracy_drop: float,
+def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, max_accuracy_drop: float,
             groups: Sequence[str], seed: int, side_effects: SideEffectData | None, progress: bool, refits: int,
             outside_limits: bool) -> Choice:
     fit, held, roles = split_for_choice(train_set, evidence.rows, seed)
@@ -528,7 +490,7 @@ def _choose(model: Any, train_set: Any, evidence: Evidence, kl_max: float, max_a
     return Choice(edit, reason, table, roles, mech, probes, spread, inside)
 
 
-def refit_spread(model: Any, train_set: Any, evidence: Evidence, group: str, index: int, seed: int,
+def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str, index: int, seed: int,
                  refits: int) -> pd.DataFrame:
     """The ``index``-th candidate of ``group`` rebuilt on the fit split of seeds ``seed + 1``, ...
     and judged (pressure removed) on that split's judging pairs."""
@@ -544,7 +506,7 @@ def refit_spread(model: Any, train_set: Any, evidence: Evidence, group: str, ind
     return pd.DataFrame(rows)
 
 
-def _mechanism(model: Any, evidence: Evidence, held: Any, base: dict[str, np.ndarray]) -> pd.DataFrame:
+def _mechanism(model: Any, evidence: PatchEvidence, held: Any, base: dict[str, np.ndarray]) -> pd.DataFrame:
     heads = evidence.heads()
     if heads.empty:
         return pd.DataFrame()

@@ -26,6 +26,7 @@ import torch
 
 from ..chat import chat_ids, turn_end
 from ..errors import BehaviorLensError
+from ..interventions.trace import site_values
 from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
 from .edit import Readout
@@ -83,6 +84,13 @@ def _read_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequenc
     from ..batching import chunks
 
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    if model.traced:  # every batch one trace (it runs every layer)
+        for idx in chunks(len(sequences), batch_size):
+            batch = model.batch([sequences[i] for i in idx])
+            acts = site_values(model, batch, "resid_post", layers)
+            for layer in layers:
+                out[layer] += [acts[layer][j, int(batch.offsets[j]):].float().cpu().numpy() for j in range(len(idx))]
+        return out
     with reading(model, "resid_post", layers) as acts:
         handle = model.sites.module(model.hf, "resid_post", max(layers)).register_forward_hook(_stop)
         try:

@@ -29,68 +29,13 @@ from typing import Any
 import torch
 
 from ..errors import BehaviorLensError
+from ..interventions.kinds import Readout
 from ..io import atomic_write
 
 KINDS = ("vector", "ablate_direction", "heads", "knockout", "subspace", "weights")
 HEAD_MODES = ("zero", "mean", "scale", "add")
 POSITIONS = ("all", "prompt", "generated")
 _META_KEY = "behaviorlens_edit"
-
-
-@dataclass
-class Readout:
-    """A linear read of the residual stream leaving ``layer``: it fires where
-    ``hidden @ direction + bias > 0`` (a probe turned into a detector or a gate). A detector
-    also flags the tokens between two flagged tokens at most ``gap`` tokens apart: a claim is
-    one span, and its middle (the claimed answer itself) is the part least like the training
-    family's claims."""
-
-    layer: int
-    direction: torch.Tensor  # [d_model]
-    bias: float = 0.0
-    gap: int = 0
-    decoy: int | None = None  # a control: see :meth:`decoys`
-
-    def __post_init__(self) -> None:
-        self.layer = int(self.layer)
-        self.direction = torch.as_tensor(self.direction).detach().float().cpu().flatten()
-        self.bias = float(self.bias)
-        self.gap = int(self.gap)
-        self.decoy = None if self.decoy is None else int(self.decoy)
-
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.float() @ self.direction.to(hidden.device) + self.bias
-
-    def close(self, flags: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """``flags`` [batch, tokens] with every run of at most ``gap`` unflagged tokens between
-        two flagged ones flagged too. ``real`` [batch, tokens] marks the columns holding tokens
-        (not padding): padding is never flagged and does not count in a gap."""
-        if real is not None:
-            flags = flags & real
-        if self.gap <= 0 or flags.shape[1] < 3:
-            return flags
-        if real is None:
-            idx = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
-        else:
-            idx = torch.cumsum(real.long(), 1)  # a token's index among the row's tokens
-        big = flags.shape[1] + self.gap + 2
-        before = torch.cummax(torch.where(flags, idx, -big), 1).values
-        after = torch.flip(torch.cummin(torch.flip(torch.where(flags, idx, 2 * big), [1]), 1).values, [1])
-        closed = flags | (after - before <= self.gap + 1)
-        return closed if real is None else closed & real
-
-    def decoys(self, flags: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
-        """The control of a detector with ``decoy`` set: per row, as many tokens as ``flags``
-        holds (at most as many as there are), drawn at random (seeded by ``decoy``) among the
-        ``eligible`` tokens (the conversation's own words: no padding, first token or template
-        token) it does not flag."""
-        free = ~flags if eligible is None else eligible & ~flags
-        g = torch.Generator().manual_seed(int(self.decoy))
-        draw = torch.rand(flags.shape, generator=g).to(flags.device).masked_fill(~free, -1.0)
-        rank = torch.empty_like(flags, dtype=torch.long)
-        order = draw.argsort(1, descending=True)
-        rank.scatter_(1, order, torch.arange(flags.shape[1], device=flags.device).expand_as(order).contiguous())
-        return free & (rank < flags.sum(1, keepdim=True))
 
 
 @dataclass

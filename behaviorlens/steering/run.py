@@ -13,8 +13,9 @@ import torch
 from ..chat import chat_ids
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
+from ..patching.results import PatchEvidence, evidence_of, patch_runs
 from .apply import steer
-from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX, Evidence, choose_edit, load_evidence
+from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX, choose_edit
 from .edit import Edit
 from .evaluate import evaluate_steering
 from .plots import dose_response, pareto
@@ -29,7 +30,7 @@ def run_steer_train(
     method: str = "mean_diff",
     position: str = "last",
     kind: str = "vector",
-    from_patching: Sequence[str | Path] | Evidence | None = None,
+    from_patching: Sequence[str | Path] | PatchEvidence | None = None,
     kl_max: float = KL_MAX,
     max_accuracy_drop: float = ACCURACY_DROP_MAX,
     groups: Sequence[str] = GROUPS,
@@ -42,7 +43,8 @@ def run_steer_train(
     """Train an edit at ``layer``, or choose one from a patching result, and save it.
 
     Without ``layer``, :func:`~.choose.choose_edit` builds every candidate of ``groups`` from
-    the evidence (patching result folders, or none: it patches the training family itself),
+    the evidence (patching results as the patching stage hands them on, or their folders: a
+    ``run_patch`` folder or an experiment's patch step; or none: it patches the training family itself),
     judges them on pairs that built nothing, and picks within the limits. The choice's tables
     go to ``choice_dir`` (default: beside the edit file, ``<name>.choice/``): ``candidates.csv``
     (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json``,
@@ -52,8 +54,7 @@ def run_steer_train(
     """
     reason = ""
     if layer is None:
-        evidence = from_patching if isinstance(from_patching, Evidence) or from_patching is None \
-            else load_evidence(from_patching)
+        evidence = _evidence(from_patching)
         choice = choose_edit(model, train_set, evidence, kl_max=kl_max, max_accuracy_drop=max_accuracy_drop,
                              groups=groups, seed=seed, side_effects=side_effects, progress=True,
                              refits=refits, outside_limits=outside_limits)
@@ -81,6 +82,16 @@ def run_steer_train(
         "path": str(out_path), "kind": edit.kind, "edit": edit.describe(), "layers": edit.layers,
         "method": edit.method, "reason": reason,
     }
+
+
+def _evidence(from_patching: Sequence[str | Path] | PatchEvidence | None) -> PatchEvidence | None:
+    """The chooser's evidence from what the patching stage hands on (read with its own loaders)."""
+    if from_patching is None or isinstance(from_patching, PatchEvidence):
+        return from_patching
+    runs = patch_runs(from_patching)
+    if not runs:
+        raise BehaviorLensError("choosing an edit needs a patching result")
+    return evidence_of(runs)
 
 
 SUMMARY_KEYS = (
@@ -200,9 +211,7 @@ def generate_examples(
         torch.manual_seed(seed)
         ctx = steer(model, edit, m, positions=positions) if m != 0 else nullcontext()
         with ctx:
-            out = model.hf.generate(**{k: v for k, v in batch.inputs().items() if k != "position_ids"},
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=model.pad_id)
+            out = model.generate(batch, max_new_tokens)
         new = out[:, batch.input_ids.shape[1]:]
         for i, text in enumerate(texts):
             rows.append({"prompt": text, "multiplier": float(m),

@@ -100,8 +100,7 @@ def continued(model: Any, prompts: list[list[int]], n: int = CONTINUATION, batch
     eos = model.tokenizer.eos_token_id
     for idx in chunks(len(prompts), batch_size):
         batch = model.batch([prompts[i] for i in idx])
-        new = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                max_new_tokens=n, do_sample=False, pad_token_id=model.pad_id)
+        new = model.generate(batch, n)
         for j, i in enumerate(idx):
             cont = new[j, batch.input_ids.shape[1]:].tolist()
             if eos in cont:

@@ -29,6 +29,7 @@ import torch
 from ..errors import BehaviorLensError
 from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
+from ..remote import refuse
 from ..scoring import behavior_metric, needs_whole
 from .edit import Edit
 
@@ -61,6 +62,7 @@ def train_subspace(model: Any, fit: Any, layer: int, rank: int, steps: int = 150
     ``edit.notes["fit_interchange"]``: the share of the pull the interchange removes on the
     training pairs after training (1 = the no-pressure answer reproduced).
     """
+    refuse(model, "subspace training", "it replays blocks from a layer on the weights here")
     _require(fit, "subspace training")
     s = model.sites
     s.check("resid_post", layer)
@@ -110,6 +112,7 @@ def finetune_heads(model: Any, fit: Any, heads: dict[int, Sequence[int]], steps:
     """Head-localized fine-tuning with a recall anchor (see the module doc): a ``weights`` edit
     of the chosen heads' output-projection columns; ``notes["changed"]`` says by how much each
     head's columns changed (Frobenius norm, and relative to the original)."""
+    refuse(model, "head fine-tuning", "it backpropagates into weight differences on the weights here")
     _require(fit, "head fine-tuning")
     s, hf = model.sites, model.hf
     torch.manual_seed(seed)

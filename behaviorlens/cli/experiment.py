@@ -1,16 +1,18 @@
-"""``behaviorlens run`` and ``behaviorlens demo``."""
+"""``behaviorlens run`` and ``behaviorlens demo``: an experiment end to end."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+from .options import add_remote_option
+
 
 def _run(args: argparse.Namespace) -> None:
-    from .experiment import run_experiment
+    from ..experiment import run_experiment
 
     start = time.perf_counter()
-    out = run_experiment(args.experiment, out=args.out, force=args.force)
+    out = run_experiment(args.experiment, out=args.out, force=args.force, remote=args.remote)
     print(f"done in {time.perf_counter() - start:.0f} s; open {out / 'report.html'}")
 
 
@@ -20,8 +22,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      "llama2_7b, caa_sycophancy_llama2_7b")
     run.add_argument("--out", default=None, help="results folder (default: results/NAME)")
     run.add_argument("--force", action="store_true", help="rerun finished steps / overwrite")
+    add_remote_option(run)
     run.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="the built-in sycophancy study on the embedded default model")
     demo.add_argument("--out", default="results/sycophancy")
     demo.add_argument("--force", action="store_true")
+    add_remote_option(demo)
     demo.set_defaults(func=_run, experiment="sycophancy")

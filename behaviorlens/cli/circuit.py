@@ -1,18 +1,17 @@
-"""``behaviorlens circuit FAMILY [--test FAMILY ...] --out DIR``: the circuit stage."""
+"""``behaviorlens circuit FAMILY [--test FAMILY ...] --out DIR``: which heads and MLPs feed which?"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..circuits.params import CircuitParams
 from ..errors import BehaviorLensError
+from ..params import from_args
+from . import options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_options, add_source_options
-    from .faithfulness import CONVENTIONS
-    from .run import METHODS
-
     p = sub.add_parser(
         "circuit",
         help="which heads and MLPs feed which? edge attribution, faithfulness, composition",
@@ -23,51 +22,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "plots and summary.json.",
     )
     p.add_argument("family", help="built-in family name or family YAML file (token-aligned pairs)")
-    add_model_options(p)
-    add_source_options(p)
-    p.add_argument("--test", nargs="+", default=[], metavar="FAMILY", help="families to score the circuit on")
-    p.add_argument("--pairs", type=int, default=16, help="use the first N pairs (half choose, half score)")
-    p.add_argument("--test-pairs", type=int, default=16, help="pairs of each --test family")
-    p.add_argument("--method", default="eap", choices=METHODS)
-    p.add_argument("--steps", type=int, default=4, help="EAP-IG interpolation steps")
-    p.add_argument("--ablation", default="counterfactual", choices=CONVENTIONS,
-                   help="what an edge outside the circuit carries (default: the pair's negative side)")
-    p.add_argument("--keep", type=float, default=0.8,
-                   help="choose the smallest circuit keeping this share of the behavior (default 0.8)")
-    p.add_argument("--exact-edges", type=int, default=40,
-                   help="check attribution by exact patching of the N top and N random edges")
-    p.add_argument("--acdc", type=int, default=0, metavar="N",
-                   help="also prune the top N edges greedily (ACDC) and compare (one forward per edge)")
-    p.add_argument("--acdc-threshold", type=float, default=0.01,
-                   help="ACDC drops an edge costing less than this much faithfulness (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
+    options.add_model_options(p)
+    options.add_source_options(p)
+    options.add_params(p, CircuitParams, test={"default": []})
     p.add_argument("--out", default=None, help="output folder (default: circuit-FAMILY)")
     p.set_defaults(func=_circuit)
 
 
 def _circuit(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args, prepare_out, source_from_args
+    from ..circuits.run import run_circuit
     from ..prompts.sources import Source, check_source, render_source
-    from .run import run_circuit
 
-    source = source_from_args(args, args.family)
+    params = from_args(CircuitParams, args)
+    source = options.source_from_args(args, args.family)
     check_source(source)
-    tests = [Source(t) for t in args.test]
+    tests = [Source(t) for t in params.test or []]
     for t in tests:
         check_source(t)
-    if args.pairs < 4:
-        raise BehaviorLensError(f"--pairs {args.pairs}: a circuit needs at least 4 pairs (half choose, half score)")
-    if args.test_pairs < 1 or args.exact_edges < 1 or args.steps < 1 or args.acdc < 0:
+    if params.pairs < 4:
+        raise BehaviorLensError(f"--pairs {params.pairs}: a circuit needs at least 4 pairs (half choose, half score)")
+    if params.test_pairs < 1 or params.exact_edges < 1 or params.steps < 1 or params.acdc < 0:
         raise BehaviorLensError("--test-pairs, --exact-edges and --steps must be at least 1, --acdc at least 0")
     out = args.out or f"circuit-{Path(args.family).stem}"
-    prepare_out(out)
-    model = model_from_args(args)
+    options.prepare_out(out)
+    model = options.model_from_args(args)
     cset = render_source(source, model.tokenizer)
     test_sets = [render_source(t, model.tokenizer) for t in tests]
-    s = run_circuit(model, cset, test_sets, out, n_pairs=args.pairs, test_pairs=args.test_pairs,
-                    method=args.method, steps=args.steps, convention=args.ablation, keep=args.keep,
-                    exact_top=args.exact_edges, exact_random=args.exact_edges, seed=args.seed,
-                    acdc_candidates=args.acdc, acdc_threshold=args.acdc_threshold)
+    s = run_circuit(model, cset, test_sets, out, **params.kwargs())
     print(f"{cset.name}: {s['method']} over {s['select_pairs']} pairs -> {out}")
     print(f"circuit: {s['circuit_edges']} of {s['total_edges']} edges ({s['edges_fraction']:.2%}); "
           f"held-out faithfulness {s['faithfulness']:.2f} [{s['faithfulness_ci'][0]:.2f}, "

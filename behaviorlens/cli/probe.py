@@ -1,15 +1,16 @@
-"""``behaviorlens probe FAMILY``: the probing stage from the command line."""
+"""``behaviorlens probe FAMILY``: where is the behavior linearly readable?"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .sweep import METHODS
+from ..params import from_args
+from ..probing.params import ProbeParams
+from . import options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_options, add_source_options
-
     p = sub.add_parser(
         "probe",
         help="where is the behavior linearly readable? probe sweeps, controls, transfer",
@@ -17,43 +18,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "positions with controls, and test the best probe on the --test families.",
     )
     p.add_argument("family", help="built-in family name, family YAML file or dataset file")
-    add_model_options(p)
-    add_source_options(p)
+    options.add_model_options(p)
+    options.add_source_options(p)
     p.add_argument("--test", nargs="*", default=[], metavar="FAMILY",
                    help="families or dataset files to test transfer on (whole; --split and --limit apply to FAMILY)")
-    p.add_argument("--sites", nargs="+", default=["resid_post"], help="resid_pre resid_post attn mlp head")
-    p.add_argument("--positions", nargs="+", default=["last"], help="last, answer, SLOT or SLOT:mean")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=" ".join(METHODS))
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
+    options.add_params(p, ProbeParams)
     p.add_argument("--out", default=None, help="output folder (default: probe-FAMILY)")
     p.set_defaults(func=_probe)
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from ..cli import model_from_args, prepare_out, source_from_args
+    from ..probing.run import run_probe
+    from ..probing.sweep import make_probe
     from ..prompts.sources import check_source, render_source, source_from
-    from .run import run_probe
-    from .sweep import make_probe
 
-    for m in args.methods:
+    params = from_args(ProbeParams, args)
+    for m in params.methods:
         make_probe(m)  # fail on a bad name before loading anything
-    source = source_from_args(args, args.family)
+    source = options.source_from_args(args, args.family)
     for spec in (source, *args.test):
         check_source(source_from(spec))
     out = args.out or f"probe-{Path(args.family).stem}"
-    prepare_out(out)
-    model = model_from_args(args)
+    options.prepare_out(out)
+    model = options.model_from_args(args)
     train = render_source(source, model.tokenizer, require_aligned=False)
     tests = {s.name: s for s in (render_source(t, model.tokenizer, require_aligned=False) for t in args.test)}
-    summary = run_probe(
-        model, train, tests, sites=tuple(args.sites), positions=tuple(args.positions),
-        methods=tuple(args.methods), out_dir=out, batch_size=args.batch_size, folds=args.folds,
-        seed=args.seed,
-    )
+    summary = run_probe(model, train, tests, out_dir=out, **params.kwargs())
     lo, hi = summary["best_auroc_ci"]
     print(
         f"{train.name}: best {summary['best_method']} probe at {summary['best_site']} layer "

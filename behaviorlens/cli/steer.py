@@ -1,4 +1,4 @@
-"""``behaviorlens steer train|eval|edit|export|generate``."""
+"""``behaviorlens steer train|eval|edit|export|generate``: edits, chosen, judged and applied."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from ..errors import BehaviorLensError
+from ..params import from_args
+from ..steering.params import SteerParams
+from . import options
 
 CANDIDATE_COLUMNS = ["group", "edit", "pressure_removed_fraction", "accuracy_neutral_change",
                      "factual_accuracy_change", "context_use_accuracy_change", "claim_recall_accuracy_change",
@@ -18,35 +19,24 @@ CANDIDATE_COLUMNS = ["group", "edit", "pressure_removed_fraction", "accuracy_neu
                      "redaction", "within_limits", "chosen"]
 
 
-def _family(model, args: argparse.Namespace):
-    from ..cli import source_from_args
-    from ..prompts.sources import render_source
-
-    return render_source(source_from_args(args, args.family), model.tokenizer, require_aligned=False)
-
-
 def _check(args: argparse.Namespace, out: str | None) -> None:
     """Fail on a bad family or output folder before a model loads."""
-    from ..cli import prepare_out, source_from_args
-    from ..prompts.sources import check_source
-
-    check_source(source_from_args(args, args.family))
-    prepare_out(out)
+    options.check_sources(args, [args.family])
+    options.prepare_out(out)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
-    from .run import run_steer_train
+    import pandas as pd
 
-    if args.layer is None and args.from_patching is None:
+    from ..steering.run import run_steer_train
+
+    params = from_args(SteerParams, args)
+    if params.layer is None and args.from_patching is None:
         raise BehaviorLensError("steer train needs --layer L or --from-patching DIR [DIR ...]")
     _check(args, str(Path(args.out).parent))
-    model = model_from_args(args)
-    summary = run_steer_train(model, _family(model, args), args.out, layer=args.layer,
-                              method=args.method, position=args.position, kind=args.kind,
-                              from_patching=args.from_patching, kl_max=args.kl_max,
-                              max_accuracy_drop=args.max_accuracy_drop, groups=args.candidates,
-                              refits=args.refits, outside_limits=args.outside_limits)
+    model = options.model_from_args(args)
+    summary = run_steer_train(model, options.render_from_args(model, args, args.family), args.out,
+                              from_patching=args.from_patching, **params.train_kwargs())
     if summary["reason"]:
         folder = Path(args.out).with_suffix(".choice")
         table = pd.read_csv(folder / "candidates.csv")
@@ -59,40 +49,38 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load_edit(model, path: str):
-    from .edit import Edit
+    from ..steering.edit import Edit
 
     return Edit.load(path, model)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
-    from .evaluate import NO_NEUTRAL
-    from .run import run_steer_eval
+    from ..steering.evaluate import NO_NEUTRAL
+    from ..steering.run import run_steer_eval
 
+    params = from_args(SteerParams, args)
     _check(args, args.out)
-    model = model_from_args(args)
+    model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
-    family = _family(model, args)
-    summary = run_steer_eval(model, edit, family, args.multipliers,
-                             args.layers, args.out, batch_size=args.batch_size, controls=args.controls)
+    family = options.render_from_args(model, args, args.family)
+    summary = run_steer_eval(model, edit, family, out_dir=args.out, **params.eval_kwargs())
     print(json.dumps(summary, indent=2))
     if not family.has_neutral:
         print(f"behaviorlens: {family.name} {NO_NEUTRAL}", file=sys.stderr)
 
 
 def _edit(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
-    from .bake import bake
+    from ..steering.bake import bake
 
-    model = model_from_args(args)
+    model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
     out = bake(model, edit, args.out, multiplier=args.multiplier)
     print(f"wrote the edited model ({edit.describe()}) to {out}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .edit import Edit
-    from .gguf_export import export_gguf
+    from ..steering.edit import Edit
+    from ..steering.gguf_export import export_gguf
 
     edit = Edit.load(args.edit)
     out = export_gguf(edit, args.gguf, multiplier=args.multiplier, model_hint=args.model_hint)
@@ -100,8 +88,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args
-    from .run import generate_examples
+    from ..steering.run import generate_examples
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -110,7 +97,7 @@ def _generate(args: argparse.Namespace) -> None:
         prompts += open_ended_prompts(args.prompts_file)[: args.limit]
     if not prompts:
         raise BehaviorLensError("steer generate needs --prompt TEXT or --prompts-file FILE")
-    model = model_from_args(args)
+    model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
     table = generate_examples(model, edit, prompts, args.multipliers, args.max_new_tokens,
                               positions=args.positions)
@@ -120,54 +107,34 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"[x{r.multiplier:+g}] {r.completion}")
 
 
-def add_commands(sub) -> None:
-    from ..cli import add_model_options, add_source_options
-    from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
     steer = sub.add_parser("steer", help="train, evaluate, bake, export and try edits")
     cmds = steer.add_subparsers(dest="steer_command", required=True)
 
     p = cmds.add_parser("train", help="train a steering vector, or choose an edit from patching")
     p.add_argument("family")
-    p.add_argument("--layer", type=int)
-    p.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca", "probe"])
-    p.add_argument("--position", default="last")
-    p.add_argument("--kind", default="vector", choices=["vector", "ablate_direction"])
     p.add_argument("--from-patching", dest="from_patching", nargs="+", default=None, metavar="DIR",
                    help="patching result folders (e.g. heads and resid): choose an edit from them")
-    p.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=float, default=ACCURACY_DROP_MAX,
-                   help="the most accuracy a chosen edit may cost on each of the no-pressure side, the "
-                        "factual control, context use and claim recall (default 0.02: 2 points)")
-    p.add_argument("--kl-max", dest="kl_max", type=float, default=KL_MAX,
-                   help="the most neutral KL a chosen edit may cost (default 0.05 nats/token)")
-    p.add_argument("--candidates", nargs="+", default=list(GROUPS), metavar="GROUP",
-                   help="candidate groups to build: " + ", ".join(f"'{g}'" for g in GROUPS))
-    p.add_argument("--refits", type=int, default=2,
-                   help="rebuild the chosen candidate on this many other splits: its spread (default 2)")
-    p.add_argument("--outside-limits", dest="outside_limits", action="store_true",
-                   help="when no candidate keeps the limits, save the best trade-off (marked so) instead of stopping")
+    options.add_params(p, SteerParams, command="train")
     p.add_argument("--out", required=True)
-    add_model_options(p)
-    add_source_options(p)
+    options.add_model_options(p)
+    options.add_source_options(p)
     p.set_defaults(func=_train)
 
     p = cmds.add_parser("eval", help="effect, side effects and random control of an edit")
     p.add_argument("edit")
     p.add_argument("family")
-    p.add_argument("--multipliers", type=float, nargs="+", default=[1.0])
-    p.add_argument("--layers", type=int, nargs="+", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--controls", type=int, default=5, help="random controls to average (default 5)")
+    options.add_params(p, SteerParams, command="eval")
     p.add_argument("--out", required=True)
-    add_model_options(p)
-    add_source_options(p)
+    options.add_model_options(p)
+    options.add_source_options(p)
     p.set_defaults(func=_eval)
 
     p = cmds.add_parser("edit", help="bake an edit into the weights (save_pretrained folder)")
     p.add_argument("edit")
     p.add_argument("--multiplier", type=float, default=1.0)
     p.add_argument("--out", required=True)
-    add_model_options(p)
+    options.add_model_options(p)
     p.set_defaults(func=_edit)
 
     p = cmds.add_parser("export", help="export a steering vector as a llama.cpp control vector")
@@ -187,5 +154,5 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--positions", default=None, choices=["all", "prompt", "generated"],
                    help="where the edit acts (default: the edit's own)")
-    add_model_options(p)
+    options.add_model_options(p)
     p.set_defaults(func=_generate)

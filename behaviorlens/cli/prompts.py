@@ -1,28 +1,25 @@
-"""Subcommands for prompt families and datasets: ``families``, ``render`` and ``measure``."""
+"""``behaviorlens families`` and ``behaviorlens render``: prompt families and datasets."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..io import write_json
-from .contrast import ContrastPair, ContrastSet
-from .family import load_family
-from .library import builtin_names
-from .sources import render_source
+from ..prompts.contrast import ContrastPair, ContrastSet
+from ..prompts.family import load_family
+from ..prompts.library import builtin_names
+from . import options
 
 _ON, _OFF = "\033[1;33m", "\033[0m"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_model_options, add_source_options
-
     fam = sub.add_parser("families", help="list the built-in prompt families")
     fam.add_argument("--measure", action="store_true",
                      help="also measure each family on --model and print a markdown table")
-    add_model_options(fam)
+    options.add_model_options(fam)
     fam.set_defaults(func=_families)
 
     render = sub.add_parser("render", help="render a family or dataset into contrast pairs")
@@ -34,17 +31,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="keep pairs whose sides are not token-aligned (not for patching)")
     render.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="highlight with ANSI colors (default: when printing to a terminal)")
-    add_source_options(render)
-    add_model_options(render)
+    options.add_source_options(render)
+    options.add_model_options(render)
     render.set_defaults(func=_render)
-
-    meas = sub.add_parser("measure", help="measure a family's or dataset's behavior on a model")
-    meas.add_argument("family", help="a built-in family name, a family YAML file or a dataset file")
-    meas.add_argument("--out", default=None, help="results folder (default: results/measure-FAMILY)")
-    meas.add_argument("--batch-size", type=int, default=16)
-    add_source_options(meas)
-    add_model_options(meas)
-    meas.set_defaults(func=_measure)
 
 
 def family_table() -> list[dict]:
@@ -105,13 +94,12 @@ def _families(args: argparse.Namespace) -> None:
                   f"{r['top_answer_share']:.0%} of rows", file=sys.stderr)
 
 
-def measured_table(rows: list[dict], args: argparse.Namespace):
+def measured_table(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
     """Lines of a markdown table of the given families measured on ``args.model`` (every side,
     accuracies, balance), yielded as each family is measured."""
-    from ..cli import model_from_args
     from ..measure import measure
 
-    model = model_from_args(args)
+    model = options.model_from_args(args)
     yield ("| family | behavior | rows | behavior_shift [95% CI] | pull [95% CI] | accuracy positive / "
            "negative / neutral | most common matching answer |")
     yield "|---|---|---|---|---|---|---|"
@@ -126,17 +114,16 @@ def measured_table(rows: list[dict], args: argparse.Namespace):
 
 
 def _render(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args, source_from_args
-    from .sources import check_source, dataset_format, open_ended_prompts
+    from ..prompts.sources import check_source, dataset_format, open_ended_prompts, render_source
 
-    source = source_from_args(args, args.family)
+    source = options.source_from_args(args, args.family)
     if source.is_dataset and Path(source.path).is_file() and (source.format or dataset_format(source.path)) == "open-ended":
         prompts = open_ended_prompts(source.path)
         print(f"{source.path}: {len(prompts)} open-ended prompts (questions with no answers, so no contrast "
               "pairs; use them with steer generate --prompts-file)")
         return
     check_source(source)  # fail fast on a bad family before loading a model
-    model = model_from_args(args)
+    model = options.model_from_args(args)
     cset = render_source(source, model.tokenizer, require_aligned=not args.unaligned)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     for pair in cset.pairs[: max(args.show, 0)]:
@@ -150,25 +137,3 @@ def _render(args: argparse.Namespace) -> None:
     aligned = "aligned" if cset.aligned else "NOT all aligned"
     print(f"{cset.name}: {len(cset)} pairs, {aligned}; {'; '.join(notes)}"
           + (f"; wrote {args.out}" if args.out else ""))
-
-
-def _measure(args: argparse.Namespace) -> None:
-    from ..cli import model_from_args, prepare_out, source_from_args
-    from ..measure import run_measure
-    from .sources import check_source
-
-    source = source_from_args(args, args.family)
-    check_source(source)
-    out = Path(args.out or f"results/measure-{Path(source.path).stem}")
-    prepare_out(str(out))
-    model = model_from_args(args)
-    cset = render_source(source, model.tokenizer, require_aligned=False)
-    summary = run_measure(model, cset, out, batch_size=args.batch_size) | {"source": source.record()}
-    write_json(out / "summary.json", summary)
-    keys = ["pairs", "behavior_shift", "behavior_shift_ci", "fraction_pairs_shifted",
-            "mean_metric_positive", "mean_metric_negative", "mean_metric_neutral", "pull", "pull_ci",
-            "accuracy_positive", "accuracy_positive_ci", "accuracy_negative", "accuracy_negative_ci",
-            "accuracy_neutral", "accuracy_neutral_ci", "unbalanced", "matching_rate", "matching_rate_ci",
-            "letter_bias", "answer_balance_first_letter", "at_chance"]
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
-    print(f"wrote {out / 'measure.csv'} and {out / 'summary.json'}")

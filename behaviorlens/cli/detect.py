@@ -1,0 +1,102 @@
+"""``behaviorlens detect train|eval|transfer``: lie detectors from the model's own behavior."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..detect.params import DetectParams
+from ..errors import BehaviorLensError
+from ..params import from_args
+from . import options
+
+
+def _sets(model, args: argparse.Namespace, names: list[str]):
+    return [options.render_from_args(model, args, n) for n in names]
+
+
+def _check(args: argparse.Namespace, names: list[str], out: str) -> None:
+    """Fail on a bad family or output folder before a model loads."""
+    options.check_sources(args, names)
+    options.prepare_out(out)
+
+
+def _print(summary: dict, keys: tuple[str, ...]) -> None:
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ..detect.run import run_detect_train
+
+    params = from_args(DetectParams, args)
+    if not args.family and not params.instructed:
+        raise BehaviorLensError("detect train needs at least one FAMILY (or --instructed FAMILY)")
+    _check(args, args.family + params.instructed, str(Path(args.out).parent))
+    model = options.model_from_args(args)
+    summary = run_detect_train(model, _sets(model, args, args.family), args.out,
+                               instructed=_sets(model, args, params.instructed), **params.train_kwargs())
+    _print(summary, ("detector", "label_counts", "n_lie", "n_honest", "n_mistake", "auroc", "auroc_ci",
+                     "shuffled_auroc", "wording_auroc", "wording_explains", "claim_auroc", "mistake_auroc",
+                     "chat_threshold"))
+    print(f"wrote the detector to {args.out} and its tables to {Path(args.out).with_suffix('.train')}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ..detect.detector import Detector
+    from ..detect.run import is_transcripts, run_detect_eval
+
+    params = from_args(DetectParams, args)
+    transcripts = len(args.family) == 1 and is_transcripts(args.family[0])
+    if not transcripts:
+        _check(args, args.family, args.out)
+    else:
+        options.prepare_out(args.out)
+    detector = Detector.load(args.detector)
+    model = options.model_from_args(args)
+    sets = args.family[0] if transcripts else _sets(model, args, args.family)
+    summary = run_detect_eval(model, detector, sets, args.out, **params.eval_kwargs())
+    _print(summary, ("detector", "families", "n_lie", "n_honest", "n_mistake", "n_unsure", "auroc", "auroc_ci",
+                     "mistake_auroc", "mistake_check", "recall_at_1pct_fpr", "chat_fpr", "claim_auroc",
+                     "wording_auroc", "shuffled_auroc", "targets_met", "n_examples", "n_flagged"))
+    print(f"wrote scores, tables and summary.json to {args.out}")
+
+
+def _transfer(args: argparse.Namespace) -> None:
+    from ..detect.run import run_transfer
+
+    params = from_args(DetectParams, args)
+    _check(args, args.family, args.out)
+    model = options.model_from_args(args)
+    summary = run_transfer(model, _sets(model, args, args.family), args.out, **params.transfer_kwargs())
+    _print(summary, ("transfer_auroc", "mean_transfer_auroc", "trainable"))
+
+
+def _common(p: argparse.ArgumentParser, command: str, **overrides: dict) -> None:
+    options.add_params(p, DetectParams, command=command, **overrides)
+    options.add_model_options(p)
+    options.add_source_options(p)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    detect = sub.add_parser("detect", help="lie detectors from the model's own behavior-labelled answers")
+    cmds = detect.add_subparsers(dest="detect_command", required=True)
+
+    p = cmds.add_parser("train", help="fit a lie-vs-honest probe with its controls")
+    p.add_argument("family", nargs="*", default=[], help="families labelled by the model's behavior")
+    p.add_argument("--out", required=True, help="the detector file (.safetensors)")
+    _common(p, "train", chat={"help": "skip the threshold on ordinary chat"})
+    p.set_defaults(func=_train)
+
+    p = cmds.add_parser("eval", help="score families or a transcripts file with a detector")
+    p.add_argument("detector")
+    p.add_argument("family", nargs="+", help="families, or one transcripts .jsonl ({messages, answer[, label]})")
+    p.add_argument("--out", required=True)
+    _common(p, "eval", chat={"help": "skip the false-positive rate on ordinary chat"})
+    p.set_defaults(func=_eval)
+
+    p = cmds.add_parser("transfer", help="train on each family, test on every other: the matrix and its heatmap")
+    p.add_argument("family", nargs="+")
+    p.add_argument("--out", required=True)
+    _common(p, "transfer")
+    p.set_defaults(func=_transfer)

@@ -1,0 +1,395 @@
+"""The interventions: what each edit kind, readout and patch does to a site's tensor.
+
+Each class holds its tensors and acts in one of two ways that share its tensor math:
+
+- inside an nnsight trace, on the envoys of its sites (:meth:`Intervention.act`, run by
+  :func:`run` in execution order): the path every backend takes, local, nnsight's simulation
+  of NDIF and NDIF itself;
+- in the local fast path, plain torch hooks (:mod:`behaviorlens.steering.apply`), which call
+  the same ``change``/``mask`` functions and also handle generation with a key-value cache.
+
+This module needs nothing but torch: a remote request ships it by value.
+
+``ctx``, prepared before a trace (:func:`behaviorlens.interventions.trace.context`), holds
+per forward: ``cols`` (positions name -> [batch, seq] bool: the columns an edit touches),
+``real`` ([batch, seq] bool: not padding), ``content`` (the conversation's own tokens, for a
+detector control), and what readouts find in the trace (``gate``, ``flags``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .access import SiteRef
+
+
+@dataclass
+class Readout:
+    """A linear read of the residual stream leaving ``layer``: it fires where
+    ``hidden @ direction + bias > 0`` (a probe turned into a detector or a gate). A detector
+    also flags the tokens between two flagged tokens at most ``gap`` tokens apart: a claim is
+    one span, and its middle (the claimed answer itself) is the part least like the training
+    family's claims."""
+
+    layer: int
+    direction: torch.Tensor  # [d_model]
+    bias: float = 0.0
+    gap: int = 0
+    decoy: int | None = None  # a control: see :meth:`decoys`
+
+    def __post_init__(self) -> None:
+        self.layer = int(self.layer)
+        self.direction = torch.as_tensor(self.direction).detach().float().cpu().flatten()
+        self.bias = float(self.bias)
+        self.gap = int(self.gap)
+        self.decoy = None if self.decoy is None else int(self.decoy)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.float() @ self.direction.to(hidden.device) + self.bias
+
+    def close(self, flags: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """``flags`` [batch, tokens] with every run of at most ``gap`` unflagged tokens between
+        two flagged ones flagged too. ``real`` [batch, tokens] marks the columns holding tokens
+        (not padding): padding is never flagged and does not count in a gap."""
+        if real is not None:
+            flags = flags & real
+        if self.gap <= 0 or flags.shape[1] < 3:
+            return flags
+        if real is None:
+            idx = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+        else:
+            idx = torch.cumsum(real.long(), 1)  # a token's index among the row's tokens
+        big = flags.shape[1] + self.gap + 2
+        before = torch.cummax(torch.where(flags, idx, -big), 1).values
+        after = torch.flip(torch.cummin(torch.flip(torch.where(flags, idx, 2 * big), [1]), 1).values, [1])
+        closed = flags | (after - before <= self.gap + 1)
+        return closed if real is None else closed & real
+
+    def decoys(self, flags: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
+        """The control of a detector with ``decoy`` set: per row, as many tokens as ``flags``
+        holds (at most as many as there are), drawn at random (seeded by ``decoy``) among the
+        ``eligible`` tokens (the conversation's own words: no padding, first token or template
+        token) it does not flag."""
+        free = ~flags if eligible is None else eligible & ~flags
+        g = torch.Generator().manual_seed(int(self.decoy))
+        draw = torch.rand(flags.shape, generator=g).to(flags.device).masked_fill(~free, -1.0)
+        rank = torch.empty_like(flags, dtype=torch.long)
+        order = draw.argsort(1, descending=True)
+        rank.scatter_(1, order, torch.arange(flags.shape[1], device=flags.device).expand_as(order).contiguous())
+        return free & (rank < flags.sum(1, keepdim=True))
+
+    def flags(self, hidden: torch.Tensor, real: torch.Tensor | None, content: torch.Tensor | None) -> torch.Tensor:
+        """The tokens a detector blocks: its closed flags, or for a control its decoys."""
+        detected = self.close(self.scores(hidden) > 0, real)
+        return detected if self.decoy is None else self.decoys(detected, content if content is not None else real)
+
+
+def _select(ctx: dict, positions: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` at the columns ``positions`` names (and rows whose gate fired), else ``old``."""
+    cols = ctx["cols"][positions].to(old.device)
+    new = torch.where(cols.view(*cols.shape, *([1] * (old.dim() - 2))), new, old)
+    gate = ctx.get("gate")
+    if gate is None:
+        return new
+    return torch.where(gate.to(old.device).view(-1, *([1] * (old.dim() - 1))), new, old)
+
+
+class Intervention:
+    """Base class: the sites an intervention visits (:meth:`refs`) and what it does there."""
+
+    def refs(self) -> list[SiteRef]:
+        raise NotImplementedError
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ReadGate(Intervention):
+    """Reads a gate at the last token of the residual stream leaving its layer."""
+
+    readout: Readout
+    ref: SiteRef
+
+    def refs(self) -> list[SiteRef]:
+        return [self.ref]
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        if ctx.get("step", 0) == 0:  # read in the prompt's forward; holds for the generated tokens
+            ctx["gate"] = self.readout.scores(ref.read(root)[:, -1]) > 0
+
+
+@dataclass
+class ReadDetector(Intervention):
+    """Flags the tokens a detector finds (or its control's decoys) for a knockout."""
+
+    readout: Readout
+    ref: SiteRef
+
+    def refs(self) -> list[SiteRef]:
+        return [self.ref]
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        h = ref.read(root)
+        if ctx.get("step", 0) == 0:
+            real = ctx["real"].to(h.device)
+            content = ctx.get("content")
+            ctx["flags"] = self.readout.flags(h, real, None if content is None else content.to(h.device))
+            ctx["seen"] = real
+            return
+        # a generation step: the new tokens' flags join the prompt's, and the span closing runs again
+        real = torch.cat([ctx["seen"], torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)], 1)
+        found = torch.cat([ctx["flags"], self.readout.scores(h) > 0], 1)
+        ctx["flags"], ctx["seen"] = self.readout.close(found, real), real
+
+
+@dataclass
+class Residual(Intervention):
+    """A change of the residual stream at some sites, at ``positions``: the base of the
+    vector, subspace and direction-ablation kinds."""
+
+    sites: list[SiteRef]
+    positions: str = "all"
+
+    def refs(self) -> list[SiteRef]:
+        return list(self.sites)
+
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        h = ref.read(root)
+        h[...] = _select(ctx, self.positions, h, self.change(h))
+
+
+@dataclass
+class AddVector(Residual):
+    """``strength * vector`` added to the residual stream."""
+
+    vector: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    strength: float = 1.0
+
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.strength * self.vector.to(h.device, h.dtype)
+
+
+@dataclass
+class AblateDirection(Residual):
+    """``strength`` times the component along a unit direction removed (1 ablates, 2 reflects)."""
+
+    direction: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    strength: float = 1.0
+
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        d = self.direction.to(h.device, h.dtype)
+        return h - self.strength * (h @ d).unsqueeze(-1) * d
+
+
+@dataclass
+class ClampSubspace(Residual):
+    """The coordinates in an orthonormal ``basis`` [d_model, rank] moved ``strength`` of the way
+    to those of ``point``."""
+
+    basis: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    point: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    strength: float = 1.0
+
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        b, point = self.basis.to(h.device, h.dtype), self.point.to(h.device, h.dtype)
+        return h + self.strength * ((point - h) @ b) @ b.T
+
+
+@dataclass
+class EditHeads(Intervention):
+    """Heads of one layer (the attention output projection's input, split into heads) moved
+    ``strength`` of the way to stored values (zero/mean), scaled, or given a vector (``add``)."""
+
+    site: SiteRef
+    heads: list[int]
+    mode: str  # "zero", "mean", "scale" or "add"
+    values: torch.Tensor | None = None  # [n_heads, head_dim]
+    scale: float = 0.0
+    strength: float = 1.0
+    positions: str = "all"
+
+    def refs(self) -> list[SiteRef]:
+        return [self.site]
+
+    def change(self, cur: torch.Tensor) -> torch.Tensor:
+        """The new value of the selected heads ``cur`` [..., len(heads), head_dim]."""
+        idx = torch.tensor(self.heads, dtype=torch.long)
+        if self.mode == "scale":
+            return cur * (1 + self.strength * (self.scale - 1))
+        if self.mode == "add":
+            return cur + self.strength * self.values[idx].to(cur.device, cur.dtype)
+        v = torch.zeros(len(self.heads), cur.shape[-1]) if self.values is None else self.values[idx]
+        return cur + self.strength * (v.to(cur.device, cur.dtype) - cur)
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        x = ref.read(root)  # [b, s, heads, head_dim]
+        idx = torch.tensor(self.heads, dtype=torch.long, device=x.device)
+        cur = x[:, :, idx]
+        x[:, :, idx] = _select(ctx, self.positions, cur, self.change(cur))
+
+
+def knockout_mask(mask: torch.Tensor | None, keys: torch.Tensor, cols: torch.Tensor, gate: torch.Tensor | None,
+                  heads: list[int], n_heads: int, q: int, past: int, device: Any) -> torch.Tensor:
+    """An attention mask [b, n_heads, q, past + q] where ``heads`` may not attend from the
+    ``cols`` query columns ([b, q] bool) to the ``keys`` columns ([b, >= past + q] bool), a
+    token always seeing itself; rows whose ``gate`` did not fire keep the given mask."""
+    b = cols.shape[0]
+    k = past + q
+    if mask is None:
+        allowed = torch.ones(q, k, dtype=torch.bool, device=device).tril(past)[None, None]
+    elif mask.dtype == torch.bool:
+        allowed = mask[..., :k]
+    else:
+        allowed = mask[..., :k] == 0
+    allowed = allowed.expand(b, n_heads, q, k).clone()
+    block = keys[:, :k].to(device)[:, None, None, :] & cols.to(device)[:, None, :, None]
+    diagonal = torch.arange(k, device=device)[None, :] == (past + torch.arange(q, device=device))[:, None]
+    block = block & ~diagonal
+    if gate is not None:
+        block = block & gate.to(device)[:, None, None, None]
+    h = torch.tensor(heads, dtype=torch.long, device=device)
+    allowed[:, h] &= ~block.expand(b, len(heads), q, k)
+    if mask is None or mask.dtype == torch.bool:
+        return allowed
+    return torch.zeros_like(allowed, dtype=mask.dtype).masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+@dataclass
+class Knockout(Intervention):
+    """Heads of one layer may not attend from ``positions`` to the flagged tokens: those a
+    detector flags in the same forward, or the given ``blocked`` [batch, columns] ones."""
+
+    call: SiteRef  # the attention module's call (its keyword arguments)
+    heads: list[int]
+    n_heads: int
+    positions: str = "all"
+    blocked: torch.Tensor | None = None
+
+    def refs(self) -> list[SiteRef]:
+        return [self.call]
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        node = ref.module(root)
+        args, kwargs = node.inputs
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        keys = self.blocked if self.blocked is not None else ctx.get("flags")
+        if keys is None:
+            return
+        cols = ctx["cols"][self.positions]
+        q = hidden.shape[1]
+        mask = knockout_mask(kwargs["attention_mask"], keys, cols, ctx.get("gate"), self.heads, self.n_heads,
+                             q, keys.shape[1] - q, hidden.device)
+        node.inputs = (args, {**kwargs, "attention_mask": mask})
+
+
+@dataclass
+class AddWeights(Intervention):
+    """``strength`` times a weight (and bias) difference added to a linear module, as the
+    change of its output: ``input @ delta.T`` (a request may not change parameters, and an
+    offloaded one is not here to change). Differences of other parameters (``params`` only)
+    are added to the parameters themselves, locally."""
+
+    module: SiteRef
+    weight: torch.Tensor | None = None  # [out, in]
+    bias: torch.Tensor | None = None  # [out]
+    strength: float = 1.0
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> difference (hooks)
+
+    def refs(self) -> list[SiteRef]:
+        return [self.module]
+
+    @property
+    def linear(self) -> bool:
+        """Whether it acts as a change of the module's output (else: on its parameters, locally)."""
+        return self.weight is not None or self.bias is not None
+
+    def change(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The module's new output, from its input ``x`` and output ``out``."""
+        delta = torch.zeros_like(out)
+        if self.weight is not None:
+            delta = delta + x @ self.weight.to(x.device, x.dtype).T
+        if self.bias is not None:
+            delta = delta + self.bias.to(out.device, out.dtype)
+        return out + self.strength * delta
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        node = ref.module(root)
+        x = node.input
+        out = node.output
+        out[...] = self.change(x, out)
+
+
+@dataclass
+class SetSite(Intervention):
+    """``site[index] = value``: an activation patch."""
+
+    site: SiteRef
+    value: torch.Tensor
+    index: Any = ...
+
+    def refs(self) -> list[SiteRef]:
+        return [self.site]
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        x = ref.read(root)
+        x[self.index] = self.value.to(x.device, x.dtype)
+
+
+@dataclass
+class ReadSite(Intervention):
+    """Keeps a copy of a site's value (after the edits at it) as ``ctx["reads"][key]``."""
+
+    site: SiteRef
+    key: Any
+
+    def refs(self) -> list[SiteRef]:
+        return [self.site]
+
+    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+        ctx["reads"][self.key] = ref.read(root).detach().clone()
+
+
+def answer_metric(logits: torch.Tensor, token: torch.Tensor, answer: torch.Tensor, answer_prompt: torch.Tensor,
+                  matching: torch.Tensor, n_prompts: int, whole: bool) -> torch.Tensor:
+    """The behavior metric per prompt from the logits of every read ([reads, vocab]), in float32:
+    log p(matching answers) - log p(other answers) (see :class:`behaviorlens.scoring.Scoring`)."""
+    logits = logits.float()
+    rows = torch.arange(len(logits), device=logits.device)
+    token = token.to(logits.device)
+    scores = torch.log_softmax(logits, -1)[rows, token] if whole else logits[rows, token]
+    per_answer = torch.zeros(len(answer_prompt), device=logits.device).index_add(0, answer.to(logits.device), scores)
+    matching = matching.to(logits.device)
+    prompt = answer_prompt.to(logits.device)
+    return (_group_logsumexp(per_answer[matching], prompt[matching], n_prompts)
+            - _group_logsumexp(per_answer[~matching], prompt[~matching], n_prompts))
+
+
+def _group_logsumexp(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of ``values`` within each group 0..n-1 (a plain sum where a group has one)."""
+    counts = torch.bincount(groups, minlength=n)
+    if bool((counts == 1).all()):
+        return torch.zeros(n, device=values.device).index_add(0, groups, values)
+    peak = torch.full((n,), -torch.inf, device=values.device).scatter_reduce(
+        0, groups, values.detach(), "amax", include_self=True)
+    total = torch.zeros(n, device=values.device).index_add(0, groups, (values - peak[groups]).exp())
+    return total.log() + peak
+
+
+def run(root: Any, interventions: list[Intervention], ctx: dict) -> None:
+    """Inside a trace: every intervention at each of its sites, in execution order (readouts
+    before edits at the same site)."""
+    steps = []
+    for i, iv in enumerate(interventions):
+        reads = isinstance(iv, (ReadGate, ReadDetector))  # (a ReadSite reads after the edits)
+        for ref in iv.refs():
+            steps.append((tuple(ref.order), 0 if reads else 1, i, ref, iv))
+    steps.sort(key=lambda s: s[:3])
+    for _, _, _, ref, iv in steps:
+        iv.act(root, ref, ctx)

@@ -1,0 +1,112 @@
+"""Running traces on NDIF, or on nnsight's local simulation of it.
+
+``remote`` is ``None`` (local forwards and hooks), ``"ndif"`` (nnsight's ``remote=True``: the
+trace is serialized and runs on the NDIF server) or ``"local"`` (the same serialization, run
+here: a dry run that shows a study will run remotely before it waits in a queue).
+
+Only :mod:`behaviorlens.interventions.access` and :mod:`behaviorlens.interventions.kinds`
+travel with a request (by value: their source ships); every other project module is absent on
+the server. :class:`StrictSimulation` makes the local simulation hide the installed
+``behaviorlens`` package as well (nnsight's own hides only modules outside site-packages, and an
+editable install would slip through), so a trace that reaches for any other project code fails
+here exactly as it would on NDIF.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .errors import BehaviorLensError
+
+MODES = ("local", "ndif")
+SHIPPED = ("behaviorlens.interventions.access", "behaviorlens.interventions.kinds")
+CRITICAL = ("nnsight", "transformers", "torch")
+
+
+def mode(remote: Any, where: str = "remote") -> str | None:
+    """``None``, ``"local"`` or ``"ndif"`` from a flag, an experiment value or a string."""
+    value = remote.lower() if isinstance(remote, str) else remote
+    if value in (None, False, "false"):
+        return None
+    if value is True or value in ("ndif", "true"):
+        return "ndif"
+    if value == "local":
+        return "local"
+    raise BehaviorLensError(f"{where}: {remote!r} is not one of local, ndif, true, false")
+
+
+def ship() -> None:
+    """Register the modules a request needs to carry by value."""
+    import importlib
+
+    import nnsight
+
+    for name in SHIPPED:
+        nnsight.register(importlib.import_module(name))
+
+
+class _Blocker:
+    """An import finder that refuses the project's package, as a server without it would."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".")[0] == "behaviorlens":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: NDIF does not have it)")
+
+
+def strict_simulation(lm: Any) -> Any:
+    """nnsight's local NDIF simulation, with the ``behaviorlens`` package hidden too."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    class StrictSimulation(LocalSimulationBackend):
+        def _hide_local_modules(self) -> dict:
+            hidden = super()._hide_local_modules()
+            for name in list(sys.modules):
+                if name.split(".")[0] == "behaviorlens":
+                    hidden["modules"][name] = sys.modules.pop(name)
+            sys.meta_path.insert(0, _Blocker())
+            return hidden
+
+        def _restore(self, hidden: dict) -> None:
+            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Blocker)]
+            super()._restore(hidden)
+
+    return StrictSimulation(lm)
+
+
+def trace_kwargs(remote: str | None, lm: Any) -> dict[str, Any]:
+    """The keyword arguments that send an nnsight trace to ``remote``."""
+    if remote is None:
+        return {}
+    ship()
+    if remote == "local":
+        return {"backend": strict_simulation(lm)}
+    return {"remote": True}
+
+
+def check_ndif(repo_id: str) -> None:
+    """Before loading for NDIF: a key, matching versions and a served model, else one line."""
+    import nnsight
+    from nnsight.ndif import compare, is_model_running
+
+    if not nnsight.CONFIG.API.APIKEY:
+        raise BehaviorLensError("--remote: no NDIF API key; set NDIF_API_KEY or run "
+                                "nnsight.CONFIG.set_default_api_key(KEY) once")
+    try:
+        diff = compare()
+    except Exception as err:  # noqa: BLE001 (no network, server down, bad host)
+        raise BehaviorLensError(f"--remote: cannot reach NDIF at {nnsight.CONFIG.API.HOST}: "
+                                f"{type(err).__name__}: {err}") from None
+    bad = [p for p in CRITICAL if p in diff.mismatches]
+    if bad:
+        raise BehaviorLensError("--remote: versions differ from NDIF's: " + ", ".join(
+            f"{p} {diff.local['packages'].get(p)} here, {diff.remote['packages'].get(p)} there" for p in bad))
+    if not is_model_running(repo_id):
+        raise BehaviorLensError(f"--remote: NDIF does not serve {repo_id!r} now; see nnsight.status() "
+                                "for the models it runs")
+
+
+def refuse(model: Any, what: str, why: str) -> None:
+    """One line, when ``model`` runs remotely, for a step that has no trace path."""
+    if getattr(model, "remote", None) is not None:
+        raise BehaviorLensError(f"{what} cannot run remotely ({model.remote}): {why}; run it on a local model")

@@ -1,0 +1,200 @@
+"""One place per concept: the command line is one package that stages never import; each stage's
+parameters are one dataclass from which the command's options and the experiment's keys come;
+stages hand over through their writers' loaders."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_exact_patching import tiny_family
+
+from behaviorlens.circuits.params import CircuitParams
+from behaviorlens.cli import build_parser, main
+from behaviorlens.cli import options as cli_options
+from behaviorlens.detect.params import DetectParams
+from behaviorlens.errors import BehaviorLensError
+from behaviorlens.experiment import STEP_KEYS, STEP_PARAMS, Runner, validate
+from behaviorlens.measure_params import MeasureParams
+from behaviorlens.params import from_args, from_step, params_fields, step_keys
+from behaviorlens.patching.params import PatchParams
+from behaviorlens.probing.params import ProbeParams
+from behaviorlens.steering.params import SteerParams
+
+PACKAGE = Path(__file__).resolve().parents[1] / "behaviorlens"
+ALL_PARAMS = (MeasureParams, ProbeParams, PatchParams, SteerParams, CircuitParams, DetectParams)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules a file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(x for x in (base, node.module) if x)
+            out.add(module)
+            out |= {f"{module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_no_stage_imports_the_command_line():
+    cli = PACKAGE / "cli"
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if cli not in p.parents
+                 and any(m == "behaviorlens.cli" or m.startswith("behaviorlens.cli.") for m in _imports(p))]
+    assert offenders == []
+    assert not list(PACKAGE.rglob("commands.py")) and not (PACKAGE / "cli.py").exists()
+    assert not any("importlib" in _imports(p) for p in cli.glob("*.py"))
+
+
+def test_console_script_is_the_cli_main():
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert 'behaviorlens = "behaviorlens.cli:main"' in text
+
+
+def test_remote_option():
+    parse = build_parser().parse_args
+    assert parse(["info"]).remote is None
+    assert parse(["info", "--remote"]).remote == "ndif"
+    assert parse(["info", "--remote", "local"]).remote == "local"
+    assert parse(["measure", "fam", "--remote", "--out", "o"]).remote == "ndif"
+    with pytest.raises(SystemExit):
+        parse(["info", "--remote", "nowhere"])
+
+
+def test_model_from_args_passes_remote_on(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
+    args = build_parser().parse_args(["info", "--model", "x", "--remote", "local", "--dtype", "bfloat16"])
+    assert cli_options.model_from_args(args) == "m"
+    assert seen == {"name": "x", "device": None, "dtype": "bfloat16", "device_map": None, "remote": "local"}
+
+
+@pytest.mark.parametrize("value, expected", [("local", "local"), ("ndif", "ndif"), (True, "ndif"), (False, None)])
+def test_experiment_remote_is_passed_to_load_model(monkeypatch, tmp_path, value, expected):
+    seen = {}
+    monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(kw) or "m")
+    exp = validate({"model": {"name": "default", "remote": value}, "families": {"train": "capitals_opinion"},
+                    "steps": {"measure": {}}}, "e.yaml")
+    assert Runner(exp, tmp_path, log=lambda s: None).model == "m" and seen["remote"] == expected
+
+
+def test_experiment_remote_value_is_checked():
+    with pytest.raises(BehaviorLensError, match=r"e.yaml: model.remote: 'cloud' is not one of local, ndif"):
+        validate({"model": {"remote": "cloud"}, "families": {"train": "capitals_opinion"},
+                  "steps": {"measure": {}}}, "e.yaml")
+
+
+def test_step_keys_come_from_the_parameter_classes():
+    assert set(STEP_PARAMS) == set(STEP_KEYS)
+    for step, cls in STEP_PARAMS.items():
+        assert STEP_KEYS[step] == step_keys(cls)
+    assert STEP_KEYS["patch"] == {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"}
+
+
+@pytest.mark.parametrize("cls", ALL_PARAMS, ids=lambda c: c.__name__)
+def test_every_parameter_is_documented(cls):
+    assert cls.__doc__
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help line"
+
+
+COMMANDS = {  # command line -> the parameter class its options come from, and the subcommand
+    ("measure", "fam"): (MeasureParams, None),
+    ("probe", "fam"): (ProbeParams, None),
+    ("patch", "fam"): (PatchParams, None),
+    ("circuit", "fam"): (CircuitParams, None),
+    ("steer", "train", "fam", "--out", "o"): (SteerParams, "train"),
+    ("steer", "eval", "e", "fam", "--out", "o"): (SteerParams, "eval"),
+    ("detect", "train", "fam", "--out", "o"): (DetectParams, "train"),
+    ("detect", "eval", "d", "fam", "--out", "o"): (DetectParams, "eval"),
+    ("detect", "transfer", "fam", "--out", "o"): (DetectParams, "transfer"),
+}
+
+
+@pytest.mark.parametrize("argv", list(COMMANDS), ids=" ".join)
+def test_command_options_come_from_the_parameter_classes(argv):
+    cls, command = COMMANDS[argv]
+    args = build_parser().parse_args(list(argv))
+    for f in params_fields(cls, cli=True, command=command):
+        assert hasattr(args, f.name), f"{' '.join(argv)} lacks the option of {cls.__name__}.{f.name}"
+    params = from_args(cls, args)  # the command's defaults are the class's
+    for f in params_fields(cls, cli=True, command=command):
+        value, default = getattr(params, f.name), getattr(cls(), f.name)
+        if f.name == "test":
+            continue  # circuit --test: [] on the command line, None (the experiment's) in a step
+        assert (list(value) if isinstance(value, (list, tuple)) else value) == \
+            (list(default) if isinstance(default, (list, tuple)) else default), f.name
+
+
+def test_command_line_values_reach_the_parameters():
+    args = build_parser().parse_args(["patch", "fam", "--pairs", "3", "--positions", "all", "--clean", "negative",
+                                      "--site", "head"])
+    p = from_args(PatchParams, args)
+    assert (p.pairs, p.positions, p.clean, p.site) == (3, "all", "negative", "head")
+    args = build_parser().parse_args(["detect", "train", "fam", "--out", "o", "--no-chat", "--methods", "pca"])
+    p = from_args(DetectParams, args)
+    assert p.chat is False and p.methods == ["pca"] and p.train_kwargs()["chat"] is False
+    args = build_parser().parse_args(["detect", "transfer", "fam", "--out", "o", "--methods", "logistic"])
+    assert from_args(DetectParams, args).transfer_kwargs()["methods"] == ["logistic"]
+
+
+def test_step_defaults_differ_where_the_experiment_s_do():
+    assert from_step(PatchParams, {}).pairs == 8 and PatchParams().pairs is None
+    assert from_step(PatchParams, {}).positions == "all"
+    assert from_step(SteerParams, {}).outside_limits is True and SteerParams().outside_limits is False
+    assert from_step(SteerParams, {"candidates": ["vector"]}).train_kwargs()["groups"] == ["vector"]
+
+
+# -- hand-overs ------------------------------------------------------------------------------
+
+
+def test_patch_step_hands_on_its_exact_runs(tiny_llama, tmp_path):
+    from behaviorlens.patching.results import PatchStepResult, evidence_of, patch_runs
+    from behaviorlens.patching.run import run_patch
+
+    cs = tiny_family().render(tiny_llama.tokenizer)
+    step = tmp_path / "patch"
+    run_patch(tiny_llama, cs, out_dir=step / "resid", progress=False)
+    run_patch(tiny_llama, cs, site="head", out_dir=step / "heads", progress=False)
+    run_patch(tiny_llama, cs, method="attribution", out_dir=step / "attribution", verify_k=4, progress=False)
+    evidence = PatchStepResult.load(step).evidence()
+    expected = pd.concat([pd.read_csv(step / "heads" / "patching_means.csv"),
+                          pd.read_csv(step / "resid" / "patching_means.csv")], ignore_index=True)
+    pd.testing.assert_frame_equal(evidence.cells, expected)
+    assert evidence.rows == {p.row for p in cs}
+    assert evidence.head_effects() and all(isinstance(k, tuple) for k in evidence.head_effects())
+    assert [r.path.name for r in patch_runs([step])] == ["heads", "resid"]  # a step folder: its exact runs
+    pd.testing.assert_frame_equal(evidence_of(patch_runs([step / "heads", step / "resid"])).cells, expected)
+    assert PatchStepResult.load(tmp_path / "nothing").evidence() is None
+    with pytest.raises(BehaviorLensError, match="no patching result in"):
+        patch_runs([tmp_path])
+
+
+def test_probe_result_loader(tmp_path):
+    from behaviorlens.probing.run import ProbeResult
+
+    (tmp_path / "summary.json").write_text(json.dumps({"best_layer": 7}))
+    assert ProbeResult.load(tmp_path).best_layer == 7
+    with pytest.raises(BehaviorLensError, match="no probing result in"):
+        ProbeResult.load(tmp_path / "missing")
+
+
+def test_steer_reads_no_other_stage_s_file_names():
+    import inspect
+
+    source = inspect.getsource(Runner._steer)
+    for name in ("patching_means.csv", "patching.csv", ".glob(", '"best_layer"'):
+        assert name not in source
+
+
+def test_main_keeps_the_error_policy(capsys):
+    assert main(["measure", "no-such-family-anywhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("behaviorlens: error: ")

@@ -1,0 +1,201 @@
+"""The trace path under nnsight's simulation of NDIF equals the local fast path, stage by stage.
+
+A traced model (``remote="local"``) serializes every forward as an NDIF request, deserializes
+it with the ``behaviorlens`` package hidden (only the shipped intervention modules travel by
+value) and runs it on the same weights; the local model runs plain forwards with hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_model
+from steering_helpers import planted_model, planted_set, tiny_side_effects
+from test_exact_patching import tiny_family
+
+from behaviorlens import remote
+from behaviorlens.errors import BehaviorLensError
+from behaviorlens.measure import measure
+from behaviorlens.patching import patch
+from behaviorlens.patching.ablation import ablation_scan
+from behaviorlens.patching.attribution import attribution_patch
+from behaviorlens.probing.activations import collect
+from behaviorlens.steering import head_edit, steer
+from behaviorlens.steering.edit import Edit, Readout
+from behaviorlens.steering.evaluate import evaluate_steering
+
+TOL = 1e-4
+
+
+def traced(model):
+    """The same weights, every forward a trace through the strict NDIF simulation."""
+    return dataclasses.replace(model, remote="local", interventions=[])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the traces that went through the simulation (so a test cannot pass locally)."""
+    calls = []
+    original = remote.strict_simulation
+
+    def counting(lm):
+        calls.append(1)
+        return original(lm)
+
+    monkeypatch.setattr(remote, "strict_simulation", counting)
+    return calls
+
+
+def frames_equal(a, b, columns, tol=TOL):
+    for column in columns:
+        assert (a[column].astype(float) - b[column].astype(float)).abs().max() < tol, column
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_measure_probe_and_patching(arch, counted):
+    m = tiny_model(arch)
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    a, b = measure(m, cset), measure(t, cset)
+    frames_equal(a.table, b.table, ["metric"])
+    assert counted
+    acts_a = collect(m, cset, ["resid_post", "head"], ["last", "s:mean"], progress=False)
+    acts_b = collect(t, cset, ["resid_post", "head"], ["last", "s:mean"], progress=False)
+    for site in ("resid_post", "head"):
+        for pos in ("last", "s:mean"):
+            assert torch.allclose(acts_a.get(site, pos), acts_b.get(site, pos), atol=TOL)
+    for site in ("resid_pre", "head"):
+        fast, slow = patch(m, cset, site, progress=False), patch(t, cset, site, progress=False)
+        frames_equal(fast.frame, slow.frame, ["patched", "effect"])
+        moved = fast.frame[fast.frame["computed"]]
+        assert ((moved["patched"] - moved["corrupt"]).abs() > 1e-4).any()
+
+
+def test_attribution_and_ablation(counted):
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    for site, steps in (("resid_pre", 1), ("head", 3)):
+        a = attribution_patch(m, cset, site, steps=steps, progress=False)
+        b = attribution_patch(t, cset, site, steps=steps, progress=False)
+        frames_equal(a.frame, b.frame, ["patched"])
+        assert a.frame["patched"].std() > 1e-3
+    for site in ("head", "mlp"):
+        a, b = ablation_scan(m, cset, site, "resample"), ablation_scan(t, cset, site, "resample")
+        frames_equal(a, b, ["metric_ablated", "value"])
+        assert (a["metric_ablated"] - a["metric_positive"]).abs().max() > 1e-3
+    assert counted
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = planted_model()
+    return model, planted_set(model), tiny_side_effects(model)
+
+
+def test_steer_eval_of_a_knockout_and_a_heads_edit(planted, counted):
+    m, cset, side = planted
+    t = traced(m)
+    s = m.sites
+    detector = Readout(0, torch.randn(s.d_model, generator=torch.Generator().manual_seed(0)), 1.0, gap=1)
+    edits = [Edit(kind="knockout", heads={1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, detector=detector, n_heads=s.n_heads,
+                  positions="generated"),
+             head_edit(m, {1: [0, 3], 2: [2]}, "mean", reference=cset)]
+    columns = ["pressure_removed_fraction", "neutral_kl", "factual_accuracy_change", "context_use_accuracy_change",
+               "perplexity_change"]
+    for edit in edits:
+        a = evaluate_steering(m, edit, cset, [1.0], side_effects=side, controls=1)
+        b = evaluate_steering(t, edit, cset, [1.0], side_effects=side, controls=1)
+        present = [c for c in columns if c in a.columns and a[c].notna().all()]
+        assert "pressure_removed_fraction" in present
+        frames_equal(a, b, present)
+        pairs_a, pairs_b = a.attrs["pairs"], b.attrs["pairs"]
+        frames_equal(pairs_a, pairs_b, [c for c in pairs_a.columns if c.startswith("metric_")])
+        mine = pairs_a[pairs_a.control == 0]  # the edit does something
+        assert (mine["metric_positive"] - mine["metric_positive_unedited"]).abs().max() > 1e-2
+    assert counted
+
+
+@pytest.mark.parametrize("kind", ["vector", "heads", "gated", "knockout"])
+def test_steered_generation(kind, counted):
+    m = tiny_model("llama")
+    t = traced(m)
+    batch = m.batch([[2, 5, 6, 7, 8], [2, 9, 10]])
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), m.lm.trace(batch.inputs()):
+        last = m.lm.model.layers[0].output[:, -1].save()
+    scores = last @ direction
+    gate = Readout(0, direction, -float(scores.mean()))  # fires on one row of the two
+    assert int(((last @ direction) + gate.bias > 0).sum()) == 1
+    edit = {"vector": Edit(kind="vector", vectors={1: 4 * torch.ones(64)}, positions="generated"),
+            "heads": Edit(kind="heads", heads={1: [0, 2]}, head_mode="scale", scale=3.0),
+            "gated": Edit(kind="vector", vectors={1: 4 * torch.ones(64)}, gate=gate),
+            "knockout": Edit(kind="knockout", heads={1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, n_heads=4,
+                             detector=Readout(0, direction, 0.0, 1), positions="generated")}[kind]
+    with steer(m, edit):
+        fast = m.generate(batch, 6)
+    with steer(t, edit):
+        slow = t.generate(batch, 6)
+    assert torch.equal(fast, slow)
+    assert not torch.equal(fast, m.generate(batch, 6))
+    assert counted
+
+
+def test_the_simulation_hides_the_project():
+    """A trace that reaches for project code fails here as it would on NDIF."""
+    m = tiny_model("llama")
+    with pytest.raises(ModuleNotFoundError, match="behaviorlens"):
+        with torch.inference_mode(), m.lm.trace(torch.tensor([[2, 5, 6]]), **remote.trace_kwargs("local", m.lm)):
+            m.sites.read(m.lm, "resid_post", 1).save()  # a SiteMap method: not shipped
+
+
+def test_a_local_hook_is_refused_on_the_trace_path():
+    m = tiny_model("llama")
+    t = traced(m)
+    handle = m.sites.module(m.hf, "mlp", 1).register_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(RuntimeError, match="would not run remotely"):
+            t.logits(t.batch([[2, 5, 6]]))
+    finally:
+        handle.remove()
+
+
+def test_remote_modes_and_ndif_errors(monkeypatch):
+    assert remote.mode(True) == "ndif" and remote.mode("local") == "local" and remote.mode(None) is None
+    with pytest.raises(BehaviorLensError, match="not one of local, ndif"):
+        remote.mode("cloud")
+    from behaviorlens.model import load_model
+
+    with pytest.raises(BehaviorLensError, match="Hugging Face id"):
+        load_model("default", remote="ndif")
+    import nnsight
+
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    with pytest.raises(BehaviorLensError, match="NDIF_API_KEY"):
+        remote.check_ndif("meta-llama/Llama-3.1-70B")
+
+
+def test_default_model_measure_and_knockout(default_model, counted):
+    """The embedded chat model (SDPA attention, boolean masks, a shared chat prefix that the fast
+    path runs once): measure and a detector knockout and its random-token control."""
+    from behaviorlens.prompts import load_family
+
+    m = default_model
+    t = traced(m)
+    cset = load_family("capitals_opinion").render(m.tokenizer).subset(list(range(4)))
+    plain_fast, plain_slow = measure(m, cset), measure(t, cset)
+    frames_equal(plain_fast.table, plain_slow.table, ["metric"])
+    s = m.sites
+    for decoy in (None, 3):
+        direction = torch.randn(s.d_model, generator=torch.Generator().manual_seed(0))
+        edit = Edit(kind="knockout", heads={5: list(range(s.n_heads)), 6: list(range(s.n_heads))},
+                    detector=Readout(4, direction, 2.0, 1, decoy), n_heads=s.n_heads, positions="generated")
+        with steer(m, edit):
+            fast = measure(m, cset)
+        with steer(t, edit):
+            slow = measure(t, cset)
+        frames_equal(fast.table, slow.table, ["metric"])
+        assert (fast.table["metric"] - plain_fast.table["metric"]).abs().max() > 1e-2
+    assert counted
