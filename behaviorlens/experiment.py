@@ -386,8 +386,8 @@ class Runner:
             side_effects=self.side_effects(params, "select", CHOICE_REQUESTS) if layer is None else None,
         )
         edit = Edit.load(edit_path, self.model)
-        if p.multiplier is not None:  # the headline multiplier, stated before the run
-            edit.notes["multiplier"] = float(p.multiplier)
+        if p.strength is not None:  # the headline strength, stated before the run
+            edit.notes["strength"] = float(p.strength)
         eval_summary = run_steer_eval(
             self.model, edit, eval_set, out_dir=folder / "eval",
             **(p.eval_kwargs() | {"batch_size": self.exp.batch_size}), seed=self.exp.seed,
@@ -396,7 +396,7 @@ class Runner:
         gen = p.generate or {}
         if gen.get("prompts"):
             frame = generate_examples(
-                self.model, edit, gen["prompts"], [0.0, eval_summary["multiplier"]],
+                self.model, edit, gen["prompts"], [0.0, eval_summary["strength"]],
                 max_new_tokens=gen.get("max_new_tokens", 24), seed=self.exp.seed,
             )
             write_csv(folder / "generations.csv", frame)

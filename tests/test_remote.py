@@ -140,6 +140,7 @@ def test_steered_generation(kind, counted):
         slow = t.generate(batch, 6)
     assert torch.equal(fast, slow)
     assert not torch.equal(fast, m.generate(batch, 6))
+    assert torch.equal(t.generate(batch, 6), m.generate(batch, 6))  # unedited: no loop over the steps
     assert counted
 
 

@@ -245,7 +245,7 @@ def _evaluate(model, cset, side, vector: Edit) -> dict[str, pd.DataFrame]:
     for name, edit in _edits(model, cset, vector).items():
         frame = evaluate_steering(model, edit, cset, [-1.0] if name == "vector" else [1.0],
                                   controls=1, side_effects=side)
-        out[name] = frame.attrs["pairs"].merge(frame[["layer", "multiplier", "neutral_kl", "perplexity"]])
+        out[name] = frame.attrs["pairs"].merge(frame[["layer", "strength", "neutral_kl", "perplexity"]])
     return out
 
 
@@ -271,14 +271,14 @@ def test_steer_eval_bf16(models, f32, cset, side, vector):
 
 
 def _generate(model, cset, vector: Edit) -> pd.DataFrame:
-    return generate_examples(model, vector, cset.subset(range(3)), multipliers=(-4.0, 0.0, 4.0), max_new_tokens=6)
+    return generate_examples(model, vector, cset.subset(range(3)), strengths=(-4.0, 0.0, 4.0), max_new_tokens=6)
 
 
 def test_steered_generation_sharded(models, f32, cset, vector):
     want = f32(_generate, cset, vector)
     pd.testing.assert_frame_equal(_generate(models["sharded"], cset, vector), want)
-    steered = want[want.multiplier == 4.0].completion.to_numpy()
-    assert (steered != want[want.multiplier == 0.0].completion.to_numpy()).any()
+    steered = want[want.strength == 4.0].completion.to_numpy()
+    assert (steered != want[want.strength == 0.0].completion.to_numpy()).any()
 
 
 def test_steered_generation_bf16(models, f32, cset, vector):

@@ -66,7 +66,7 @@ def test_choice_is_the_best_within_the_limits_and_every_candidate_is_listed(plan
     removed = (base["positive"] - edited["positive"]).sum() / (base["positive"] - base["neutral"]).sum()
     assert chosen.pressure_removed_fraction == pytest.approx(removed, abs=1e-6)
     assert chosen.pressure_removed_fraction > max(0.3, chosen.random_pressure_removed_fraction + 0.1)
-    assert choice.edit.notes["multiplier"] == 1.0 and "judging pairs" in choice.reason
+    assert choice.edit.notes["strength"] == 1.0 and "judging pairs" in choice.reason
     assert {"detector_recall", "gate_recall", "gate_fires_on_requests"} <= set(choice.probes)
     # a limit nobody can keep is refused, listing every candidate
     with pytest.raises(BehaviorLensError, match="no candidate edit keeps"):

@@ -38,7 +38,7 @@ def test_train_export_edit_generate(tiny_llama, tmp_path, capsys):
     assert main(["steer", "edit", abl, "--out", str(tmp_path / "baked"), "--model", folder]) == 0
     assert (tmp_path / "baked" / "config.json").is_file()
     capsys.readouterr()
-    assert main(["steer", "generate", edit_path, "--prompt", "w5 w6 w7", "--multipliers", "-4", "0", "4",
+    assert main(["steer", "generate", edit_path, "--prompt", "w5 w6 w7", "--strengths", "-4", "0", "4",
                  "--max-new-tokens", "4", "--model", folder]) == 0
     out = capsys.readouterr().out
     assert "[x-4]" in out and "[x+0]" in out and "[x+4]" in out
@@ -75,7 +75,7 @@ def test_eval_averages_the_requested_number_of_controls(tiny_llama, tmp_path, mo
     edit_path = str(tmp_path / "e.safetensors")
     assert main(["steer", "train", str(fam), "--layer", "2", "--out", edit_path, "--model", str(folder)]) == 0
     out = tmp_path / "eval"
-    assert main(["steer", "eval", edit_path, str(fam), "--multipliers", "-2", "--controls", "2",
+    assert main(["steer", "eval", edit_path, str(fam), "--strengths", "-2", "--controls", "2",
                  "--out", str(out), "--model", str(folder)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["random_controls"] == 2

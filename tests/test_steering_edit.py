@@ -18,7 +18,7 @@ def test_vector_round_trip(tiny_llama, tmp_path):
     edit.save(tmp_path / "v.safetensors")
     back = Edit.load(tmp_path / "v.safetensors", tiny_llama)
     assert back.kind == "vector" and back.layers == [0, 2] and back.family == cset.name
-    assert back.method == "mean_diff" and back.position == "last"
+    assert back.method == "mean_diff" and back.read_at == "last"
     for layer in (0, 2):
         assert torch.equal(back.vectors[layer], edit.vectors[layer])
     assert back.norm == pytest.approx(edit.norm)
@@ -61,7 +61,7 @@ def test_width_mismatch_fails(tiny_llama, tmp_path):
 
 def test_gguf_control_vector(tiny_llama, tmp_path):
     edit = train_vector(tiny_llama, tiny_set(tiny_llama), [1, 2])
-    export_gguf(edit, tmp_path / "cv.gguf", multiplier=2.0)
+    export_gguf(edit, tmp_path / "cv.gguf", strength=2.0)
     assert gguf_arch(tmp_path / "cv.gguf") == "controlvector"
     tensors = read_gguf(tmp_path / "cv.gguf")
     assert sorted(tensors) == [1, 2]

@@ -33,11 +33,11 @@ def test_scores_recomputed_from_the_pair_table(planted):
     model, cset, side = planted
     edit = train_vector(model, cset, [2], position="last")
     frame = evaluate_steering(model, edit, cset, [0.0, -1.0], side_effects=side, controls=5)
-    zero = frame[frame.multiplier == 0].iloc[0]
+    zero = frame[frame.strength == 0].iloc[0]
     assert abs(zero.pressure_removed_fraction) < 1e-6 and abs(zero.neutral_kl) < 1e-6
-    row = frame[frame.multiplier == -1.0].iloc[0]
+    row = frame[frame.strength == -1.0].iloc[0]
     pairs = frame.attrs["pairs"]
-    mine = pairs[(pairs.control == 0) & (pairs.multiplier == -1.0)]
+    mine = pairs[(pairs.control == 0) & (pairs.strength == -1.0)]
     pos_u, pos_e, neu_u = mine.metric_positive_unedited, mine.metric_positive, mine.metric_neutral_unedited
     assert row.pressure_removed_fraction == pytest.approx((pos_u - pos_e).sum() / (pos_u - neu_u).sum(), abs=1e-6)
     assert row.pressure_removed_fraction > 0.3  # pushing against the planted direction removes pressure
@@ -52,7 +52,7 @@ def test_scores_recomputed_from_the_pair_table(planted):
     # the random columns are the mean over the five draws, recomputed from their pairs
     per_draw = []
     for draw in range(1, 6):
-        d = pairs[(pairs.control == draw) & (pairs.multiplier == -1.0)]
+        d = pairs[(pairs.control == draw) & (pairs.strength == -1.0)]
         per_draw.append((d.metric_positive_unedited - d.metric_positive).sum()
                         / (d.metric_positive_unedited - d.metric_neutral_unedited).sum())
     assert row.random_controls == 5
@@ -171,18 +171,18 @@ def test_head_controls_report_the_patching_effect_of_their_heads(planted):
         assert c.heads_patching_effect == pytest.approx(sum(effects[h] for h in heads))
 
 
-def test_run_steer_eval_writes_artifacts_at_the_chosen_multiplier(planted, tmp_path, monkeypatch):
+def test_run_steer_eval_writes_artifacts_at_the_chosen_strength(planted, tmp_path, monkeypatch):
     model, cset, side = planted
     import behaviorlens.steering.evaluate as ev
 
     monkeypatch.setattr(ev, "SideEffectData", lambda m, half: side)
     edit = train_vector(model, cset, [2])
-    edit.notes["multiplier"] = -1.0  # as chosen on a training family
+    edit.notes["strength"] = -1.0  # as chosen on a training family
     summary = run_steer_eval(model, edit, cset, [0.5], None, tmp_path, controls=5)
     for name in ("steering.csv", "steering_pairs.csv", "steering_controls.csv", "dose_response.png", "summary.json"):
         assert (tmp_path / name).is_file()
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["multiplier"] == -1.0  # never the best row of the evaluation family
+    assert saved["strength"] == -1.0  # never the best row of the evaluation family
     for key in ("pressure_removed_fraction", "collapse", "accuracy_neutral", "accuracy_positive",
                 "accuracy_negative", "factual_accuracy_change", "neutral_kl", "random_control_pressure_removed_fraction",
                 "random_control_pressure_removed_fraction_sd", "metric_positive_unedited"):

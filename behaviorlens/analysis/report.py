@@ -389,9 +389,9 @@ BUILDERS = {"measure": _measure, "probe": _probe, "patch": _patch, "circuit": _c
 
 
 def _side_by_side(frame: pd.DataFrame | None) -> pd.DataFrame | None:
-    """One row per prompt, one column per multiplier (0 = unsteered)."""
-    if frame is None or not {"prompt", "multiplier", "completion"} <= set(frame.columns):
+    """One row per prompt, one column per strength (0 = unsteered)."""
+    if frame is None or not {"prompt", "strength", "completion"} <= set(frame.columns):
         return frame
-    wide = frame.pivot_table(index="prompt", columns="multiplier", values="completion", aggfunc="first", sort=False)
+    wide = frame.pivot_table(index="prompt", columns="strength", values="completion", aggfunc="first", sort=False)
     wide.columns = ["unsteered" if m == 0 else f"steered x{m:g}" for m in wide.columns]
     return wide.reset_index()

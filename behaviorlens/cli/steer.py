@@ -74,7 +74,7 @@ def _edit(args: argparse.Namespace) -> None:
 
     model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
-    out = bake(model, edit, args.out, multiplier=args.multiplier)
+    out = bake(model, edit, args.out, strength=args.strength)
     print(f"wrote the edited model ({edit.describe()}) to {out}")
 
 
@@ -83,7 +83,7 @@ def _export(args: argparse.Namespace) -> None:
     from ..steering.gguf_export import export_gguf
 
     edit = Edit.load(args.edit)
-    out = export_gguf(edit, args.gguf, multiplier=args.multiplier, model_hint=args.model_hint)
+    out = export_gguf(edit, args.gguf, strength=args.strength, model_hint=args.model_hint)
     print(f"wrote a llama.cpp control vector ({len(edit.vectors)} layers) to {out}")
 
 
@@ -99,12 +99,12 @@ def _generate(args: argparse.Namespace) -> None:
         raise BehaviorLensError("steer generate needs --prompt TEXT or --prompts-file FILE")
     model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
-    table = generate_examples(model, edit, prompts, args.multipliers, args.max_new_tokens,
+    table = generate_examples(model, edit, prompts, args.strengths, args.max_new_tokens,
                               positions=args.positions)
     for prompt, rows in table.groupby("prompt", sort=False):
         print(f"=== {prompt!r}")
         for _, r in rows.iterrows():
-            print(f"[x{r.multiplier:+g}] {r.completion}")
+            print(f"[x{r.strength:+g}] {r.completion}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +132,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("edit", help="bake an edit into the weights (save_pretrained folder)")
     p.add_argument("edit")
-    p.add_argument("--multiplier", type=float, default=1.0)
+    p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--out", required=True)
     options.add_model_options(p)
     p.set_defaults(func=_edit)
@@ -140,7 +140,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("export", help="export a steering vector as a llama.cpp control vector")
     p.add_argument("edit")
     p.add_argument("--gguf", required=True)
-    p.add_argument("--multiplier", type=float, default=1.0)
+    p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--model-hint", default=None)
     p.set_defaults(func=_export)
 
@@ -150,7 +150,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="an open-ended dataset file (CAA's test_dataset_open_ended.json)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="the first N prompts of --prompts-file")
-    p.add_argument("--multipliers", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
+    p.add_argument("--strengths", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--positions", default=None, choices=["all", "prompt", "generated"],
                    help="where the edit acts (default: the edit's own)")

@@ -52,7 +52,14 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     read_refs = list(reads or ())
     interventions += [ReadSite(ref, i) for i, ref in enumerate(read_refs)]
     ctx["reads"] = {}
-    with torch.inference_mode(not grad), lm.trace(inputs, **model.trace_kwargs()):
+    forward = {"use_cache": False}
+    if rows is not None:  # only the columns from the first one read go through the unembedding
+        width = batch.input_ids.shape[1]
+        keep = width - int(columns.min())
+        if model._keeps_logits and keep < width:
+            forward["logits_to_keep"] = keep
+            columns = columns - (width - keep)
+    with torch.inference_mode(not grad), lm.trace(inputs, **forward, **model.trace_kwargs()):
         run(lm, interventions, ctx)
         acts = nnsight.save([ctx["reads"][i] for i in range(len(read_refs))])
         logits = lm.output.logits
@@ -82,7 +89,13 @@ def traced_gradients(model: Any, batch: Batch, rows: torch.Tensor, columns: torc
     first = model.sites.ref("resid_pre", 0)
     tensors, n_prompts, whole = scoring.tensors(), scoring.n_prompts, scoring.whole
     inputs = batch.inputs()
-    with torch.inference_mode(False), torch.enable_grad(), lm.trace(inputs, **model.trace_kwargs()):
+    width = batch.input_ids.shape[1]
+    keep = width - int(columns.min())
+    forward = {"use_cache": False}
+    if model._keeps_logits and keep < width:  # only the columns read go through the unembedding
+        forward["logits_to_keep"] = keep
+        columns = columns - (width - keep)
+    with torch.inference_mode(False), torch.enable_grad(), lm.trace(inputs, **forward, **model.trace_kwargs()):
         if start is not None:
             first.module(lm).input = start.clone().requires_grad_(True)
         live = [ref.read(lm) for ref in refs]
@@ -116,10 +129,11 @@ def traced_generate(model: Any, batch: Batch, max_new_tokens: int, **kwargs: Any
         with torch.inference_mode(), lm.generate(max_new_tokens=max_new_tokens, do_sample=False, **kwargs,
                                                  **model.trace_kwargs()) as tracer:
             with tracer.invoke(prompt):
-                for _ in tracer.all():
-                    ctx["cols"] = ctx["steps"][min(ctx["step"], 1)]
-                    run(lm, interventions, ctx)
-                    ctx["step"] += 1
+                if interventions:  # (a loop that touches no module would never wait for the model)
+                    for _ in tracer.all():
+                        ctx["cols"] = ctx["steps"][min(ctx["step"], 1)]
+                        run(lm, interventions, ctx)
+                        ctx["step"] += 1
             with tracer.invoke():
                 ids = tracer.result.save()
     return torch.as_tensor(ids)

@@ -43,22 +43,22 @@ def _check_positions(positions: str) -> None:
 def steer(
     model: Any,
     edit: Edit,
-    multiplier: float = 1.0,
+    strength: float = 1.0,
     layers: Sequence[int] | None = None,
     positions: str | None = None,
 ) -> Iterator[Edit]:
     """Apply an edit while the block runs; removes every hook (and restores weights) on exit.
 
-    - ``vector``: ``multiplier * vector`` is added to the residual stream leaving each layer
+    - ``vector``: ``strength * vector`` is added to the residual stream leaving each layer
       (``layers`` picks a subset of the edit's layers, or moves a one-layer vector elsewhere);
-    - ``ablate_direction``: ``multiplier`` times the component along the direction is removed
+    - ``ablate_direction``: ``strength`` times the component along the direction is removed
       from everything written into the residual stream (1 = ablation, 2 = reflection);
-    - ``heads``: each head moves ``multiplier`` of the way to its stored value (or scale), or
-      gets ``multiplier`` times its stored vector added (``add``);
-    - ``knockout``: attention of the heads to the detected tokens is blocked (any multiplier
+    - ``heads``: each head moves ``strength`` of the way to its stored value (or scale), or
+      gets ``strength`` times its stored vector added (``add``);
+    - ``knockout``: attention of the heads to the detected tokens is blocked (any strength
       other than 0 blocks it fully);
-    - ``subspace``: the subspace coordinates move ``multiplier`` of the way to its point's;
-    - ``weights``: ``multiplier`` times the stored differences are added to the parameters.
+    - ``subspace``: the subspace coordinates move ``strength`` of the way to its point's;
+    - ``weights``: ``strength`` times the stored differences are added to the parameters.
 
     ``positions`` defaults to the edit's own.
     """
@@ -67,7 +67,7 @@ def steer(
     edit.check(model)
     _check_gate(edit)
     decoys = edit.detector is not None and edit.detector.decoy is not None
-    with applied(model, interventions(edit, model, multiplier, layers, positions),
+    with applied(model, interventions(edit, model, strength, layers, positions),
                   Scaffold(model.tokenizer) if decoys else None):
         yield edit
 
@@ -174,7 +174,7 @@ def head_edit(
     if reference is not None:
         meta.setdefault("family", reference.name)
     return Edit(kind="heads", heads=heads, head_values=values, head_mode=mode, scale=scale,
-                model=model.name, position=position, d_model=s.d_model, n_heads=s.n_heads,
+                model=model.name, read_at=position, d_model=s.d_model, n_heads=s.n_heads,
                 head_dim=s.head_dim, **meta)
 
 

@@ -40,7 +40,7 @@ NOT_WEIGHTS = {
 
 
 @torch.no_grad()
-def edited_module(model: Any, edit: Edit, multiplier: float = 1.0) -> torch.nn.Module:
+def edited_module(model: Any, edit: Edit, strength: float = 1.0) -> torch.nn.Module:
     """A copy of ``model.hf`` with the edit baked into its weights (``model`` is untouched)."""
     edit.check(model)
     if edit.gate is not None or edit.positions != "all":
@@ -52,13 +52,13 @@ def edited_module(model: Any, edit: Edit, multiplier: float = 1.0) -> torch.nn.M
                                 "(steer eval / steer generate)")
     hf = copy.deepcopy(model.hf)
     if edit.kind == "ablate_direction":
-        _orthogonalize(model.sites, hf, edit.direction, multiplier)
+        _orthogonalize(model.sites, hf, edit.direction, strength)
     elif edit.kind == "heads":
-        _bake_heads(model.sites, hf, edit, multiplier)
+        _bake_heads(model.sites, hf, edit, strength)
     else:
         params = dict(hf.named_parameters())
         for name, delta in edit.weights.items():
-            params[name].add_(multiplier * delta.to(params[name].device, params[name].dtype))
+            params[name].add_(strength * delta.to(params[name].device, params[name].dtype))
     return hf
 
 
@@ -135,14 +135,14 @@ def _ensure_out_bias(sites: Any, hf: torch.nn.Module) -> None:
                                                           device=lin.weight.device))
 
 
-def bake(model: Any, edit: Edit, out_dir: str | Path, multiplier: float = 1.0) -> Path:
+def bake(model: Any, edit: Edit, out_dir: str | Path, strength: float = 1.0) -> Path:
     """Save the model with the edit in its weights (``save_pretrained``) plus the tokenizer
     and the edit's metadata (``behaviorlens_edit.json``); written to a temporary folder and
     renamed into place."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EDIT_FILE).is_file():
         raise BehaviorLensError(f"{out_dir} exists and is not a baked-model folder; choose an empty one")
-    hf = edited_module(model, edit, multiplier)
+    hf = edited_module(model, edit, strength)
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def bake(model: Any, edit: Edit, out_dir: str | Path, multiplier: float = 1.0) -
         hf.save_pretrained(tmp)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
-        meta = edit.metadata() | {"baked_multiplier": multiplier, "source_model": model.name}
+        meta = edit.metadata() | {"baked_strength": strength, "source_model": model.name}
         (tmp / EDIT_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

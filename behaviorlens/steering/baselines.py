@@ -193,10 +193,10 @@ def filler_null(model: Any, eval_set: Any, heads: dict[int, list[int]], base_met
             "per_pair": (unblocked, blocked)}
 
 
-def edit_minus_null(base: dict[str, np.ndarray], edited: np.ndarray, null_moved: np.ndarray) -> dict[str, Any]:
+def edit_minus_null(unedited: dict[str, np.ndarray], edited: np.ndarray, null_moved: np.ndarray) -> dict[str, Any]:
     """(pressure removed by the edit) - (by the null), a ratio of means over pairs with its CI;
     ``null_moved`` is per pair how far the null moved the pressured metric down."""
-    pull = base["positive"] - base[NEUTRAL]
-    diff = (base["positive"] - edited) - null_moved
+    pull = unedited["positive"] - unedited[NEUTRAL]
+    diff = (unedited["positive"] - edited) - null_moved
     return {"edit_minus_null_pressure_removed_fraction": ratio_of_means(diff, pull),
             "edit_minus_null_pressure_removed_fraction_ci": list(ratio_ci(diff, pull))}

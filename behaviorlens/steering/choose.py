@@ -6,7 +6,7 @@ the pairs a patching result was computed on (``patched``) and a random part of t
 for the limits come from the ``select`` half of the side-effect data; the ``report`` half is
 left for evaluating the choice.
 
-Candidates, each an :class:`~.edit.Edit` (at multiplier 1; scaled variants are candidates too):
+Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are candidates too):
 
 - ``head ablation``: mean-ablation of the top-k heads by patching at the last position;
 - ``per-head steering``: the top heads' mean output on no-pressure prompts minus on pressured
@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -157,19 +156,19 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                 out.append(("head ablation", edit, f"top {k} heads at the last position by patching: {_named(top)}"))
     if ("per-head steering" in groups or "gated" in groups) and len(heads):
         layers = sorted({int(x) for x in heads.head(10).layer})
-        no_pressure = head_means(model, fit, layers, position="last", sides=[NEUTRAL])
-        pressured = head_means(model, fit, layers, position="last", sides=["positive"])
-        diff = {layer_: no_pressure[layer_] - pressured[layer_] for layer_ in layers}
+        neutral = head_means(model, fit, layers, position="last", sides=[NEUTRAL])
+        positive = head_means(model, fit, layers, position="last", sides=["positive"])
+        diff = {layer_: neutral[layer_] - positive[layer_] for layer_ in layers}
         for k in (3, 10):
             if k <= len(heads) or k == 3:
                 top = heads.head(k)
                 hd = _head_dict(top)
-                base = Edit(kind="heads", heads=hd, head_values={layer_: diff[layer_] for layer_ in hd},
+                per_head = Edit(kind="heads", heads=hd, head_values={layer_: diff[layer_] for layer_ in hd},
                             head_mode="add", positions="generated", method="head mean difference", **meta)
                 why = f"top {len(top)} heads by patching: {_named(top)}; no-pressure minus pressured mean output"
-                extra.setdefault("head_steering", base)
+                extra.setdefault("head_steering", per_head)
                 if "per-head steering" in groups:
-                    out.append(("per-head steering", _scaled(base, 2.0, "2"), why))
+                    out.append(("per-head steering", _scaled(per_head, 2.0, "2"), why))
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
@@ -229,7 +228,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     if layer is not None and ({"vector", "direction ablation", "gated"} & set(groups)):
         vec = train_vector(model, fit, [layer], "mean_diff", position="last")
         why = f"the last token holds >= 80% of the behavior from layer {layer}"
-        against = Edit(kind="vector", vectors={layer: -vec.vectors[layer]}, position="last",
+        against = Edit(kind="vector", vectors={layer: -vec.vectors[layer]}, read_at="last",
                        method="mean_diff against", notes={"intent": "reduce"}, **meta)
         extra["vector"] = against
         if "vector" in groups:
@@ -268,8 +267,8 @@ def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list
     (``use``: the counter-pressure removed) and their difference. A head that carries deference
     but not the reading of a claim removes the first and keeps the second."""
     sample = fit.subset(range(min(pairs, len(fit))))
-    base = observe(model, sample, None).metrics
-    pull, help_ = base["positive"] - base[NEUTRAL], base["negative"] - base[NEUTRAL]
+    unedited = observe(model, sample, None).metrics
+    pull, help_ = unedited["positive"] - unedited[NEUTRAL], unedited["negative"] - unedited[NEUTRAL]
     rows = []
     for layer, hs in heads.items():
         for h in hs:
@@ -279,8 +278,8 @@ def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list
             with steer(model, edit):
                 edited = {side: behavior_metric(model, sample.pairs, side).numpy() for side in SIDES}
             rows.append({"layer": layer, "head": h,
-                         "deference": ratio_of_means(base["positive"] - edited["positive"], pull),
-                         "use": ratio_of_means(base["negative"] - edited["negative"], help_)})
+                         "deference": ratio_of_means(unedited["positive"] - edited["positive"], pull),
+                         "use": ratio_of_means(unedited["negative"] - edited["negative"], help_)})
     table = pd.DataFrame(rows)
     table["deference_minus_use"] = table.deference - table.use
     return table
@@ -299,19 +298,19 @@ ACCURACY_LIMITS = ("accuracy_neutral_change", "factual_accuracy_change", "contex
                    "claim_recall_accuracy_change")  # each may drop by at most max_accuracy_drop
 
 
-def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, base: dict, control_seed: int = 0,
+def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, unedited: dict, control_seed: int = 0,
           nulls: dict | None = None) -> dict:
     """A candidate's figures on the judging pairs and the select half of the side effects, with
     one random control and the matched null (:func:`.evaluate.null_figures`; ``nulls`` holds the
     deletion baseline and, for knockouts, the filler null of the judging pairs)."""
     edited = observe(model, held, None, edit=edit).metrics
-    figures = pressure_figures(base["metrics"], edited)
+    figures = pressure_figures(unedited["metrics"], edited)
     side = _light_side_effects(model, data, edit)
     moved = []
     try:
         control_metrics = observe(model, held, None, edit=random_control(model, edit, control_seed)).metrics
-        control = pressure_figures(base["metrics"], control_metrics)
-        moved.append(base["metrics"]["positive"] - control_metrics["positive"])
+        control = pressure_figures(unedited["metrics"], control_metrics)
+        moved.append(unedited["metrics"]["positive"] - control_metrics["positive"])
     except BehaviorLensError:  # the edit leaves too few heads to draw a control from: no figure
         control = {"pressure_removed_fraction": float("nan"), "accuracy_neutral_change": float("nan")}
     row = {
@@ -320,10 +319,10 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, base: dict, c
         "accuracy_neutral_change": figures["accuracy_neutral_change"],
         "accuracy_positive_change": figures["accuracy_positive_change"],
         "accuracy_negative_change": figures["accuracy_negative_change"],
-        "factual_accuracy_change": answer_figures(base["factual"], side["factual"], "factual")["factual_accuracy_change"],
-        **{k: v for k, v in context_figures(base["context"], side["context"], data.recall).items()
+        "factual_accuracy_change": answer_figures(unedited["factual"], side["factual"], "factual")["factual_accuracy_change"],
+        **{k: v for k, v in context_figures(unedited["context"], side["context"], data.recall).items()
            if not k.endswith("_ci") and k.endswith(("_change",))},
-        "neutral_kl": mean_kl(base["neutral"], side["neutral"]),
+        "neutral_kl": mean_kl(unedited["neutral"], side["neutral"]),
         "collapse": figures["collapse"],
         "shift_removed_fraction": figures["shift_removed_fraction"],
         "random_pressure_removed_fraction": control["pressure_removed_fraction"],
@@ -332,7 +331,7 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, base: dict, c
     nulls = dict(nulls or {})
     if edit.kind != "knockout":
         nulls.pop("filler", None)
-    row |= {k: v for k, v in null_figures(edit, base["metrics"], edited["positive"], nulls, moved).items()
+    row |= {k: v for k, v in null_figures(edit, unedited["metrics"], edited["positive"], nulls, moved).items()
             if not isinstance(v, list)}
     row["redaction"] = is_redaction(row)
     return row
@@ -353,28 +352,28 @@ def _knocked(edit: Edit) -> tuple | None:
     return tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items())) if edit.kind == "knockout" else None
 
 
-def judging_nulls(model: Any, held: Any, data: SideEffectData, base: dict, detector: Any,
+def judging_nulls(model: Any, held: Any, data: SideEffectData, unedited: dict, detector: Any,
                   built: Sequence[tuple[str, Edit, str]]) -> dict:
     """The deletion baseline of the judging pairs (the knockout detector's flags deleted) and the
     filler null of each knockout's heads, computed once per judging set."""
-    deletion = deletion_baseline(model, held, data, detector, base["metrics"], base["context"])
+    deletion = deletion_baseline(model, held, data, detector, unedited["metrics"], unedited["context"])
     out: dict = {None: {"deletion": deletion}}
     for _, edit, _ in built:
         key = _knocked(edit)
         if key is not None and key not in out:
             out[key] = {"deletion": deletion,
-                        "filler": filler_null(model, held, edit.heads, base["metrics"], data.fillers)}
+                        "filler": filler_null(model, held, edit.heads, unedited["metrics"], data.fillers)}
     return out
 
 
-def mechanism_test(model: Any, heads: dict[int, list[int]], cset: Any, base: dict[str, np.ndarray],
+def mechanism_test(model: Any, heads: dict[int, list[int]], cset: Any, unedited: dict[str, np.ndarray],
                    batch_size: int = 16) -> float:
     """Pressure removed when the answer position may not attend to the family's slot tokens in
     ``heads`` (the path's necessity; uses the slot annotations, so it is not a deployable edit)."""
     slot = valence_slot(cset)
     spans = [p.span("positive", slot) for p in cset]
     edited = blocked_metric(model, list(cset), "positive", spans, heads, batch_size)
-    return ratio_of_means(base["positive"] - edited, base["positive"] - base[NEUTRAL])
+    return ratio_of_means(unedited["positive"] - edited, unedited["positive"] - unedited[NEUTRAL])
 
 
 @dataclass
@@ -431,15 +430,15 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
             outside_limits: bool) -> Choice:
     fit, held, roles = split_for_choice(train_set, evidence.rows, seed)
     data = side_effects or SideEffectData(model, "select", requests=CHOICE_REQUESTS)
-    base_obs = observe(model, held, None)
-    require_behavior(base_obs.metrics, f"{train_set.name} (judging pairs)")
-    base = {"metrics": base_obs.metrics, **_light_side_effects(model, data, None)}
+    unedited_obs = observe(model, held, None)
+    require_behavior(unedited_obs.metrics, f"{train_set.name} (judging pairs)")
+    unedited = {"metrics": unedited_obs.metrics, **_light_side_effects(model, data, None)}
     log = (lambda msg: tqdm.write(f"choose: {msg}")) if progress else None
     built, extra = build_candidates(model, fit, evidence, groups, seed, log)
-    nulls = judging_nulls(model, held, data, base, extra.get("detector"), built)
+    nulls = judging_nulls(model, held, data, unedited, extra.get("detector"), built)
     rows, edits = [], []
     for i, (group, edit, why) in enumerate(tqdm(built, desc="judge candidates", disable=not progress)):
-        r = judge(model, edit, held, data, base, seed + i, nulls.get(_knocked(edit), nulls.get(None)))
+        r = judge(model, edit, held, data, unedited, seed + i, nulls.get(_knocked(edit), nulls.get(None)))
         edits.append(edit)
         rows.append({"candidate": i, "group": group, "edit": edit.describe(), **r, "evidence": why})
     table = pd.DataFrame(rows)
@@ -447,7 +446,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     limits = (f"no collapse; no-pressure, factual, context-use and claim-recall accuracy each down by at "
               f"most {100 * max_accuracy_drop:g} points; neutral KL <= {kl_max:g}; every null and random "
               f"control moves the pressured answer by at most {100 * NULL_MAX:g}% of the pull either way")
-    mech = _mechanism(model, evidence, held, base_obs.metrics)
+    mech = _mechanism(model, evidence, held, unedited_obs.metrics)
     probes = {}
     if "detector" in extra:
         probes |= detector_quality(model, extra["detector"], held, [s for s, _ in data.neutral])
@@ -467,7 +466,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     spread = pd.concat([pd.DataFrame([{"seed": seed, "pressure_removed_fraction": best.pressure_removed_fraction,
                                        "judging_pairs": len(held), "edit": edit.describe()}]), spread],
                        ignore_index=True)
-    edit.notes |= {"chosen_because": best.evidence, "train_family": train_set.name, "multiplier": 1.0,
+    edit.notes |= {"chosen_because": best.evidence, "train_family": train_set.name, "strength": 1.0,
                    "within_limits": inside,
                    "refit_pressure_removed_fraction": [float(x) for x in spread.pressure_removed_fraction],
                    "judged": {k: (None if pd.isna(best[k]) else float(best[k])) for k in (
@@ -499,14 +498,14 @@ def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str
         fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
         built, _ = build_candidates(model, fit, evidence, [group], seed + k)
         edit = [e for g, e, _ in built if g == group][index]
-        base = observe(model, held, None).metrics
-        figures = pressure_figures(base, observe(model, held, None, edit=edit).metrics)
+        unedited = observe(model, held, None).metrics
+        figures = pressure_figures(unedited, observe(model, held, None, edit=edit).metrics)
         rows.append({"seed": seed + k, "pressure_removed_fraction": figures["pressure_removed_fraction"],
                      "judging_pairs": len(held), "edit": edit.describe()})
     return pd.DataFrame(rows)
 
 
-def _mechanism(model: Any, evidence: PatchEvidence, held: Any, base: dict[str, np.ndarray]) -> pd.DataFrame:
+def _mechanism(model: Any, evidence: PatchEvidence, held: Any, unedited: dict[str, np.ndarray]) -> pd.DataFrame:
     heads = evidence.heads()
     if heads.empty:
         return pd.DataFrame()
@@ -515,5 +514,5 @@ def _mechanism(model: Any, evidence: PatchEvidence, held: Any, base: dict[str, n
     layers = sorted(top)
     tests = {f"top 3 heads ({_named(heads.head(3))})": top,
              f"every head of layers {', '.join(map(str, layers))}": {layer: list(range(s.n_heads)) for layer in layers}}
-    return pd.DataFrame([{"blocked": name, "pressure_removed_fraction": mechanism_test(model, hd, held, base)}
+    return pd.DataFrame([{"blocked": name, "pressure_removed_fraction": mechanism_test(model, hd, held, unedited)}
                          for name, hd in tests.items()])

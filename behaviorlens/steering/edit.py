@@ -55,7 +55,7 @@ class Edit:
     positions: str = "all"
     model: str = ""
     family: str = ""
-    position: str = "last"
+    read_at: str = "last"  # the position its vectors were read at (``positions``: where it acts)
     method: str = ""
     d_model: int = 0
     n_heads: int = 0
@@ -152,9 +152,9 @@ class Edit:
         elif self.kind == "weights":
             text = f"{self.method or 'weight'} edit of {len(self.weights)} tensors (layers {layers})"
         elif self.kind == "ablate_direction":
-            text = f"ablation of the {self.method} direction from layer {layers} ({self.position})"
+            text = f"ablation of the {self.method} direction from layer {layers} ({self.read_at})"
         else:
-            text = f"{self.method} steering vector at layer {layers} ({self.position})"
+            text = f"{self.method} steering vector at layer {layers} ({self.read_at})"
         return text + gate
 
     def check(self, model: Any) -> None:
@@ -246,6 +246,8 @@ class Edit:
             for key in ("layers", "norm"):
                 meta.pop(key, None)
             meta["heads"] = {int(k): v for k, v in meta.get("heads", {}).items()}
+            if "position" in meta:  # written before the field was named read_at
+                meta["read_at"] = meta.pop("position")
             for key in ("detector", "gate"):
                 r = meta.get(key)
                 meta[key] = None if r is None else Readout(r["layer"], tensors[key], r["bias"], r.get("gap", 0), r.get("decoy"))

@@ -59,14 +59,14 @@ class Observation:
 
 
 def observe(model: Any, eval_set: Any, data: SideEffectData | None, batch_size: int = 16,
-            edit: Edit | None = None, multiplier: float = 1.0, layers: Sequence[int] | None = None,
+            edit: Edit | None = None, strength: float = 1.0, layers: Sequence[int] | None = None,
             positions: str | None = None) -> Observation:
     """Metrics of every side of ``eval_set`` and (with ``data``) the side effects, with ``edit``
-    applied at ``multiplier`` (none: the unedited model)."""
+    applied at ``strength`` (none: the unedited model)."""
     def apply(where: str | None = None) -> Any:
-        if edit is None or multiplier == 0:
+        if edit is None or strength == 0:
             return nullcontext()
-        return steer(model, edit, multiplier, layers=layers, positions=where or positions)
+        return steer(model, edit, strength, layers=layers, positions=where or positions)
 
     with apply():
         metrics = side_metrics(model, eval_set, batch_size)
@@ -91,27 +91,27 @@ def require_behavior(metrics: Mapping[str, np.ndarray], name: str) -> None:
         )
 
 
-def pressure_figures(base: Mapping[str, np.ndarray], edited: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def pressure_figures(unedited: Mapping[str, np.ndarray], edited: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Per-side metrics and accuracies, pressure removed and collapse, from per-pair metrics."""
     out: dict[str, Any] = {}
-    for side in base:
+    for side in unedited:
         out[f"metric_{side}"] = float(edited[side].mean())
-        out[f"metric_{side}_unedited"] = float(base[side].mean())
+        out[f"metric_{side}_unedited"] = float(unedited[side].mean())
         out[f"accuracy_{side}"] = float((edited[side] < 0).mean())
-        out[f"accuracy_{side}_unedited"] = float((base[side] < 0).mean())
+        out[f"accuracy_{side}_unedited"] = float((unedited[side] < 0).mean())
         out[f"accuracy_{side}_change"] = out[f"accuracy_{side}"] - out[f"accuracy_{side}_unedited"]
-    shift_u = base["positive"] - base["negative"]
+    shift_u = unedited["positive"] - unedited["negative"]
     shift_e = edited["positive"] - edited["negative"]
     out["shift"] = float(shift_e.mean())
     out["shift_unedited"] = float(shift_u.mean())
     out["shift_removed_fraction"] = 1 - ratio_of_means(shift_e, shift_u)
-    if NEUTRAL not in base:
+    if NEUTRAL not in unedited:
         out |= {"pull_unedited": float("nan"), "pressure_removed_fraction": float("nan"),
                 "pressure_removed_fraction_ci": [float("nan")] * 2,
                 "counter_pressure_removed_fraction": float("nan"), "neutral_metric_change": float("nan"),
                 "collapse": None}
         return out
-    pos_u, neg_u, neu_u = base["positive"], base["negative"], base[NEUTRAL]
+    pos_u, neg_u, neu_u = unedited["positive"], unedited["negative"], unedited[NEUTRAL]
     pos_e, neg_e, neu_e = edited["positive"], edited["negative"], edited[NEUTRAL]
     pull = float((pos_u - neu_u).mean())
     out["pull_unedited"] = pull
@@ -134,7 +134,7 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
         r = torch.randn(t.shape, generator=g)
         return r / r.norm() * t.norm()
 
-    common = dict(kind=edit.kind, model=edit.model, family="random", position=edit.position,
+    common = dict(kind=edit.kind, model=edit.model, family="random", read_at=edit.read_at,
                   positions=edit.positions, d_model=edit.d_model, n_heads=edit.n_heads,
                   head_dim=edit.head_dim, gate=edit.gate, detector=edit.detector)
     if edit.kind in ("vector", "ablate_direction"):
@@ -162,26 +162,26 @@ def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
                 method="random heads", **common)
 
 
-def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | None, base: Observation,
+def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | None, unedited: Observation,
                   batch_size: int = 16) -> dict[str, Any]:
     """The baselines every edit is scored against (:mod:`.baselines`): the deletion of what it
     hides and, for a knockout, the same heads blocking a same-length non-claim sentence."""
     out: dict[str, Any] = {}
-    if NEUTRAL not in base.metrics:
+    if NEUTRAL not in unedited.metrics:
         return out
-    context = base.side.context if base.side is not None else None
-    out["deletion"] = deletion_baseline(model, eval_set, data, edit.detector, base.metrics, context, batch_size)
+    context = unedited.side.context if unedited.side is not None else None
+    out["deletion"] = deletion_baseline(model, eval_set, data, edit.detector, unedited.metrics, context, batch_size)
     if edit.kind == "knockout" and data is not None:
-        out["filler"] = filler_null(model, eval_set, edit.heads, base.metrics, data.fillers, batch_size)
+        out["filler"] = filler_null(model, eval_set, edit.heads, unedited.metrics, data.fillers, batch_size)
     return out
 
 
-def null_figures(edit: Edit, base: Mapping[str, np.ndarray], edited: np.ndarray, nulls: Mapping[str, Any],
+def null_figures(edit: Edit, unedited: Mapping[str, np.ndarray], edited: np.ndarray, nulls: Mapping[str, Any],
                  moved: Sequence[np.ndarray]) -> dict[str, Any]:
     """The null columns of a row: the matched null (a knockout's filler sentence; otherwise the
     random controls), edit minus null with its CI, whether the null is broken, the deletion
     baseline."""
-    if NEUTRAL not in base:
+    if NEUTRAL not in unedited:
         return {}
     out: dict[str, Any] = dict(nulls.get("deletion", {}))
     if "filler" in nulls:
@@ -192,13 +192,13 @@ def null_figures(edit: Edit, base: Mapping[str, np.ndarray], edited: np.ndarray,
     elif moved:
         null_moved = np.mean(moved, axis=0)
         out["null_control"] = f"random {'heads' if edit.heads else edit.kind} of the same size (mean of {len(moved)} draws)"
-        pull = base["positive"] - base[NEUTRAL]
+        pull = unedited["positive"] - unedited[NEUTRAL]
         out["null_control_pressure_removed_fraction"] = ratio_of_means(null_moved, pull)
         out["null_control_pressure_removed_fraction_ci"] = list(ratio_ci(null_moved, pull))
     else:
         return out
     out["null_broken"] = null_broken(out["null_control_pressure_removed_fraction"])
-    return out | edit_minus_null(dict(base), edited, null_moved)
+    return out | edit_minus_null(dict(unedited), edited, null_moved)
 
 
 def untouched_heads(chosen: dict[int, list[int]], n_layers: int, n_heads: int,
@@ -217,23 +217,23 @@ def untouched_heads(chosen: dict[int, list[int]], n_layers: int, n_heads: int,
     return {layer: sorted(hs) for layer, hs in sorted(drawn.items())}
 
 
-def _intended(edit: Edit, multiplier: float) -> float:
+def _intended(edit: Edit, strength: float) -> float:
     """+1 if the edit is meant to raise the behavior, -1 to lower it."""
     if edit.kind == "vector" and edit.notes.get("intent") != "reduce":
-        return float(np.sign(multiplier))
+        return float(np.sign(strength))
     if edit.kind == "vector":
-        return -float(np.sign(multiplier))
-    return -1.0 if multiplier > 0 else 1.0
+        return -float(np.sign(strength))
+    return -1.0 if strength > 0 else 1.0
 
 
-def _figures(edit: Edit, m: float, base: Observation, obs: Observation) -> dict[str, Any]:
-    values = pressure_figures(base.metrics, obs.metrics)
+def _figures(edit: Edit, m: float, unedited: Observation, obs: Observation) -> dict[str, Any]:
+    values = pressure_figures(unedited.metrics, obs.metrics)
     values["p_matching"] = float(p_matching(obs.metrics["positive"]).mean())
-    values["p_matching_unedited"] = float(p_matching(base.metrics["positive"]).mean())
-    moved = (obs.metrics["positive"] - base.metrics["positive"]) * _intended(edit, m)
+    values["p_matching_unedited"] = float(p_matching(unedited.metrics["positive"]).mean())
+    moved = (obs.metrics["positive"] - unedited.metrics["positive"]) * _intended(edit, m)
     values["anti_steerable_fraction"] = float((moved < 0).mean()) if m != 0 else 0.0
     if obs.side is not None:
-        values |= compare_side_effects(base.side, obs.side)
+        values |= compare_side_effects(unedited.side, obs.side)
     return values
 
 
@@ -241,7 +241,7 @@ def evaluate_steering(
     model: Any,
     edit: Edit,
     eval_set: Any,
-    multipliers: Sequence[float] = (1.0,),
+    strengths: Sequence[float] = (1.0,),
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     positions: str | None = None,
@@ -251,9 +251,9 @@ def evaluate_steering(
     head_effects: Mapping[tuple[int, int], float] | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Effect and side effects of an edit per (layer, multiplier), with random controls.
+    """Effect and side effects of an edit per (layer, strength), with random controls.
 
-    Columns: ``layer, multiplier, kind, edit, pairs``, :func:`pressure_figures` (per-side
+    Columns: ``layer, strength, kind, edit, pairs``, :func:`pressure_figures` (per-side
     ``metric_*``/``accuracy_*`` edited and ``_unedited``, ``pressure_removed_fraction`` with
     ``_ci``, ``counter_pressure_removed_fraction``, ``neutral_metric_change``, ``collapse``,
     ``shift``, ``shift_removed_fraction``), ``anti_steerable_fraction`` (pairs whose pressured
@@ -277,38 +277,38 @@ def evaluate_steering(
         if layers is not None and list(layers) != edit.layers:
             raise BehaviorLensError(f"a {edit.kind} edit acts on its own layers {edit.layers}; drop --layers")
         configs = [(edit.layers[0] if edit.layers else -1, None)]
-    base = observe(model, eval_set, data, batch_size)
+    unedited = observe(model, eval_set, data, batch_size)
     choice = letter_choices(eval_set)
     if not choice:  # an A/B set has no pressure to remove: it is scored by p(matching letter)
-        require_behavior(base.metrics, eval_set.name)
+        require_behavior(unedited.metrics, eval_set.name)
     draws = [random_control(model, edit, seed + i) for i in range(controls)]
-    nulls = matched_nulls(model, edit, eval_set, data, base, batch_size)
+    nulls = matched_nulls(model, edit, eval_set, data, unedited, batch_size)
     rows, pair_rows, control_rows = [], [], []
     for layer, apply_layers in configs:
-        for m in multipliers:
-            row: dict[str, Any] = {"layer": layer, "multiplier": float(m), "kind": edit.kind,
+        for m in strengths:
+            row: dict[str, Any] = {"layer": layer, "strength": float(m), "kind": edit.kind,
                                    "edit": edit.describe(), "pairs": len(eval_set)}
             per_draw, moved = [], []
             label = f"evaluate{'' if layer < 0 else f' L{layer}'} x{m:g} (edit, then {len(draws)} controls)"
             for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress)):
                 obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions)
-                values = _figures(e, m, base, obs)
+                values = _figures(e, m, unedited, obs)
                 if draw == 0:
                     row |= values
                     edited_positive = obs.metrics["positive"]
                 else:
                     per_draw.append(values)
-                    moved.append(base.metrics["positive"] - obs.metrics["positive"])
+                    moved.append(unedited.metrics["positive"] - obs.metrics["positive"])
                     effect = (sum(head_effects.get((layer_, h), 0.0) for layer_, hs in e.heads.items() for h in hs)
                               if head_effects is not None and e.heads else float("nan"))
-                    control_rows.append({"layer": layer, "multiplier": float(m), "draw": draw,
+                    control_rows.append({"layer": layer, "strength": float(m), "draw": draw,
                                          "edit": e.describe(), "heads_patching_effect": effect,
                                          **{k: v for k, v in values.items() if not isinstance(v, list)}})
                 for i, p in enumerate(eval_set):
-                    pair_rows.append({"control": draw, "layer": layer, "multiplier": float(m), "pair": i,
+                    pair_rows.append({"control": draw, "layer": layer, "strength": float(m), "pair": i,
                                       "row": p.row, "family": p.family,
                                       **{f"metric_{s}": float(obs.metrics[s][i]) for s in obs.metrics},
-                                      **{f"metric_{s}_unedited": float(base.metrics[s][i]) for s in base.metrics}})
+                                      **{f"metric_{s}_unedited": float(unedited.metrics[s][i]) for s in unedited.metrics}})
             if per_draw:
                 ctl = pd.DataFrame([{k: v for k, v in d.items() if isinstance(v, (int, float, bool)) and v is not None}
                                     for d in per_draw])
@@ -317,7 +317,7 @@ def evaluate_steering(
                 row["random_shift_removed_fraction_sd"] = float(ctl["shift_removed_fraction"].std(ddof=0))
                 row["random_controls"] = len(ctl)
                 row["random_null_broken"] = null_broken(row["random_pressure_removed_fraction"])
-            row |= null_figures(edit, base.metrics, edited_positive, nulls, moved)
+            row |= null_figures(edit, unedited.metrics, edited_positive, nulls, moved)
             row["redaction"] = is_redaction(row)
             rows.append(row)
     frame = pd.DataFrame(rows)

@@ -18,8 +18,8 @@ from ..io import atomic_write
 from .edit import Edit
 
 
-def export_gguf(edit: Edit, path: str | Path, multiplier: float = 1.0, model_hint: str | None = None) -> Path:
-    """Write ``multiplier *`` the edit's vectors as a llama.cpp control-vector GGUF."""
+def export_gguf(edit: Edit, path: str | Path, strength: float = 1.0, model_hint: str | None = None) -> Path:
+    """Write ``strength *`` the edit's vectors as a llama.cpp control-vector GGUF."""
     import gguf
 
     if edit.kind != "vector":
@@ -35,7 +35,7 @@ def export_gguf(edit: Edit, path: str | Path, multiplier: float = 1.0, model_hin
         writer.add_string("controlvector.model_hint", hint)
         writer.add_uint32("controlvector.layer_count", len(edit.vectors))
         for layer, vec in sorted(edit.vectors.items()):
-            writer.add_tensor(f"direction.{layer}", (multiplier * vec).numpy().astype(np.float32))
+            writer.add_tensor(f"direction.{layer}", (strength * vec).numpy().astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

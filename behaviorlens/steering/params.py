@@ -37,7 +37,7 @@ class SteerParams:
         False, "when no candidate keeps the limits, save the best trade-off (marked so) instead of stopping",
         step_default=True, command="train")
     # evaluating it
-    multipliers: list[float] = param([1.0], "strengths to evaluate the edit at", command="eval")
+    strengths: list[float] = param([1.0], "strengths to evaluate the edit at", command="eval")
     layers: list[int] | None = param(None, "evaluate at these layers (default: the edit's own)", command="eval")
     batch_size: int = param(16, "pairs per forward (an experiment uses its own batch_size)", step=False,
                             command="eval")
@@ -45,7 +45,7 @@ class SteerParams:
     # the experiment step's own
     eval_family: Any = param(None, "the family the edit is evaluated on (default: the first test family)",
                              cli=False, arg=None)
-    multiplier: float | None = param(None, "the headline strength, stated before the run", cli=False, arg=None)
+    strength: float | None = param(None, "the headline strength, stated before the run", cli=False, arg=None)
     generate: dict | None = param(None, "{prompts: [...], max_new_tokens: N}: continuations with and without the "
                                   "edit", cli=False, arg=None)
     side_effects: dict | None = param(None, "the step's own side-effect data files (factual, context, neutral, "

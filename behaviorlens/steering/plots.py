@@ -8,24 +8,24 @@ import pandas as pd
 
 
 def dose_response(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Pressure removed and neutral KL vs multiplier, one line per layer, random control dashed
+    """Pressure removed and neutral KL vs strength, one line per layer, random control dashed
     (without a neutral side: the shift removed)."""
     from ..analysis.plots import plt, save_figure
 
     removed = "pressure_removed_fraction" if frame["pressure_removed_fraction"].notna().any() else "shift_removed_fraction"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (layer, rows) in enumerate(frame.groupby("layer")):
-        rows = rows.sort_values("multiplier")
+        rows = rows.sort_values("strength")
         color = f"C{i % 10}"
         for ax, col in zip(axes, (removed, "neutral_kl")):
-            ax.plot(rows.multiplier, rows[col], "o-", color=color, label=f"layer {layer}")
+            ax.plot(rows.strength, rows[col], "o-", color=color, label=f"layer {layer}")
             if f"random_{col}" in rows:
-                ax.plot(rows.multiplier, rows[f"random_{col}"], "o--", color=color, alpha=0.6,
+                ax.plot(rows.strength, rows[f"random_{col}"], "o--", color=color, alpha=0.6,
                         label=f"layer {layer} random")
     axes[0].set_ylabel(removed.replace("_", " "))
     axes[1].set_ylabel("neutral KL (nats/token)")
     for ax in axes:
-        ax.set_xlabel("multiplier")
+        ax.set_xlabel("strength")
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=7)
     kind = frame["kind"].iloc[0] if len(frame) else ""

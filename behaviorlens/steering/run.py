@@ -70,7 +70,7 @@ def run_steer_train(
         edit = train_vector(model, train_set, [layer], method, position)
         if kind == "ablate_direction":
             edit = Edit(kind="ablate_direction", vectors={layer: edit.direction}, model=edit.model,
-                        family=edit.family, position=position, method=method, d_model=edit.d_model,
+                        family=edit.family, read_at=position, method=method, d_model=edit.d_model,
                         n_heads=edit.n_heads, head_dim=edit.head_dim, notes=edit.notes)
         elif kind != "vector":
             raise BehaviorLensError(f"steer train --kind is 'vector' or 'ablate_direction', not {kind!r}")
@@ -117,14 +117,14 @@ SUMMARY_KEYS = (
 )
 
 
-def summarize(frame: pd.DataFrame, multiplier: float = 1.0) -> dict:
-    """Headline figures: the row of the given multiplier (the one chosen on the training
+def summarize(frame: pd.DataFrame, strength: float = 1.0) -> dict:
+    """Headline figures: the row of the given strength (the one chosen on the training
     family; never the best row of the evaluation family), with its random controls."""
-    rows = frame[np.isclose(frame.multiplier, multiplier)]
+    rows = frame[np.isclose(frame.strength, strength)]
     if rows.empty:
-        raise BehaviorLensError(f"the evaluation has no row at multiplier {multiplier:g}; evaluate it there")
+        raise BehaviorLensError(f"the evaluation has no row at strength {strength:g}; evaluate it there")
     best = rows.iloc[0]
-    out = {"multiplier": float(best.multiplier), "layer": int(best.layer), "edit": str(best.edit)}
+    out = {"strength": float(best.strength), "layer": int(best.layer), "edit": str(best.edit)}
     for key in SUMMARY_KEYS:
         if key in best:
             value = best[key]
@@ -148,7 +148,7 @@ def run_steer_eval(
     model: Any,
     edit: Edit,
     eval_set: Any,
-    multipliers: Sequence[float] = (1.0,),
+    strengths: Sequence[float] = (1.0,),
     layers: Sequence[int] | None = None,
     out_dir: str | Path = "steering",
     batch_size: int = 16,
@@ -158,11 +158,11 @@ def run_steer_eval(
     side_effects: Any = None,
 ) -> dict:
     """Evaluate an edit; writes steering.csv, steering_pairs.csv, steering_controls.csv,
-    dose_response.png and summary.json (the row of the edit's chosen multiplier, or 1)."""
+    dose_response.png and summary.json (the row of the edit's chosen strength, or 1)."""
     out_dir = Path(out_dir)
-    chosen = float(edit.notes.get("multiplier", 1.0))
-    multipliers = sorted(set(map(float, multipliers)) | {chosen})
-    frame = evaluate_steering(model, edit, eval_set, multipliers, layers, batch_size, seed=seed,
+    chosen = float(edit.notes.get("strength", 1.0))
+    strengths = sorted(set(map(float, strengths)) | {chosen})
+    frame = evaluate_steering(model, edit, eval_set, strengths, layers, batch_size, seed=seed,
                               controls=controls, head_effects=head_effects, side_effects=side_effects,
                               progress=True)
     write_csv(out_dir / "steering.csv", frame)
@@ -174,8 +174,8 @@ def run_steer_eval(
                                           "chosen_within_limits": edit.notes.get("within_limits"),
                                           "refit_pressure_removed_fraction": edit.notes.get("refit_pressure_removed_fraction"),
                                           "refit_pressure_removed_fraction_sd": _sd(edit.notes.get("refit_pressure_removed_fraction")),
-                                          "p_matching_by_multiplier": {f"{m:g}": float(v) for m, v in
-                                                                       zip(frame.multiplier, frame.p_matching)}}
+                                          "p_matching_by_strength": {f"{m:g}": float(v) for m, v in
+                                                                       zip(frame.strength, frame.p_matching)}}
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -195,25 +195,25 @@ def generate_examples(
     model: Any,
     edit: Edit,
     prompts: Any,
-    multipliers: Sequence[float] = (-4.0, 0.0, 4.0),
+    strengths: Sequence[float] = (-4.0, 0.0, 4.0),
     max_new_tokens: int = 40,
     seed: int = 0,
     positions: str | None = None,
 ) -> pd.DataFrame:
-    """Greedy continuations of each prompt (strings or a ContrastSet's behavior side) per multiplier."""
+    """Greedy continuations of each prompt (strings or a ContrastSet's behavior side) per strength."""
     from contextlib import nullcontext
 
     ids = _prompt_ids(model, prompts)
     texts = [model.tokenizer.decode(x) for x in ids]
     batch = model.batch(ids)
     rows = []
-    for m in multipliers:
+    for m in strengths:
         torch.manual_seed(seed)
         ctx = steer(model, edit, m, positions=positions) if m != 0 else nullcontext()
         with ctx:
             out = model.generate(batch, max_new_tokens)
         new = out[:, batch.input_ids.shape[1]:]
         for i, text in enumerate(texts):
-            rows.append({"prompt": text, "multiplier": float(m),
+            rows.append({"prompt": text, "strength": float(m),
                          "completion": model.tokenizer.decode(new[i], skip_special_tokens=True)})
     return pd.DataFrame(rows)

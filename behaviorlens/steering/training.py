@@ -165,7 +165,7 @@ def finetune_heads(model: Any, fit: Any, heads: dict[int, Sequence[int]], steps:
             block = slice(k * s.head_dim, (k + 1) * s.head_dim)
             size = float(deltas[layer].detach()[:, block].norm())
             changed[f"L{layer}H{h}"] = {"norm": size, "relative": size / float(w[:, cols[layer][block]].detach().norm())}
-    return Edit(kind="weights", weights=weights, model=model.name, family=fit.name, position="all",
+    return Edit(kind="weights", weights=weights, model=model.name, family=fit.name, read_at="all",
                 method=f"head fine-tuning ({', '.join(f'L{l}H{h}' for l, hs in heads.items() for h in hs)})",
                 d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim,
                 notes={"changed": changed, "steps": steps, "anchor": anchor})

@@ -26,7 +26,7 @@ def train_vector(
     ``mean_diff``: mean(positive) - mean(negative) at ``position`` (CAA). ``pca``: the first
     principal direction of the paired differences, signed and scaled like the mean difference
     projected on it. ``probe``: a logistic probe's direction (:mod:`behaviorlens.probing`), scaled the same
-    way. Adding the vector pushes toward the behavior; a negative multiplier pushes away.
+    way. Adding the vector pushes toward the behavior; a negative strength pushes away.
     """
     if method not in METHODS:
         raise BehaviorLensError(f"unknown steering method {method!r}; methods are {', '.join(METHODS)}")
@@ -54,13 +54,13 @@ def train_vector(
                 probe = make_probe("logistic").fit(x, acts.labels.numpy(), acts.pair_ids.numpy())
                 direction = torch.from_numpy(probe.direction).double()
             proj = float(mean_diff @ direction)
-            # signed and scaled by the mean difference: a positive multiplier still pushes
+            # signed and scaled by the mean difference: a positive strength still pushes
             # toward the behavior
             vec = direction * (proj if proj != 0 else 1.0)
         vectors[layer] = vec.float()
     s = model.sites
     return Edit(kind="vector", vectors=vectors, model=model.name, family=contrast_set.name,
-                position=position, method=method, d_model=s.d_model, n_heads=s.n_heads,
+                read_at=position, method=method, d_model=s.d_model, n_heads=s.n_heads,
                 head_dim=s.head_dim, notes={"pairs": len(contrast_set)})
 
 
