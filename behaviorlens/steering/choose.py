@@ -235,7 +235,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
             out += [("vector", _scaled(against, f, f"{f:g}"), why) for f in (1.0, 4.0)]
         if "direction ablation" in groups:
             out.append(("direction ablation", Edit(kind="ablate_direction", vectors={layer: vec.direction},
-                                                   position="last", method="mean_diff", **meta), why))
+                                                   read_at="last", method="mean_diff", **meta), why))
     if "gated" in groups and fit.has_neutral:
         say("training the pressure gate")
         gate, table = train_gate(model, fit, default_layers(s.n_layers, first), seed)
