@@ -18,6 +18,7 @@ detector control), and what readouts find in the trace (``gate``, ``flags``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +98,16 @@ def _select(ctx: dict, positions: str, old: torch.Tensor, new: torch.Tensor) -> 
     return torch.where(gate.to(old.device).view(-1, *([1] * (old.dim() - 1))), new, old)
 
 
-class Intervention:
+class Intervention(ABC):
     """Base class: the sites an intervention visits (:meth:`refs`) and what it does there."""
 
+    @abstractmethod
     def refs(self) -> list[SiteRef]:
-        raise NotImplementedError
+        """The sites it visits."""
 
+    @abstractmethod
     def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
-        raise NotImplementedError
+        """What it does at ``ref`` inside a trace."""
 
 
 @dataclass
@@ -157,8 +160,9 @@ class Residual(Intervention):
     def refs(self) -> list[SiteRef]:
         return list(self.sites)
 
+    @abstractmethod
     def change(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new residual from the old one."""
 
     def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
         h = ref.read(root)
