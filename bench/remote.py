@@ -31,7 +31,7 @@ from behaviorlens.patching.attribution import attribution_patch
 from behaviorlens.probing.activations import collect
 from behaviorlens.prompts import load_family
 from behaviorlens.steering import steer
-from behaviorlens.steering.edit import Edit, Readout
+from behaviorlens.edits import Edit, Readout
 
 
 class Payloads:

@@ -23,7 +23,7 @@ from behaviorlens.patching.ablation import ablation_scan
 from behaviorlens.patching.attribution import attribution_patch
 from behaviorlens.probing.activations import collect
 from behaviorlens.steering import head_edit, steer
-from behaviorlens.steering.edit import Edit, Readout
+from behaviorlens.edits import Edit, Readout
 from behaviorlens.steering.evaluate import evaluate_steering
 
 TOL = 1e-4

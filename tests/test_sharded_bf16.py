@@ -31,7 +31,7 @@ from behaviorlens.patching.ablation import ablation_scan
 from behaviorlens.probing import collect
 from behaviorlens.probing.probes import make_probe
 from behaviorlens.steering import Edit, head_edit, train_vector
-from behaviorlens.steering.edit import Readout
+from behaviorlens.edits import Readout
 from behaviorlens.steering.evaluate import evaluate_steering
 from behaviorlens.steering.run import generate_examples
 

@@ -20,7 +20,7 @@ from behaviorlens.steering.baselines import (
     null_broken,
 )
 from behaviorlens.steering.choose import within_limits
-from behaviorlens.steering.edit import Readout
+from behaviorlens.edits import Readout
 from behaviorlens.steering.side_effects import context_figures
 
 
@@ -127,7 +127,7 @@ def test_filler_pairs_replace_only_the_claim_and_blocking_nothing_changes_nothin
 
 def test_a_knockout_control_in_use_draws_only_among_the_conversation_s_tokens(planted, monkeypatch):
     from behaviorlens.steering import steer
-    from behaviorlens.steering.edit import Edit
+    from behaviorlens.edits import Edit
 
     model, cset = planted
     s = model.sites

@@ -140,7 +140,7 @@ def test_random_head_controls_draw_from_every_untouched_head(tiny_llama):
 
 
 def test_a_knockout_control_blocks_as_many_other_tokens_in_the_same_heads(tiny_llama):
-    from behaviorlens.steering.edit import Readout
+    from behaviorlens.edits import Readout
 
     s = tiny_llama.sites
     detector = Readout(0, torch.randn(s.d_model, generator=torch.Generator().manual_seed(0)), 0.0, gap=2)

@@ -2,6 +2,7 @@
 subspace clamps, weight edits, gates; choosing one from evidence, and scoring it honestly
 against a no-pressure reference and random controls."""
 
+from ..edits import Edit, Readout
 from .apply import (
     ablate_direction,
     ablate_heads,
@@ -14,7 +15,6 @@ from .apply import (
 )
 from .bake import bake, edited_module
 from .choose import choose_edit
-from .edit import Edit, Readout
 from .evaluate import evaluate_steering, random_control
 from .gguf_export import export_gguf
 from .run import generate_examples, run_steer_eval, run_steer_train

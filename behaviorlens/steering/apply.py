@@ -1,5 +1,5 @@
 """Applying edits at run time: :func:`steer` puts an edit's interventions
-(:func:`behaviorlens.interventions.registry.interventions`) in force while a block runs, as
+(:func:`behaviorlens.edits.interventions`) in force while a block runs, as
 local hooks or inside the traces of a remote model (:func:`behaviorlens.interventions.hooks.applied`,
 which also says what ``positions`` means); every context manager undoes its edit on exit.
 """
@@ -13,25 +13,11 @@ from typing import Any
 import torch
 
 from ..chat import Scaffold
+from ..edits import POSITIONS, Edit, interventions
+from ..edits.kinds.knockout import knockouts
 from ..errors import BehaviorLensError
 from ..interventions.hooks import applied
-from ..interventions.registry import interventions, knockouts
 from ..interventions.trace import site_values
-from .edit import POSITIONS, Edit
-
-
-def _check_gate(edit: Edit) -> None:
-    """A gate (and a detector) must be read before the first layer the edit acts on."""
-    if edit.gate is None and edit.detector is None:
-        return
-    if edit.kind in ("ablate_direction", "weights") and edit.gate is not None:
-        raise BehaviorLensError(f"a {edit.kind} edit acts from the first layer on, so it cannot be gated")
-    first = min(edit.layers)
-    late = edit.kind in ("vector", "subspace")  # these act on the residual leaving their layer
-    for what, readout in (("gate", edit.gate), ("detector", edit.detector)):
-        if readout is not None and (readout.layer > first or (readout.layer == first and not late)):
-            raise BehaviorLensError(f"the edit's {what} reads layer {readout.layer}, after the edit acts "
-                                    f"at layer {first}; read an earlier layer")
 
 
 def _check_positions(positions: str) -> None:
@@ -55,8 +41,8 @@ def steer(
       from everything written into the residual stream (1 = ablation, 2 = reflection);
     - ``heads``: each head moves ``strength`` of the way to its stored value (or scale), or
       gets ``strength`` times its stored vector added (``add``);
-    - ``knockout``: attention of the heads to the detected tokens is blocked (any strength
-      other than 0 blocks it fully);
+    - ``knockout``: attention of the heads to the detected tokens is blocked (it has no
+      strength: any strength other than 0 blocks it fully);
     - ``subspace``: the subspace coordinates move ``strength`` of the way to its point's;
     - ``weights``: ``strength`` times the stored differences are added to the parameters.
 
@@ -65,7 +51,7 @@ def steer(
     positions = edit.positions if positions is None else positions
     _check_positions(positions)
     edit.check(model)
-    _check_gate(edit)
+    edit.spec.check_readouts(edit)
     decoys = edit.detector is not None and edit.detector.decoy is not None
     with applied(model, interventions(edit, model, strength, layers, positions),
                   Scaffold(model.tokenizer) if decoys else None):
@@ -79,9 +65,6 @@ def knockout(model: Any, heads: dict[int, Sequence[int]], blocked: torch.Tensor,
     the key columns where ``blocked`` ([batch, padded columns] bool, for the next batch run) is
     true: the mechanism test of a path, with key tokens given (e.g. a family's slot tokens)."""
     _check_positions(positions)
-    for layer, hs in heads.items():
-        for h in hs:
-            model.sites.check("head", layer, h)
     with applied(model, knockouts(model, heads, positions, blocked)):
         yield
 

@@ -22,12 +22,12 @@ import torch
 
 from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..batching import answer_tail, chunks
+from ..edits import Readout
 from ..errors import BehaviorLensError
 from ..prompts.contrast import NEUTRAL, SIDES
 from ..scoring import behavior_metric, needs_whole, plan
 from .apply import knockout
 from .detectors import token_states, valence_slot
-from .edit import Readout
 from .side_effects import SideEffectData, context_figures
 
 NULL_MAX = 0.15  # |null pressure removed| above this: the null moves the model, so it is broken

@@ -53,6 +53,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..analysis.metrics import ratio_of_means
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..patching.results import PatchEvidence
 from ..prompts.contrast import NEUTRAL, SIDES
@@ -75,7 +76,6 @@ from .detectors import (
     train_gate,
     valence_slot,
 )
-from .edit import Edit
 from .evaluate import null_figures, observe, pressure_figures, random_control, require_behavior
 from .side_effects import SideEffectData, answer_figures, context_figures, mean_kl, tail_logits
 from .training import finetune_heads, train_subspace
@@ -329,7 +329,7 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, unedited: dic
         "random_accuracy_neutral_change": control["accuracy_neutral_change"],
     }
     nulls = dict(nulls or {})
-    if edit.kind != "knockout":
+    if edit.spec.matched_null != "filler":
         nulls.pop("filler", None)
     row |= {k: v for k, v in null_figures(edit, unedited["metrics"], edited["positive"], nulls, moved).items()
             if not isinstance(v, list)}
@@ -348,8 +348,10 @@ def within_limits(table: pd.DataFrame, kl_max: float, max_accuracy_drop: float) 
 
 
 def _knocked(edit: Edit) -> tuple | None:
-    """The key of a knockout's filler null (its heads), None for other edits."""
-    return tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items())) if edit.kind == "knockout" else None
+    """The key of a filler null (the heads that block it), None for edits scored against random draws."""
+    if edit.spec.matched_null != "filler":
+        return None
+    return tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items()))
 
 
 def judging_nulls(model: Any, held: Any, data: SideEffectData, unedited: dict, detector: Any,

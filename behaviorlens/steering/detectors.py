@@ -25,11 +25,11 @@ import pandas as pd
 import torch
 
 from ..chat import chat_ids, turn_end
+from ..edits import Readout
 from ..errors import BehaviorLensError
 from ..interventions.trace import site_values
 from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
-from .edit import Readout
 
 
 def default_layers(n_layers: int, before: int) -> list[int]:

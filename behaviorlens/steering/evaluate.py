@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,12 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.metrics import bootstrap_ci, ratio_ci, ratio_of_means
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..measure import letter_choices, p_matching, side_metrics
 from ..prompts.contrast import NEUTRAL
 from .apply import steer
 from .baselines import deletion_baseline, edit_minus_null, filler_null, is_redaction, null_broken
-from .edit import Edit
 from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
 
 NO_NEUTRAL = ("has no neutral side, so pressure_removed_fraction, collapse and the neutral figures "
@@ -126,40 +126,8 @@ def pressure_figures(unedited: Mapping[str, np.ndarray], edited: Mapping[str, np
 
 
 def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
-    """The matching random edit (see the module doc); gates and detectors are kept."""
-    g = torch.Generator().manual_seed(seed)
-    s = model.sites
-
-    def like(t: torch.Tensor) -> torch.Tensor:
-        r = torch.randn(t.shape, generator=g)
-        return r / r.norm() * t.norm()
-
-    common = dict(kind=edit.kind, model=edit.model, family="random", read_at=edit.read_at,
-                  positions=edit.positions, d_model=edit.d_model, n_heads=edit.n_heads,
-                  head_dim=edit.head_dim, gate=edit.gate, detector=edit.detector)
-    if edit.kind in ("vector", "ablate_direction"):
-        return Edit(vectors={layer: like(v) for layer, v in edit.vectors.items()}, method="random", **common)
-    if edit.kind == "subspace":
-        basis = {layer: torch.linalg.qr(torch.randn(b.shape, generator=g))[0] for layer, b in edit.basis.items()}
-        return Edit(basis=basis, vectors=edit.vectors, method="random subspace", **common)
-    if edit.kind == "weights":
-        return Edit(weights={k: like(v) for k, v in edit.weights.items()}, method="random weights", **common)
-    if edit.kind == "knockout":  # the same heads, as many tokens blocked, drawn among the others
-        decoy = replace(edit.detector, decoy=int(torch.randint(2**31 - 1, (1,), generator=g)))
-        return Edit(heads=edit.heads, method="random tokens", **{**common, "detector": decoy})
-    readouts = [r.layer for r in (edit.gate, edit.detector) if r is not None]
-    first = max(readouts) + 1 if readouts else 0  # heads a gate or detector is read before
-    heads = untouched_heads(edit.heads, s.n_layers, s.n_heads, g, first)
-    values = edit.head_values
-    if edit.head_mode == "add":  # each drawn head gets a random vector of the edit's mean size
-        size = torch.stack([edit.head_values[layer][h].norm() for layer, hs in edit.heads.items() for h in hs]).mean()
-        values = {layer: torch.zeros(s.n_heads, s.head_dim) for layer in heads}
-        for layer, hs in heads.items():
-            for h in hs:
-                r = torch.randn(s.head_dim, generator=g)
-                values[layer][h] = r / r.norm() * size
-    return Edit(heads=heads, head_values=values, head_mode=edit.head_mode, scale=edit.scale,
-                method="random heads", **common)
+    """The matching random edit of the edit's kind (see the module doc); gates and detectors are kept."""
+    return edit.spec.random_control(edit, model, torch.Generator().manual_seed(seed))
 
 
 def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | None, unedited: Observation,
@@ -171,7 +139,7 @@ def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | 
         return out
     context = unedited.side.context if unedited.side is not None else None
     out["deletion"] = deletion_baseline(model, eval_set, data, edit.detector, unedited.metrics, context, batch_size)
-    if edit.kind == "knockout" and data is not None:
+    if edit.spec.matched_null == "filler" and data is not None:
         out["filler"] = filler_null(model, eval_set, edit.heads, unedited.metrics, data.fillers, batch_size)
     return out
 
@@ -201,36 +169,11 @@ def null_figures(edit: Edit, unedited: Mapping[str, np.ndarray], edited: np.ndar
     return out | edit_minus_null(dict(unedited), edited, null_moved)
 
 
-def untouched_heads(chosen: dict[int, list[int]], n_layers: int, n_heads: int,
-                    g: torch.Generator, first_layer: int = 0) -> dict[int, list[int]]:
-    """As many heads as ``chosen``, drawn uniformly from every head it leaves alone in layers
-    ``first_layer`` on (a control that shared heads with the edit would measure the edit itself)."""
-    taken = {(layer, h) for layer, hs in chosen.items() for h in hs}
-    free = [(layer, h) for layer in range(first_layer, n_layers) for h in range(n_heads) if (layer, h) not in taken]
-    count = len(taken)
-    if count > len(free):
-        raise BehaviorLensError(f"the edit uses {count} heads, leaving {len(free)} for a random control")
-    drawn: dict[int, list[int]] = {}
-    for i in torch.randperm(len(free), generator=g)[:count].tolist():
-        layer, h = free[i]
-        drawn.setdefault(layer, []).append(h)
-    return {layer: sorted(hs) for layer, hs in sorted(drawn.items())}
-
-
-def _intended(edit: Edit, strength: float) -> float:
-    """+1 if the edit is meant to raise the behavior, -1 to lower it."""
-    if edit.kind == "vector" and edit.notes.get("intent") != "reduce":
-        return float(np.sign(strength))
-    if edit.kind == "vector":
-        return -float(np.sign(strength))
-    return -1.0 if strength > 0 else 1.0
-
-
 def _figures(edit: Edit, m: float, unedited: Observation, obs: Observation) -> dict[str, Any]:
     values = pressure_figures(unedited.metrics, obs.metrics)
     values["p_matching"] = float(p_matching(obs.metrics["positive"]).mean())
     values["p_matching_unedited"] = float(p_matching(unedited.metrics["positive"]).mean())
-    moved = (obs.metrics["positive"] - unedited.metrics["positive"]) * _intended(edit, m)
+    moved = (obs.metrics["positive"] - unedited.metrics["positive"]) * edit.spec.intended_sign(edit, m)
     values["anti_steerable_fraction"] = float((moved < 0).mean()) if m != 0 else 0.0
     if obs.side is not None:
         values |= compare_side_effects(unedited.side, obs.side)
@@ -270,7 +213,7 @@ def evaluate_steering(
     if len(eval_set) == 0:
         raise BehaviorLensError(f"evaluation set {eval_set.name!r} is empty")
     data = side_effects or SideEffectData(model, "report")
-    if edit.kind == "vector":
+    if edit.spec.moves_to_layers:
         layers = list(layers) if layers is not None else edit.layers
         configs = [(layer, [layer]) for layer in layers]
     else:

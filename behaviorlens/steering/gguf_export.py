@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..io import atomic_write
-from .edit import Edit
 
 
 def export_gguf(edit: Edit, path: str | Path, strength: float = 1.0, model_hint: str | None = None) -> Path:

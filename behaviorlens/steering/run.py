@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 
 from ..chat import chat_ids
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from ..patching.results import PatchEvidence, evidence_of, patch_runs
 from .apply import steer
 from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX, choose_edit
-from .edit import Edit
 from .evaluate import evaluate_steering
 from .plots import dose_response, pareto
 from .vectors import train_vector

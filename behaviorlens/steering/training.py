@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
 from ..remote import refuse
 from ..scoring import behavior_metric, needs_whole
-from .edit import Edit
 
 
 def _replay_inputs(model: Any, sequences: list[list[int]], layer: int):

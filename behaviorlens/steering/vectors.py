@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from ..edits import Edit
 from ..errors import BehaviorLensError
-from .edit import Edit
 
 METHODS = ("mean_diff", "pca", "probe")
 
