@@ -7,12 +7,13 @@ import pandas as pd
 import pytest
 from steering_helpers import planted_model, planted_set, tiny_side_effects
 
+from behaviorlens.edits import kind_of
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
 from behaviorlens.steering import steer
 from behaviorlens.patching.results import PatchEvidence
-from behaviorlens.steering.choose import choose_edit, split_for_choice
+from behaviorlens.steering.choose import choose_edit, split_for_choice, within_limits
 from behaviorlens.steering.run import run_steer_train
 
 
@@ -97,3 +98,24 @@ def test_steer_train_writes_the_choice_tables(planted, tmp_path):
     for name in ("candidates.csv", "choice_pairs.csv", "mechanism.csv", "probes.json", "pareto.png"):
         assert (folder / name).is_file(), name
     assert summary["reason"].startswith("chose ")
+
+
+def _limits_table(**columns):
+    base = {"collapse": [False], "accuracy_neutral_change": [0.0], "factual_accuracy_change": [0.0],
+            "context_use_accuracy_change": [0.0], "claim_recall_accuracy_change": [0.0], "neutral_kl": [0.01],
+            "null_control_pressure_removed_fraction": [0.01], "random_pressure_removed_fraction": [0.0]}
+    return pd.DataFrame(base | {k: [v] for k, v in columns.items()})
+
+
+@pytest.mark.parametrize("null", [-0.2, 0.2])
+def test_a_matched_null_that_moves_the_model_either_way_breaks_the_limits(null):
+    assert bool(within_limits(_limits_table(), 0.05, 0.02).iloc[0])
+    assert not bool(within_limits(_limits_table(null_control_pressure_removed_fraction=null), 0.05, 0.02).iloc[0])
+
+
+def test_a_knockouts_other_words_control_is_reported_not_a_limit():
+    """Blocking other words of the question in heads that read it moves the model toward the
+    claim (a large negative figure): the heads' doing, so it must not rule the edit out."""
+    table = _limits_table(random_pressure_removed_fraction=-1.5)
+    assert bool(within_limits(table, 0.05, 0.02).iloc[0])
+    assert kind_of("knockout").random_control_label == "as many other words blocked in these heads"

@@ -36,6 +36,7 @@ class EditKind(ABC):
     acts_after_its_layer: ClassVar[bool] = False  # True: it changes the residual leaving its layer
     moves_to_layers: ClassVar[bool] = False  # True: ``layers`` may apply it at other layers than its own
     matched_null: ClassVar[str] = "random"  # the null it is scored against: "random" draws or a "filler" sentence
+    random_control_label: ClassVar[str] = "random control"  # what its random control is, as a table says it
     cannot_bake: ClassVar[str | None] = None  # why fixed weights cannot express it (None: it bakes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -32,8 +32,11 @@ knockout, the same heads blocking a non-claim sentence in the claim's place) and
 of the text the knockout detector flags (:mod:`.baselines`). The choice is the candidate with
 the most pressure removed on the judging pairs among those without ``collapse`` whose accuracy
 on the family's neutral side, the factual control, context use and claim recall each drops by
-at most ``max_accuracy_drop``, whose neutral KL is at most ``kl_max`` and whose null and random
-control each move the pressured answer by at most 15% of the pull either way. The chosen
+at most ``max_accuracy_drop``, whose neutral KL is at most ``kl_max`` and whose matched null
+moves the pressured answer by at most 15% of the pull either way. A knockout's random control
+(as many other words blocked in the same heads) is reported, not a limit: heads that read the
+question lean the model on the claim when the question is hidden from them, so it measures the
+heads, not the edit. The chosen
 candidate is rebuilt on other splits: the spread of its figure over fits. Beside the
 candidates, the mechanism test: blocking the answer position's attention to the family's own
 slot tokens (known from the family, so not an edit that runs without them).
@@ -327,6 +330,7 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, unedited: dic
         "shift_removed_fraction": figures["shift_removed_fraction"],
         "random_pressure_removed_fraction": control["pressure_removed_fraction"],
         "random_accuracy_neutral_change": control["accuracy_neutral_change"],
+        "random_control": edit.spec.random_control_label,
     }
     nulls = dict(nulls or {})
     if edit.spec.matched_null != "filler":
@@ -341,8 +345,8 @@ def within_limits(table: pd.DataFrame, kl_max: float, max_accuracy_drop: float) 
     """Which candidates keep every limit (see :func:`choose_edit`)."""
     present = [c for c in ACCURACY_LIMITS if c in table]
     drop = -table[present].min(axis=1)
-    nulls = [c for c in ("null_control_pressure_removed_fraction", "random_pressure_removed_fraction") if c in table]
-    broken = table[nulls].apply(lambda col: col.map(null_broken)).any(axis=1) if nulls else False
+    null = "null_control_pressure_removed_fraction"  # a knockout's random-token control is no null: no limit
+    broken = table[null].map(null_broken) if null in table else False
     return (~table["collapse"].astype(bool)) & (drop <= max_accuracy_drop + 1e-9) & \
         (table["neutral_kl"] <= kl_max) & ~broken
 
@@ -446,8 +450,9 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     table = pd.DataFrame(rows)
     table["within_limits"] = within_limits(table, kl_max, max_accuracy_drop)
     limits = (f"no collapse; no-pressure, factual, context-use and claim-recall accuracy each down by at "
-              f"most {100 * max_accuracy_drop:g} points; neutral KL <= {kl_max:g}; every null and random "
-              f"control moves the pressured answer by at most {100 * NULL_MAX:g}% of the pull either way")
+              f"most {100 * max_accuracy_drop:g} points; neutral KL <= {kl_max:g}; the matched null (a "
+              f"knockout's filler sentence, random heads or directions otherwise) moves the pressured answer by "
+              f"at most {100 * NULL_MAX:g}% of the pull either way")
     mech = _mechanism(model, evidence, held, unedited_obs.metrics)
     probes = {}
     if "detector" in extra:

@@ -259,7 +259,9 @@ def evaluate_steering(
                 row["random_pressure_removed_fraction_sd"] = float(ctl["pressure_removed_fraction"].std(ddof=0))
                 row["random_shift_removed_fraction_sd"] = float(ctl["shift_removed_fraction"].std(ddof=0))
                 row["random_controls"] = len(ctl)
-                row["random_null_broken"] = null_broken(row["random_pressure_removed_fraction"])
+                row["random_control"] = edit.spec.random_control_label
+                if edit.spec.matched_null == "random":  # the random draws are its null
+                    row["random_null_broken"] = null_broken(row["random_pressure_removed_fraction"])
             row |= null_figures(edit, unedited.metrics, edited_positive, nulls, moved)
             row["redaction"] = is_redaction(row)
             rows.append(row)

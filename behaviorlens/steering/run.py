@@ -110,7 +110,7 @@ SUMMARY_KEYS = (
     "claim_recall_accuracy", "claim_recall_accuracy_unedited", "claim_recall_accuracy_change",
     "claim_recall_accuracy_change_ci", "claim_recall_metric_change",
     "null_control", "null_control_pressure_removed_fraction", "null_control_pressure_removed_fraction_ci",
-    "null_broken", "random_null_broken", "edit_minus_null_pressure_removed_fraction",
+    "null_broken", "random_null_broken", "random_control", "edit_minus_null_pressure_removed_fraction",
     "edit_minus_null_pressure_removed_fraction_ci", "deletion_baseline_pressure_removed_fraction",
     "deletion_baseline_counter_pressure_removed_fraction", "deletion_baseline_context_use_accuracy_change",
     "deletion_baseline_claim_recall_accuracy_change", "deletion_baseline_flagged_context_prompts", "redaction",

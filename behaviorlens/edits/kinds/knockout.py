@@ -1,7 +1,10 @@
 """``knockout``: in a set of heads, attention from the positions the edit acts on to the tokens
 its ``detector`` flags (a per-token linear read of the residual stream) is blocked. It has no
 strength: any strength but 0 blocks fully. Its matched null is a non-claim sentence of the
-claim's length in the claim's place, blocked in the same heads."""
+claim's length in the claim's place, blocked in the same heads. Its random control blocks as
+many other words of the conversation in the same heads: a specificity figure, not a null (heads
+that read the question lean the model on the claim when the question is hidden from them, so it
+may well be negative), and no limit."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class Knockout(EditKind):
     name = "knockout"
     has_strength = False
     matched_null = "filler"
+    random_control_label = "as many other words blocked in these heads"
     cannot_bake = "blocking attention to the tokens a probe flags depends on the input, not on weights"
 
     def validate(self, edit: Any) -> None:
