@@ -21,34 +21,99 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
 
 from .circuits.params import CircuitParams
+from .circuits.run import circuit_step
 from .detect.params import DetectParams
+from .detect.run import detect_step, step_families
 from .errors import BehaviorLensError
 from .io import write_json
-from .remote import mode as remote_mode
-from .measure_params import MeasureParams
-from .params import from_step, step_keys
-from .patching.params import PatchParams
+from .measure import measure_step
+from .measure_params import MeasureStepParams
+from .params import Schema, from_step, kwargs, schema_error, step_schema
+from .patching.params import PatchStepParams
+from .patching.run import patch_step
 from .probing.params import ProbeParams
+from .probing.run import run_probe
+from .prompts.sources import check_source, render_source, source_from
+from .remote import mode as remote_mode
 from .steering.params import SteerParams
+from .steering.step import steer_step
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
-STEPS = ("measure", "probe", "patch", "circuit", "steer", "detect")
-TOP_KEYS = {"name", "question", "model", "seed", "families", "steps", "batch_size", "predictions"}
-MODEL_KEYS = {"name", "dtype", "device", "device_map", "remote"}
-FAMILY_KEYS = {"train", "test"}
-STEP_PARAMS: dict[str, type] = {  # each step's parameter class: its fields are the step's keys
-    "measure": MeasureParams, "probe": ProbeParams, "patch": PatchParams, "circuit": CircuitParams,
-    "detect": DetectParams, "steer": SteerParams,
+STEPS: dict[str, type] = {  # each step, in the order they run, and its parameter class: its fields are the step's keys
+    "measure": MeasureStepParams, "probe": ProbeParams, "patch": PatchStepParams, "circuit": CircuitParams,
+    "steer": SteerParams, "detect": DetectParams,
 }
-STEP_KEYS: dict[str, set[str]] = {step: step_keys(cls) for step, cls in STEP_PARAMS.items()}
 DEPENDS = {"steer": ("patch", "probe")}  # a step's fingerprint includes these steps' fingerprints
-PREDICTION_KEYS = {"what", "key", "equals", "at_least", "at_most"}
 PACKAGES = ("behaviorlens", "torch", "transformers", "nnsight", "scikit-learn", "pandas", "numpy")
+
+# -- the file's schema ---------------------------------------------------------------------------
+
+Family = str | dict[str, Any]  # a name or path, or a mapping: path plus options (prompts.sources)
+
+
+def _as_list(value: Any) -> Any:
+    """One family or none as a list of them."""
+    return [] if value is None else [value] if isinstance(value, (str, dict)) else value
+
+
+class ModelSpec(Schema):
+    """The model: a name ('default', a Hugging Face id, a folder or a .gguf file) and how to load it."""
+
+    name: str = "default"
+    dtype: str | None = None
+    device: str | None = None
+    device_map: str | None = None
+    remote: str | bool | None = None
+
+
+class Families(Schema):
+    """The family the steps train on and those they test on."""
+
+    train: Family
+    test: Annotated[list[Family], pydantic.BeforeValidator(_as_list)] = pydantic.Field(default_factory=list)
+
+
+class Prediction(Schema):
+    """A figure stated before the run: a key of the summary (``step.figure``) and one test."""
+
+    what: str | None = None
+    key: str
+    equals: Any = None
+    at_least: float | None = None
+    at_most: float | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_test(self) -> Prediction:
+        if len(self.model_fields_set & {"equals", "at_least", "at_most"}) != 1:
+            raise ValueError("needs one of equals, at_least, at_most")
+        return self
+
+
+StepsSchema = pydantic.create_model(
+    "Steps", __base__=Schema,
+    **{name: (Annotated[step_schema(cls) | None, pydantic.BeforeValidator(lambda v: {} if v is None else v)], None)
+       for name, cls in STEPS.items()},
+)
+
+
+class ExperimentFile(Schema):
+    """An experiment file: the model, the families, the steps and the predictions."""
+
+    name: str | None = None
+    question: str = ""
+    model: Annotated[ModelSpec, pydantic.BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)] = \
+        ModelSpec()
+    seed: int = 0
+    batch_size: int = 16
+    families: Families
+    steps: StepsSchema  # type: ignore[valid-type]
+    predictions: list[Prediction] = pydantic.Field(default_factory=list)
 
 
 @dataclass
@@ -59,7 +124,7 @@ class Experiment:
     model: dict[str, Any]
     train: Any  # a family name or path, or a dataset mapping (prompts.sources)
     test: list[Any]
-    steps: dict[str, dict[str, Any]]
+    steps: dict[str, dict[str, Any]]  # each step's keys as written, their values of the declared types
     question: str = ""
     seed: int = 0
     batch_size: int = 16
@@ -108,75 +173,43 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
 
 
 def validate(data: Any, source: str) -> Experiment:
-    """Check every key, step, family and prediction; raise one clear error for the first problem."""
-    from .prompts.sources import check_source, source_from
-
-    if not isinstance(data, dict):
-        raise BehaviorLensError(f"{source}: an experiment must be a mapping")
-    _known(data, TOP_KEYS, source)
-    model = data.get("model", {"name": "default"})
-    if isinstance(model, str):
-        model = {"name": model}
-    _known(model, MODEL_KEYS, f"{source}: model")
-    remote_mode(model.get("remote"), f"{source}: model.remote")
-    families = data.get("families") or {}
-    _known(families, FAMILY_KEYS, f"{source}: families")
-    if "train" not in families:
-        raise BehaviorLensError(f"{source}: families needs a 'train' family")
-    test = families.get("test") or []
-    test = [test] if isinstance(test, (str, dict)) else list(test)
-    steps = data.get("steps") or {}
-    if not isinstance(steps, dict) or not steps:
-        raise BehaviorLensError(f"{source}: 'steps' must map step names ({', '.join(STEPS)}) to parameters")
-    for step, params in steps.items():
-        if step not in STEP_KEYS:
-            raise BehaviorLensError(f"{source}: unknown step {step!r}; steps are {', '.join(STEPS)}")
-        _known(params or {}, STEP_KEYS[step], f"{source}: step {step!r}")
-    predictions = data.get("predictions") or []
-    if not isinstance(predictions, list):
-        raise BehaviorLensError(f"{source}: predictions must be a list")
-    for i, pred in enumerate(predictions):
-        _known(pred, PREDICTION_KEYS, f"{source}: prediction {i + 1}")
-        tests = [k for k in ("equals", "at_least", "at_most") if k in pred]
-        if "key" not in pred or len(tests) != 1:
-            raise BehaviorLensError(f"{source}: prediction {i + 1} needs a 'key' (step.figure of summary.json) "
-                                    "and one of equals, at_least, at_most")
+    """Check the file against its schema (:class:`ExperimentFile`), then the model's remote mode,
+    every family and the steps' hand-overs; raise one clear line for the first problem."""
+    try:
+        spec = ExperimentFile.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise schema_error(err, source, data) from None
+    remote_mode(spec.model.remote, f"{source}: model.remote")
+    steps = {name: getattr(spec.steps, name).model_dump(by_alias=True, exclude_unset=True)
+             for name in STEPS if name in spec.steps.model_fields_set}
+    if not steps:
+        raise BehaviorLensError(f"{source}: steps: name at least one of {', '.join(STEPS)}")
     exp = Experiment(
-        name=data.get("name") or Path(source).stem,
-        model={"name": "default", **model},
-        train=families["train"],
-        test=test,
-        steps={s: dict(steps[s] or {}) for s in STEPS if s in steps},
-        question=data.get("question", ""),
-        seed=int(data.get("seed", 0)),
-        batch_size=int(data.get("batch_size", 16)),
+        name=spec.name or Path(source).stem,
+        model={"name": "default", **spec.model.model_dump(exclude_unset=True)},
+        train=spec.families.train,
+        test=spec.families.test,
+        steps=steps,
+        question=spec.question,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
         source=source,
         raw=data,
-        predictions=predictions,
+        predictions=[p.model_dump(exclude_unset=True) for p in spec.predictions],
     )
-    names = [*exp.families, *exp.steps.get("measure", {}).get("families", [])]
-    if "eval_family" in exp.steps.get("steer", {}):
-        names.append(exp.steps["steer"]["eval_family"])
-    names.extend(exp.steps.get("circuit", {}).get("test", []))
-    if "detect" in exp.steps:  # the detect step's own families
-        from .detect.run import step_families
-
-        for part in step_families(exp.steps["detect"], exp.train, exp.test).values():
+    names = [*exp.families, *(spec.steps.measure.families or [] if "measure" in steps else [])]
+    if "steer" in steps and spec.steps.steer.eval_family is not None:
+        names.append(spec.steps.steer.eval_family)
+    if "circuit" in steps:
+        names.extend(spec.steps.circuit.test or [])
+    if "detect" in steps:  # the detect step's own families
+        for part in step_families(steps["detect"], exp.train, exp.test).values():
             names.extend(part)
-    for spec in names:
-        check_source(source_from(spec, f"{source}: family"))  # a clear error for an unknown or broken family
-    layer = exp.steps.get("steer", {}).get("layer")
-    if layer == "probe" and "probe" not in exp.steps:
-        raise BehaviorLensError(f"{source}: step 'steer': layer 'probe' needs a probe step")
+    for name in names:
+        check_source(source_from(name, f"{source}: family"))  # a clear error for an unknown or broken family
+    if "steer" in steps and spec.steps.steer.layer == "probe" and "probe" not in steps:
+        raise BehaviorLensError(f"{source}: steps.steer.layer: 'probe' needs a probe step")
     return exp
-
-
-def _known(mapping: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(mapping, dict):
-        raise BehaviorLensError(f"{where}: expected a mapping, got {mapping!r}")
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise BehaviorLensError(f"{where}: unknown key {unknown[0]!r}; keys are {', '.join(sorted(allowed))}")
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -212,21 +245,11 @@ class Runner:
         return remote_mode(self.exp.model.get("remote"))
 
     def contrast_set(self, spec: Any, aligned: bool = True):
-        from .prompts.sources import render_source, source_from
-
         source = source_from(spec)
         key = (source, aligned)
         if key not in self._sets:
             self._sets[key] = render_source(source, self.model.tokenizer, require_aligned=aligned)
         return self._sets[key]
-
-    def side_effects(self, params: dict, half: str, requests: int | None = None):
-        """Side-effect data for the steer step: its own files where it names them, else the built-in sets."""
-        from .steering.side_effects import SideEffectData
-
-        spec = params.get("side_effects") or {}
-        sets = {k: self.contrast_set(spec[k], aligned=False) for k in ("factual", "context") if k in spec}
-        return SideEffectData(self.model, half, requests=requests, **sets, **_side_effect_sources(params))
 
     def fingerprint(self, step: str) -> str:
         """The step's parameters, the experiment's fingerprint and those of the steps it reads."""
@@ -304,117 +327,29 @@ class Runner:
             "git_commit": _git_commit(),
         }
 
-    # -- steps -----------------------------------------------------------------------------
+    # -- steps: each runs in its package; the runner hands it itself (model, families, folder) ----
 
     def _measure(self, folder: Path, params: dict) -> dict:
-        import pandas as pd
-
-        from .analysis.plots import plot_shifts
-        from .io import write_csv
-        from .measure import run_measure
-        from .params import kwargs
-
-        p = from_step(MeasureParams, params)
-        rows, examples = [], {}
-        for name in p.families or self.exp.families:
-            cs = self.contrast_set(name, aligned=False)
-            s = run_measure(self.model, cs, folder / cs.name, **kwargs(p))
-            rows.append({"family": cs.name, "behavior": cs.behavior, "aligned": cs.aligned,
-                         **{k: v for k, v in s.items() if not isinstance(v, (list, dict))},
-                         "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1],
-                         "top_answer_share": max(s["answer_balance"].values())})
-            examples[cs.name] = _examples(self.model.tokenizer, cs)
-        table = pd.DataFrame(rows)
-        write_csv(folder / "shifts.csv", table)
-        write_json(folder / "examples.json", examples)
-        plot_shifts(table, folder / "shifts.png")
-        train_name = self.contrast_set(self.exp.train, aligned=False).name
-        train = table.set_index("family").loc[train_name]
-        out = {"train_family": train_name}
-        for key in ("behavior_shift", "pull", "accuracy_positive", "accuracy_negative", "accuracy_neutral",
-                    "fraction_pairs_shifted"):
-            if key in train and not pd.isna(train[key]):
-                out[key] = float(train[key])
-        out["behavior_shift_ci"] = [float(train["ci_low"]), float(train["ci_high"])]
-        return out
+        return measure_step(self, folder, from_step(MeasureStepParams, params))
 
     def _probe(self, folder: Path, params: dict) -> dict:
-        from .probing import run_probe
-
         p = from_step(ProbeParams, params)
         train = self.contrast_set(self.exp.train, aligned=False)
         tests = {cs.name: cs for cs in (self.contrast_set(n, aligned=False) for n in self.exp.test)}
-        return run_probe(self.model, train, tests, out_dir=folder, **(p.kwargs() | {"batch_size": self.exp.batch_size}))
+        return run_probe(self.model, train, tests, out_dir=folder,
+                         **(kwargs(p, run_probe) | {"batch_size": self.exp.batch_size}))
 
     def _patch(self, folder: Path, params: dict) -> dict:
-        from .patching.run import patch_step
-
-        return _flatten(patch_step(self, folder, from_step(PatchParams, params)))
+        return _flatten(patch_step(self, folder, from_step(PatchStepParams, params)))
 
     def _circuit(self, folder: Path, params: dict) -> dict:
-        from .circuits.run import circuit_step
-
         return circuit_step(self, folder, from_step(CircuitParams, params))
 
-    def _detect(self, folder: Path, params: dict) -> dict:
-        from .detect.run import detect_step
-
-        return detect_step(self, folder, from_step(DetectParams, params))
-
     def _steer(self, folder: Path, params: dict) -> dict:
-        from .io import write_csv
-        from .patching.results import PatchStepResult
-        from .probing.run import ProbeResult
-        from .steering import Edit, generate_examples, run_steer_eval, run_steer_train
-        from .steering.choose import CHOICE_REQUESTS
+        return steer_step(self, folder, from_step(SteerParams, params))
 
-        p = from_step(SteerParams, params)
-        train = self.contrast_set(self.exp.train, aligned=False)
-        eval_set = self.contrast_set(p.eval_family or (self.exp.test[0] if self.exp.test else self.exp.train),
-                                     aligned=False)
-        evidence, head_effects = None, None
-        if p.layer is None:  # what to edit comes from this run's patching results
-            evidence = PatchStepResult.load(self.out / "patch").evidence()
-            head_effects = evidence.head_effects() if evidence is not None else None
-        layer = p.layer
-        if layer == "probe":  # the layer where the probe step read the behavior best
-            layer = ProbeResult.load(self.out / "probe").best_layer
-        edit_path = folder / "edit.safetensors"
-        train_summary = run_steer_train(
-            self.model, train, edit_path, **(p.train_kwargs() | {"layer": layer}), from_patching=evidence,
-            choice_dir=folder / "choice", seed=self.exp.seed,
-            side_effects=self.side_effects(params, "select", CHOICE_REQUESTS) if layer is None else None,
-        )
-        edit = Edit.load(edit_path, self.model)
-        if p.strength is not None:  # the headline strength, stated before the run
-            edit.notes["strength"] = float(p.strength)
-        eval_summary = run_steer_eval(
-            self.model, edit, eval_set, out_dir=folder / "eval",
-            **(p.eval_kwargs() | {"batch_size": self.exp.batch_size}), seed=self.exp.seed,
-            head_effects=head_effects, side_effects=self.side_effects(params, "report"),
-        )
-        gen = p.generate or {}
-        if gen.get("prompts"):
-            frame = generate_examples(
-                self.model, edit, gen["prompts"], [0.0, eval_summary["strength"]],
-                max_new_tokens=gen.get("max_new_tokens", 24), seed=self.exp.seed,
-            )
-            write_csv(folder / "generations.csv", frame)
-        return {"eval_family": eval_set.name, "edit": train_summary["edit"],
-                "reason": train_summary["reason"], **eval_summary}
-
-
-def _side_effect_sources(params: dict) -> dict[str, Any]:
-    """The steer step's own side-effect data, if it names any (else the built-in sets)."""
-    spec = params.get("side_effects") or {}
-    out: dict[str, Any] = {}
-    if "neutral" in spec:
-        out["neutral"] = list(yaml.safe_load(Path(spec["neutral"]).read_text(encoding="utf-8"))["prompts"])
-    if "reference" in spec:
-        out["reference"] = Path(spec["reference"]).read_text(encoding="utf-8")
-    if "fillers" in spec:
-        out["fillers"] = list(yaml.safe_load(Path(spec["fillers"]).read_text(encoding="utf-8"))["sentences"])
-    return out
+    def _detect(self, folder: Path, params: dict) -> dict:
+        return detect_step(self, folder, from_step(DetectParams, params))
 
 
 def _finished(folder: Path, fingerprint: str) -> bool:
@@ -464,24 +399,6 @@ def _flatten(summary: dict, prefix: str = "") -> dict:
             out.update(_flatten(v, key + "_"))
         else:
             out[key] = v
-    return out
-
-
-def _examples(tokenizer: Any, contrast_set: Any, n: int = 2) -> list[dict]:
-    """Token strings of a few pairs with the differing positions marked, for the report."""
-    out = []
-    for p in list(contrast_set)[:n]:
-        pos, neg = p.tokens["positive"], p.tokens["negative"]
-        start = p.first_difference()
-        lo = max(0, min(start, len(pos)) - 12)
-        out.append({
-            "row": p.row,
-            "positive": [tokenizer.decode([t]) for t in pos[lo:]],
-            "negative": [tokenizer.decode([t]) for t in neg[lo:]],
-            "differs": [i - lo for i in range(lo, min(len(pos), len(neg))) if pos[i] != neg[i]],
-            "matching": p.answer_text["matching"],
-            "not_matching": p.answer_text["not_matching"],
-        })
     return out
 
 

@@ -12,14 +12,18 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from .analysis.metrics import bootstrap_ci
+from .analysis.plots import plot_shifts
 from .io import write_csv, write_json
+from .measure_params import MeasureStepParams
 from .model import Model
+from .params import kwargs
 from .prompts.contrast import NEUTRAL, SIDES, ContrastSet
 from .scoring import behavior_metric, needs_whole
 
@@ -185,3 +189,51 @@ def run_measure(model: Model, contrast_set: ContrastSet, out_dir: str | Path, ba
     for line in warnings_for(summary, contrast_set.name):
         print(f"behaviorlens: {line}", file=sys.stderr)
     return summary
+
+
+STEP_FIGURES = ("behavior_shift", "pull", "accuracy_positive", "accuracy_negative", "accuracy_neutral",
+                "fraction_pairs_shifted")  # the measure step's headline figures, of the train family
+
+
+def measure_step(runner: Any, folder: Path, params: MeasureStepParams) -> dict:
+    """The experiment's ``measure`` step: every family of the step (default: the experiment's)
+    measured into its own subfolder, ``shifts.csv`` and ``shifts.png`` across them, a few example
+    pairs for the report (``examples.json``); the train family's figures as the summary."""
+    rows, examples = [], {}
+    for name in params.families or runner.exp.families:
+        cs = runner.contrast_set(name, aligned=False)
+        s = run_measure(runner.model, cs, folder / cs.name, **kwargs(params, run_measure))
+        rows.append({"family": cs.name, "behavior": cs.behavior, "aligned": cs.aligned,
+                     **{k: v for k, v in s.items() if not isinstance(v, (list, dict))},
+                     "ci_low": s["behavior_shift_ci"][0], "ci_high": s["behavior_shift_ci"][1],
+                     "top_answer_share": max(s["answer_balance"].values())})
+        examples[cs.name] = _examples(runner.model.tokenizer, cs)
+    table = pd.DataFrame(rows)
+    write_csv(folder / "shifts.csv", table)
+    write_json(folder / "examples.json", examples)
+    plot_shifts(table, folder / "shifts.png")
+    train_name = runner.contrast_set(runner.exp.train, aligned=False).name
+    train = table.set_index("family").loc[train_name]
+    out = {"train_family": train_name}
+    for key in STEP_FIGURES:
+        if key in train and not pd.isna(train[key]):
+            out[key] = float(train[key])
+    out["behavior_shift_ci"] = [float(train["ci_low"]), float(train["ci_high"])]
+    return out
+
+
+def _examples(tokenizer: Any, contrast_set: ContrastSet, n: int = 2) -> list[dict]:
+    """Token strings of a few pairs with the differing positions marked, for the report."""
+    out = []
+    for p in list(contrast_set)[:n]:
+        pos, neg = p.tokens["positive"], p.tokens["negative"]
+        lo = max(0, min(p.first_difference(), len(pos)) - 12)
+        out.append({
+            "row": p.row,
+            "positive": [tokenizer.decode([t]) for t in pos[lo:]],
+            "negative": [tokenizer.decode([t]) for t in neg[lo:]],
+            "differs": [i - lo for i in range(lo, min(len(pos), len(neg))) if pos[i] != neg[i]],
+            "matching": p.answer_text["matching"],
+            "not_matching": p.answer_text["not_matching"],
+        })
+    return out

@@ -16,17 +16,25 @@ from test_exact_patching import tiny_family
 from behaviorlens.circuits.params import CircuitParams
 from behaviorlens.cli import build_parser, main
 from behaviorlens.cli import options as cli_options
-from behaviorlens.detect.params import DetectParams
+from behaviorlens.detect.params import (
+    DetectEvalParams,
+    DetectParams,
+    DetectTrainParams,
+    DetectTransferParams,
+)
 from behaviorlens.errors import BehaviorLensError
-from behaviorlens.experiment import STEP_KEYS, STEP_PARAMS, Runner, validate
-from behaviorlens.measure_params import MeasureParams
-from behaviorlens.params import from_args, from_step, params_fields, step_keys
-from behaviorlens.patching.params import PatchParams
+from behaviorlens.experiment import STEPS, Runner, validate
+from behaviorlens.measure_params import MeasureParams, MeasureStepParams
+from behaviorlens.params import from_args, from_step, kwargs, step_schema, user_name
+from behaviorlens.patching.params import PatchParams, PatchStepParams
+from behaviorlens.patching.run import run_ablation, run_patch
 from behaviorlens.probing.params import ProbeParams
-from behaviorlens.steering.params import SteerParams
+from behaviorlens.steering.params import SteerEvalParams, SteerParams, SteerTrainParams
 
 PACKAGE = Path(__file__).resolve().parents[1] / "behaviorlens"
-ALL_PARAMS = (MeasureParams, ProbeParams, PatchParams, SteerParams, CircuitParams, DetectParams)
+COMMAND_PARAMS = (MeasureParams, ProbeParams, PatchParams, CircuitParams, SteerTrainParams, SteerEvalParams,
+                  DetectTrainParams, DetectEvalParams, DetectTransferParams)
+ALL_PARAMS = (*COMMAND_PARAMS, *STEPS.values())
 
 
 def _imports(path: Path) -> set[str]:
@@ -92,10 +100,11 @@ def test_experiment_remote_value_is_checked():
 
 
 def test_step_keys_come_from_the_parameter_classes():
-    assert set(STEP_PARAMS) == set(STEP_KEYS)
-    for step, cls in STEP_PARAMS.items():
-        assert STEP_KEYS[step] == step_keys(cls)
-    assert STEP_KEYS["patch"] == {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"}
+    for cls in STEPS.values():
+        keys = {user_name(f) for f in dataclasses.fields(cls) if f.metadata.get("step", True)}
+        assert {f.alias for f in step_schema(cls).model_fields.values()} == keys
+    patch_keys = {f.alias for f in step_schema(STEPS["patch"]).model_fields.values()}
+    assert patch_keys == {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"}
 
 
 @pytest.mark.parametrize("cls", ALL_PARAMS, ids=lambda c: c.__name__)
@@ -105,51 +114,92 @@ def test_every_parameter_is_documented(cls):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help line"
 
 
-COMMANDS = {  # command line -> the parameter class its options come from, and the subcommand
-    ("measure", "fam"): (MeasureParams, None),
-    ("probe", "fam"): (ProbeParams, None),
-    ("patch", "fam"): (PatchParams, None),
-    ("circuit", "fam"): (CircuitParams, None),
-    ("steer", "train", "fam", "--out", "o"): (SteerParams, "train"),
-    ("steer", "eval", "e", "fam", "--out", "o"): (SteerParams, "eval"),
-    ("detect", "train", "fam", "--out", "o"): (DetectParams, "train"),
-    ("detect", "eval", "d", "fam", "--out", "o"): (DetectParams, "eval"),
-    ("detect", "transfer", "fam", "--out", "o"): (DetectParams, "transfer"),
+FUNCTIONS = {  # each command class -> the stage functions its fields are the arguments of
+    MeasureParams: ("behaviorlens.measure", "run_measure"),
+    ProbeParams: ("behaviorlens.probing.run", "run_probe"),
+    PatchParams: ("behaviorlens.patching.run", "run_patch", "run_ablation"),
+    CircuitParams: ("behaviorlens.circuits.run", "run_circuit"),
+    SteerTrainParams: ("behaviorlens.steering.run", "run_steer_train"),
+    SteerEvalParams: ("behaviorlens.steering.run", "run_steer_eval"),
+    DetectTrainParams: ("behaviorlens.detect.run", "run_detect_train"),
+    DetectEvalParams: ("behaviorlens.detect.run", "run_detect_eval"),
+    DetectTransferParams: ("behaviorlens.detect.run", "run_transfer"),
+}
+NOT_ARGUMENTS = {"test", "exact_edges"}  # circuit: the families scored on; the N of exact_top and exact_random
+
+
+@pytest.mark.parametrize("cls", COMMAND_PARAMS, ids=lambda c: c.__name__)
+def test_field_names_are_the_stage_function_s_argument_names(cls):
+    import importlib
+    import inspect
+
+    module, *names = FUNCTIONS[cls]
+    arguments = set().union(*(inspect.signature(getattr(importlib.import_module(module), n)).parameters
+                              for n in names))
+    assert {f.name for f in dataclasses.fields(cls)} - NOT_ARGUMENTS <= arguments
+
+
+COMMANDS = {  # command line -> the parameter class its options come from
+    ("measure", "fam"): MeasureParams,
+    ("probe", "fam"): ProbeParams,
+    ("patch", "fam"): PatchParams,
+    ("circuit", "fam"): CircuitParams,
+    ("steer", "train", "fam", "--out", "o"): SteerTrainParams,
+    ("steer", "eval", "e", "fam", "--out", "o"): SteerEvalParams,
+    ("detect", "train", "fam", "--out", "o"): DetectTrainParams,
+    ("detect", "eval", "d", "fam", "--out", "o"): DetectEvalParams,
+    ("detect", "transfer", "fam", "--out", "o"): DetectTransferParams,
 }
 
 
 @pytest.mark.parametrize("argv", list(COMMANDS), ids=" ".join)
 def test_command_options_come_from_the_parameter_classes(argv):
-    cls, command = COMMANDS[argv]
+    cls = COMMANDS[argv]
     args = build_parser().parse_args(list(argv))
-    for f in params_fields(cls, cli=True, command=command):
-        assert hasattr(args, f.name), f"{' '.join(argv)} lacks the option of {cls.__name__}.{f.name}"
-    params = from_args(cls, args)  # the command's defaults are the class's
-    for f in params_fields(cls, cli=True, command=command):
+    params = from_args(cls, args)  # every field is an option, and the command's defaults are the class's
+    for f in dataclasses.fields(cls):
         value, default = getattr(params, f.name), getattr(cls(), f.name)
         if f.name == "test":
             continue  # circuit --test: [] on the command line, None (the experiment's) in a step
-        assert (list(value) if isinstance(value, (list, tuple)) else value) == \
-            (list(default) if isinstance(default, (list, tuple)) else default), f.name
+        assert value == default, f.name
 
 
-def test_command_line_values_reach_the_parameters():
+def test_command_line_values_reach_the_parameters_under_the_names_users_type():
     args = build_parser().parse_args(["patch", "fam", "--pairs", "3", "--positions", "all", "--clean", "negative",
-                                      "--site", "head"])
+                                      "--site", "head", "--ablation", "zero"])
     p = from_args(PatchParams, args)
-    assert (p.pairs, p.positions, p.clean, p.site) == (3, "all", "negative", "head")
+    assert (p.n_pairs, p.positions, p.clean, p.site, p.convention) == (3, "all", "negative", "head", "zero")
+    assert kwargs(p, run_ablation) == {"site": "head", "convention": "zero", "n_pairs": 3}
+    assert "convention" not in kwargs(p, run_patch) and kwargs(p, run_patch)["n_pairs"] == 3
     args = build_parser().parse_args(["detect", "train", "fam", "--out", "o", "--no-chat", "--methods", "pca"])
-    p = from_args(DetectParams, args)
-    assert p.chat is False and p.methods == ["pca"] and p.train_kwargs()["chat"] is False
+    p = from_args(DetectTrainParams, args)
+    assert p.chat is False and p.methods == ("pca",)
     args = build_parser().parse_args(["detect", "transfer", "fam", "--out", "o", "--methods", "logistic"])
-    assert from_args(DetectParams, args).transfer_kwargs()["methods"] == ["logistic"]
+    assert from_args(DetectTransferParams, args).methods == ["logistic"]
+    args = build_parser().parse_args(["steer", "train", "fam", "--out", "o", "--candidates", "knockout"])
+    assert from_args(SteerTrainParams, args).groups == ("knockout",)
 
 
 def test_step_defaults_differ_where_the_experiment_s_do():
-    assert from_step(PatchParams, {}).pairs == 8 and PatchParams().pairs is None
-    assert from_step(PatchParams, {}).positions == "all"
+    assert from_step(PatchStepParams, {}).n_pairs == 8 and PatchParams().n_pairs is None
+    assert from_step(PatchStepParams, {}).positions == "all"
     assert from_step(SteerParams, {}).outside_limits is True and SteerParams().outside_limits is False
-    assert from_step(SteerParams, {"candidates": ["vector"]}).train_kwargs()["groups"] == ["vector"]
+
+
+def test_a_step_passes_its_function_only_the_command_s_arguments_it_takes():
+    patch = from_step(PatchStepParams, {"pairs": 3, "heads": False})
+    assert kwargs(patch) == {"direction": "denoise", "clean": "positive", "positions": "all", "n_pairs": 3,
+                             "site": "resid_pre"}  # no heads (the step's own), no method or convention
+    steer = from_step(SteerParams, {"candidates": ["vector"], "side_effects": {"neutral": "n.yaml"}})
+    from behaviorlens.steering.run import run_steer_train
+
+    train = kwargs(steer, run_steer_train)
+    assert train["groups"] == ("vector",) and "side_effects" not in train and "position" not in train
+    detect = from_step(DetectParams, {"methods": ["pca"], "transfer_methods": ["logistic"], "instructed": ["x"]})
+    assert detect.train_kwargs()["methods"] == ("pca",) and "instructed" not in detect.train_kwargs()
+    assert detect.transfer_kwargs()["methods"] == ["logistic"] and "positions" not in detect.transfer_kwargs()
+    assert set(detect.eval_kwargs()) == {"margin", "labels", "chat"}
+    assert kwargs(from_step(MeasureStepParams, {"families": ["a"]})) == {}
 
 
 # -- hand-overs ------------------------------------------------------------------------------
@@ -189,7 +239,9 @@ def test_probe_result_loader(tmp_path):
 def test_steer_reads_no_other_stage_s_file_names():
     import inspect
 
-    source = inspect.getsource(Runner._steer)
+    from behaviorlens.steering import step
+
+    source = inspect.getsource(step)
     for name in ("patching_means.csv", "patching.csv", ".glob(", '"best_layer"'):
         assert name not in source
 

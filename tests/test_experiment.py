@@ -39,8 +39,8 @@ def no_model(monkeypatch):
     "change, words",
     [
         ({"stepz": {}}, ["unknown key", "stepz"]),
-        ({"steps": {"measure": {}, "dance": {}}}, ["unknown step", "dance"]),
-        ({"steps": {"probe": {"layerz": 3}}}, ["step 'probe'", "layerz"]),
+        ({"steps": {"measure": {}, "dance": {}}}, ["steps: unknown key 'dance'", "measure, patch"]),
+        ({"steps": {"probe": {"layerz": 3}}}, ["steps.probe: unknown key 'layerz'", "folds"]),
         ({"families": {"train": "no_such_family"}}, ["no_such_family"]),
         ({"model": {"name": "default", "precision": "fp8"}}, ["model", "precision"]),
         ({"families": {"test": ["capitals_opinion"]}}, ["train"]),
@@ -54,6 +54,32 @@ def test_bad_experiment_is_one_clear_error_before_loading(tmp_path, no_model, ch
     assert "\n" not in message
     for w in words:
         assert w in message
+
+
+@pytest.mark.parametrize("steps, line", [
+    ({"patch": {"pairs": 8, "heads": True, "attribution": False, "sitez": "resid_pre"}},
+     "exp.yaml: steps.patch: unknown key 'sitez'; keys are attribution, clean, direction, heads, pairs, positions, site"),
+    ({"patch": {"pairs": "eight"}}, "exp.yaml: steps.patch.pairs: expected a valid integer, got 'eight'"),
+    ({"steer": {"strengths": [1, "strong"]}}, "exp.yaml: steps.steer.strengths[1]: expected a valid number, got 'strong'"),
+    ({"steer": {"generate": {"prompts": ["hi"], "max_tokens": 5}}},
+     "exp.yaml: steps.steer.generate: unknown key 'max_tokens'; keys are max_new_tokens, prompts"),
+    ({"probe": {"methods": ["mean_diff", "svm"]}},
+     "exp.yaml: steps.probe.methods[1]: expected 'mean_diff', 'logistic' or 'pca', got 'svm'"),
+])
+def test_a_schema_error_is_one_line_naming_the_file_and_key_and_exits_2(tmp_path, no_model, capsys, steps, line):
+    path = _write(tmp_path, {**GOOD, "steps": steps})
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"behaviorlens: error: {tmp_path / line}\n"
+
+
+def test_values_are_coerced_to_their_declared_types(tmp_path, no_model):
+    path = _write(tmp_path, {**GOOD, "seed": "3", "steps": {
+        "patch": {"pairs": "3", "heads": "false"}, "steer": {"strengths": [-1, 2], "strength": 1, "controls": "2"}}})
+    exp = load_experiment(path)
+    assert exp.seed == 3 and exp.steps["patch"] == {"pairs": 3, "heads": False}
+    assert exp.steps["steer"] == {"strengths": [-1.0, 2.0], "strength": 1.0, "controls": 2}
+    assert all(type(v) is float for v in exp.steps["steer"]["strengths"])
 
 
 def test_cli_run_with_bad_experiment_exits_2_without_traceback(tmp_path, no_model, capsys):

@@ -44,6 +44,27 @@ def test_train_export_edit_generate(tiny_llama, tmp_path, capsys):
     assert "[x-4]" in out and "[x+0]" in out and "[x+4]" in out
 
 
+def test_generate_reads_a_text_prompts_file_one_prompt_a_line_and_an_open_ended_dataset(tiny_llama, tmp_path, capsys):
+    import json
+
+    folder, fam = _setup(tmp_path, tiny_llama)
+    edit_path = str(tmp_path / "e.safetensors")
+    assert main(["steer", "train", fam, "--layer", "1", "--out", edit_path, "--model", folder]) == 0
+    text = tmp_path / "prompts.txt"
+    text.write_text("w5 w6 w7\n\nw8 w9\n")  # blank lines are no prompts
+    dataset = tmp_path / "open_ended.json"
+    dataset.write_text(json.dumps([{"question": "w10 w11"}, {"question": "w12"}]))
+    for path, prompts in ((text, ["w5 w6 w7", "w8 w9"]), (dataset, ["w10 w11", "w12"])):
+        capsys.readouterr()
+        assert main(["steer", "generate", edit_path, "--prompts-file", str(path), "--max-new-tokens", "2",
+                     "--model", folder]) == 0
+        shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")]
+        assert shown == [f"=== {p!r}" for p in prompts]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert main(["steer", "generate", edit_path, "--prompts-file", str(tmp_path / "empty.txt"), "--model", folder]) == 2
+    assert "empty.txt: no prompts" in capsys.readouterr().err
+
+
 def test_user_errors_exit_2(tiny_llama, tmp_path, capsys):
     folder, fam = _setup(tmp_path, tiny_llama)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)

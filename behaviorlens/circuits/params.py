@@ -7,7 +7,7 @@ from typing import Any
 
 from ..params import kwargs, param
 from .faithfulness import CONVENTIONS
-from .run import METHODS
+from .run import METHODS, run_circuit
 
 
 @dataclass
@@ -15,25 +15,21 @@ class CircuitParams:
     """What ``behaviorlens circuit`` and an experiment's ``circuit`` step take (:func:`~.run.run_circuit`)."""
 
     test: list[Any] | None = param(None, "families to score the circuit on (experiment default: its test "
-                                   "families)", metavar="FAMILY", arg=None)
-    pairs: int = param(16, "use the first N pairs (half choose, half score)", arg="n_pairs")
+                                   "families)", metavar="FAMILY")
+    n_pairs: int = param(16, "use the first N pairs (half choose, half score)", name="pairs")
     test_pairs: int = param(16, "pairs of each --test family")
     method: str = param("eap", "edge attribution: EAP or EAP-IG", choices=METHODS)
     steps: int = param(4, "EAP-IG interpolation steps")
-    ablation: str = param("counterfactual", "what an edge outside the circuit carries (default: the pair's "
-                          "negative side)", choices=CONVENTIONS, arg="convention")
+    convention: str = param("counterfactual", "what an edge outside the circuit carries (default: the pair's "
+                            "negative side)", name="ablation", choices=CONVENTIONS)
     keep: float = param(0.8, "choose the smallest circuit keeping this share of the behavior (default 0.8)")
-    exact_edges: int = param(40, "check attribution by exact patching of the N top and N random edges", arg=None)
-    acdc: int = param(0, "also prune the top N edges greedily (ACDC) and compare (one forward per edge)",
-                      metavar="N", arg="acdc_candidates")
+    exact_edges: int = param(40, "check attribution by exact patching of the N top and N random edges")
+    acdc_candidates: int = param(0, "also prune the top N edges greedily (ACDC) and compare (one forward per "
+                                 "edge)", name="acdc", metavar="N")
     acdc_threshold: float = param(0.01, "ACDC drops an edge costing less than this much faithfulness "
                                   "(default 0.01)")
     seed: int = param(0, "seed of the random circuits (an experiment uses its own seed)", step=False)
 
     def kwargs(self) -> dict[str, Any]:
-        """:func:`~.run.run_circuit`'s keyword arguments (YAML numbers as the types it expects)."""
-        out = kwargs(self)
-        out.update(steps=int(self.steps), keep=float(self.keep), acdc_candidates=int(self.acdc),
-                   acdc_threshold=float(self.acdc_threshold), exact_top=int(self.exact_edges),
-                   exact_random=int(self.exact_edges))
-        return out
+        """:func:`~.run.run_circuit`'s keyword arguments: ``exact_edges`` top and as many random edges."""
+        return kwargs(self, run_circuit) | {"exact_top": self.exact_edges, "exact_random": self.exact_edges}

@@ -39,9 +39,9 @@ def _circuit(args: argparse.Namespace) -> None:
     tests = [Source(t) for t in params.test or []]
     for t in tests:
         check_source(t)
-    if params.pairs < 4:
-        raise BehaviorLensError(f"--pairs {params.pairs}: a circuit needs at least 4 pairs (half choose, half score)")
-    if params.test_pairs < 1 or params.exact_edges < 1 or params.steps < 1 or params.acdc < 0:
+    if params.n_pairs < 4:
+        raise BehaviorLensError(f"--pairs {params.n_pairs}: a circuit needs at least 4 pairs (half choose, half score)")
+    if params.test_pairs < 1 or params.exact_edges < 1 or params.steps < 1 or params.acdc_candidates < 0:
         raise BehaviorLensError("--test-pairs, --exact-edges and --steps must be at least 1, --acdc at least 0")
     out = args.out or f"circuit-{Path(args.family).stem}"
     options.prepare_out(out)

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..detect.params import DetectParams
+from ..detect.params import DetectEvalParams, DetectTrainParams, DetectTransferParams
 from ..errors import BehaviorLensError
-from ..params import from_args
+from ..params import from_args, kwargs
 from . import options
 
 
@@ -29,13 +29,13 @@ def _print(summary: dict, keys: tuple[str, ...]) -> None:
 def _train(args: argparse.Namespace) -> None:
     from ..detect.run import run_detect_train
 
-    params = from_args(DetectParams, args)
-    if not args.family and not params.instructed:
+    params = from_args(DetectTrainParams, args)
+    if not args.family and not args.instructed:
         raise BehaviorLensError("detect train needs at least one FAMILY (or --instructed FAMILY)")
-    _check(args, args.family + params.instructed, str(Path(args.out).parent))
+    _check(args, args.family + args.instructed, str(Path(args.out).parent))
     model = options.model_from_args(args)
     summary = run_detect_train(model, _sets(model, args, args.family), args.out,
-                               instructed=_sets(model, args, params.instructed), **params.train_kwargs())
+                               instructed=_sets(model, args, args.instructed), **kwargs(params, run_detect_train))
     _print(summary, ("detector", "label_counts", "n_lie", "n_honest", "n_mistake", "auroc", "auroc_ci",
                      "shuffled_auroc", "wording_auroc", "wording_explains", "claim_auroc", "mistake_auroc",
                      "chat_threshold"))
@@ -46,7 +46,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ..detect.detector import Detector
     from ..detect.run import is_transcripts, run_detect_eval
 
-    params = from_args(DetectParams, args)
+    params = from_args(DetectEvalParams, args)
     transcripts = len(args.family) == 1 and is_transcripts(args.family[0])
     if not transcripts:
         _check(args, args.family, args.out)
@@ -55,7 +55,7 @@ def _eval(args: argparse.Namespace) -> None:
     detector = Detector.load(args.detector)
     model = options.model_from_args(args)
     sets = args.family[0] if transcripts else _sets(model, args, args.family)
-    summary = run_detect_eval(model, detector, sets, args.out, **params.eval_kwargs())
+    summary = run_detect_eval(model, detector, sets, args.out, **kwargs(params, run_detect_eval))
     _print(summary, ("detector", "families", "n_lie", "n_honest", "n_mistake", "n_unsure", "auroc", "auroc_ci",
                      "mistake_auroc", "mistake_check", "recall_at_1pct_fpr", "chat_fpr", "claim_auroc",
                      "wording_auroc", "shuffled_auroc", "targets_met", "n_examples", "n_flagged"))
@@ -65,15 +65,15 @@ def _eval(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from ..detect.run import run_transfer
 
-    params = from_args(DetectParams, args)
+    params = from_args(DetectTransferParams, args)
     _check(args, args.family, args.out)
     model = options.model_from_args(args)
-    summary = run_transfer(model, _sets(model, args, args.family), args.out, **params.transfer_kwargs())
+    summary = run_transfer(model, _sets(model, args, args.family), args.out, **kwargs(params, run_transfer))
     _print(summary, ("transfer_auroc", "mean_transfer_auroc", "trainable"))
 
 
-def _common(p: argparse.ArgumentParser, command: str, **overrides: dict) -> None:
-    options.add_params(p, DetectParams, command=command, **overrides)
+def _common(p: argparse.ArgumentParser, cls: type) -> None:
+    options.add_params(p, cls)
     options.add_model_options(p)
     options.add_source_options(p)
 
@@ -84,19 +84,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("train", help="fit a lie-vs-honest probe with its controls")
     p.add_argument("family", nargs="*", default=[], help="families labelled by the model's behavior")
+    p.add_argument("--instructed", nargs="+", default=[], metavar="FAMILY",
+                   help="Apollo-style instructed pairs: the lie side and the honest side, labelled by instruction")
     p.add_argument("--out", required=True, help="the detector file (.safetensors)")
-    _common(p, "train", chat={"help": "skip the threshold on ordinary chat"})
+    _common(p, DetectTrainParams)
     p.set_defaults(func=_train)
 
     p = cmds.add_parser("eval", help="score families or a transcripts file with a detector")
     p.add_argument("detector")
     p.add_argument("family", nargs="+", help="families, or one transcripts .jsonl ({messages, answer[, label]})")
     p.add_argument("--out", required=True)
-    _common(p, "eval", chat={"help": "skip the false-positive rate on ordinary chat"})
+    _common(p, DetectEvalParams)
     p.set_defaults(func=_eval)
 
     p = cmds.add_parser("transfer", help="train on each family, test on every other: the matrix and its heatmap")
     p.add_argument("family", nargs="+")
     p.add_argument("--out", required=True)
-    _common(p, "transfer")
+    _common(p, DetectTransferParams)
     p.set_defaults(func=_transfer)

@@ -39,7 +39,7 @@ def _measure(args: argparse.Namespace) -> None:
     options.prepare_out(out)
     model = options.model_from_args(args)
     cset = render_source(source, model.tokenizer, require_aligned=False)
-    summary = run_measure(model, cset, out, **kwargs(params)) | {"source": source.record()}
+    summary = run_measure(model, cset, out, **kwargs(params, run_measure)) | {"source": source.record()}
     write_json(out / "summary.json", summary)
     print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
     print(f"wrote {out / 'measure.csv'} and {out / 'summary.json'}")

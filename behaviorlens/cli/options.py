@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BehaviorLensError
-from ..params import default_of, params_fields
+from ..params import default_of, user_name
 
 REMOTE_CHOICES = ("local",)
 
@@ -88,37 +88,31 @@ def model_from_args(args: argparse.Namespace):
 # -- stage parameters as options -------------------------------------------------------------
 
 
-def add_params(parser: argparse.ArgumentParser, cls: type, command: str | None = None,
-               exclude: tuple[str, ...] = (), **overrides: dict[str, Any]) -> None:
-    """One option per command field of the parameter class ``cls`` (see :mod:`behaviorlens.params`).
-
-    ``command`` keeps the fields of that subcommand (and those of none); ``overrides`` maps a
-    field name to argparse keywords that replace the derived ones for this command only.
-    """
+def add_params(parser: argparse.ArgumentParser, cls: type, **overrides: dict[str, Any]) -> None:
+    """One option per field of the parameter class ``cls`` (see :mod:`behaviorlens.params`):
+    ``--name`` by its user name, ``--no-name`` for a flag that is on by default. ``overrides`` maps
+    a field name to argparse keywords that replace the derived ones for this command only."""
     hints = typing.get_type_hints(cls)
-    for f in params_fields(cls, cli=True, command=command):
-        if f.name in exclude:
-            continue
+    for f in dataclasses.fields(cls):
         options = _argparse_options(f, hints[f.name]) | overrides.get(f.name, {})
-        flag = options.pop("flag", "--" + f.name.replace("_", "-"))
-        parser.add_argument(flag, dest=f.name, **options)
+        name = user_name(f)
+        if "action" not in options and "choices" not in options:
+            options.setdefault("metavar", name.upper())
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--no-{flag}" if options.get("action") == "store_false" else f"--{flag}",
+                            dest=f.name, **options)
 
 
 def _argparse_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     meta = f.metadata
     default = default_of(f)
     options: dict[str, Any] = {"help": meta.get("help") or None}
-    for key in ("choices", "metavar", "flag", "required"):
+    for key in ("choices", "metavar"):
         if key in meta:
             options[key] = meta[key]
     base, many = _base_type(hint)
-    action = meta.get("action")
-    if action is None and base is bool and not many:
-        action = "store_false" if default else "store_true"
-    if action is not None:
-        options["action"] = action
-        options["default"] = default
-        return options
+    if base is bool and not many:
+        return options | {"action": "store_false" if default else "store_true", "default": default}
     options["type"] = meta.get("type", base if base in (int, float) else str)
     nargs = meta.get("nargs", "+" if many else None)
     if nargs is not None:

@@ -34,21 +34,21 @@ def _patch(args: argparse.Namespace) -> None:
     params = from_args(PatchParams, args)
     source = options.source_from_args(args, args.family)
     check_source(source)
-    if params.pairs is not None and params.pairs < 1:
-        raise BehaviorLensError(f"--pairs {params.pairs}: patching needs at least one pair")
+    if params.n_pairs is not None and params.n_pairs < 1:
+        raise BehaviorLensError(f"--pairs {params.n_pairs}: patching needs at least one pair")
     out = args.out or f"patch-{Path(args.family).stem}-{params.site}"
     options.prepare_out(out)
     model = options.model_from_args(args)
     cset = render_source(source, model.tokenizer)
     if params.method == "ablation":
-        s = run_ablation(model, cset, params.site, params.ablation, out, n_pairs=params.pairs)
-        print(f"{cset.name}: {params.ablation}-ablation of each {params.site} over {s['pairs']} pairs -> {out} "
+        s = run_ablation(model, cset, out_dir=out, **kwargs(params, run_ablation))
+        print(f"{cset.name}: {params.convention}-ablation of each {params.site} over {s['pairs']} pairs -> {out} "
               "(value = drop of the behavior metric as a share of the shift; positive = important)")
         for t in s["top_sites"][:5]:
             head = "" if t["head"] is None else f" head {t['head']}"
             print(f"  layer {t['layer']}{head}: {t['value']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}]")
         return
-    s = run_patch(model, cset, out_dir=out, **kwargs(params))
+    s = run_patch(model, cset, out_dir=out, **kwargs(params, run_patch))
     print(f"{cset.name}: {params.method} {params.direction} patching of {params.site} over {s['pairs']} pairs"
           f" -> {out}")
     print(f"restore_last_layer {s['restore_last_layer']:.4f}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..params import from_args
+from ..params import from_args, kwargs
 from ..probing.params import ProbeParams
 from . import options
 
@@ -29,12 +29,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _probe(args: argparse.Namespace) -> None:
     from ..probing.run import run_probe
-    from ..probing.sweep import make_probe
     from ..prompts.sources import check_source, render_source, source_from
 
     params = from_args(ProbeParams, args)
-    for m in params.methods:
-        make_probe(m)  # fail on a bad name before loading anything
     source = options.source_from_args(args, args.family)
     for spec in (source, *args.test):
         check_source(source_from(spec))
@@ -43,7 +40,7 @@ def _probe(args: argparse.Namespace) -> None:
     model = options.model_from_args(args)
     train = render_source(source, model.tokenizer, require_aligned=False)
     tests = {s.name: s for s in (render_source(t, model.tokenizer, require_aligned=False) for t in args.test)}
-    summary = run_probe(model, train, tests, out_dir=out, **params.kwargs())
+    summary = run_probe(model, train, tests, out_dir=out, **kwargs(params, run_probe))
     lo, hi = summary["best_auroc_ci"]
     print(
         f"{train.name}: best {summary['best_method']} probe at {summary['best_site']} layer "

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import BehaviorLensError
-from ..params import from_args
-from ..steering.params import SteerParams
+from ..params import from_args, kwargs
+from ..steering.params import SteerEvalParams, SteerTrainParams
 from . import options
 
 CANDIDATE_COLUMNS = ["group", "edit", "pressure_removed_fraction", "accuracy_neutral_change",
@@ -30,13 +30,13 @@ def _train(args: argparse.Namespace) -> None:
 
     from ..steering.run import run_steer_train
 
-    params = from_args(SteerParams, args)
+    params = from_args(SteerTrainParams, args)
     if params.layer is None and args.from_patching is None:
         raise BehaviorLensError("steer train needs --layer L or --from-patching DIR [DIR ...]")
     _check(args, str(Path(args.out).parent))
     model = options.model_from_args(args)
     summary = run_steer_train(model, options.render_from_args(model, args, args.family), args.out,
-                              from_patching=args.from_patching, **params.train_kwargs())
+                              from_patching=args.from_patching, **kwargs(params, run_steer_train))
     if summary["reason"]:
         folder = Path(args.out).with_suffix(".choice")
         table = pd.read_csv(folder / "candidates.csv")
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load_edit(model, path: str):
-    from ..steering.edit import Edit
+    from ..edits import Edit
 
     return Edit.load(path, model)
 
@@ -58,12 +58,12 @@ def _eval(args: argparse.Namespace) -> None:
     from ..steering.evaluate import NO_NEUTRAL
     from ..steering.run import run_steer_eval
 
-    params = from_args(SteerParams, args)
+    params = from_args(SteerEvalParams, args)
     _check(args, args.out)
     model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
     family = options.render_from_args(model, args, args.family)
-    summary = run_steer_eval(model, edit, family, out_dir=args.out, **params.eval_kwargs())
+    summary = run_steer_eval(model, edit, family, out_dir=args.out, **kwargs(params, run_steer_eval))
     print(json.dumps(summary, indent=2))
     if not family.has_neutral:
         print(f"behaviorlens: {family.name} {NO_NEUTRAL}", file=sys.stderr)
@@ -79,7 +79,7 @@ def _edit(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ..steering.edit import Edit
+    from ..edits import Edit
     from ..steering.gguf_export import export_gguf
 
     edit = Edit.load(args.edit)
@@ -92,9 +92,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        from ..prompts.sources import open_ended_prompts
-
-        prompts += open_ended_prompts(args.prompts_file)[: args.limit]
+        prompts += read_prompts(args.prompts_file)[: args.limit]
     if not prompts:
         raise BehaviorLensError("steer generate needs --prompt TEXT or --prompts-file FILE")
     model = options.model_from_args(args)
@@ -107,6 +105,26 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"[x{r.strength:+g}] {r.completion}")
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of ``--prompts-file``: an open-ended dataset file (``.json`` or ``.jsonl``: CAA's
+    ``test_dataset_open_ended.json``), or plain text, one prompt a line (blank lines skipped)."""
+    from ..prompts.sources import open_ended_prompts
+
+    path = Path(path)
+    if path.suffix.lower() in (".json", ".jsonl"):
+        return open_ended_prompts(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise BehaviorLensError(f"cannot read {path}: {err.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise BehaviorLensError(f"{path}: no prompts (one a line)")
+    return prompts
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     steer = sub.add_parser("steer", help="train, evaluate, bake, export and try edits")
     cmds = steer.add_subparsers(dest="steer_command", required=True)
@@ -115,7 +133,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("family")
     p.add_argument("--from-patching", dest="from_patching", nargs="+", default=None, metavar="DIR",
                    help="patching result folders (e.g. heads and resid): choose an edit from them")
-    options.add_params(p, SteerParams, command="train")
+    options.add_params(p, SteerTrainParams)
     p.add_argument("--out", required=True)
     options.add_model_options(p)
     options.add_source_options(p)
@@ -124,7 +142,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("eval", help="effect, side effects and random control of an edit")
     p.add_argument("edit")
     p.add_argument("family")
-    options.add_params(p, SteerParams, command="eval")
+    options.add_params(p, SteerEvalParams)
     p.add_argument("--out", required=True)
     options.add_model_options(p)
     options.add_source_options(p)
@@ -148,7 +166,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("edit")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help="an open-ended dataset file (CAA's test_dataset_open_ended.json)")
+                   help="a text file, one prompt a line, or an open-ended dataset file (.json: CAA's "
+                        "test_dataset_open_ended.json)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="the first N prompts of --prompts-file")
     p.add_argument("--strengths", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
     p.add_argument("--max-new-tokens", type=int, default=40)

@@ -14,11 +14,7 @@ class ProbeParams:
 
     sites: tuple[str, ...] = param(("resid_post",), "resid_pre resid_post attn mlp head")
     positions: tuple[str, ...] = param(("last",), "last, answer, SLOT or SLOT:mean")
-    methods: tuple[str, ...] = param(tuple(METHODS), " ".join(METHODS))
+    methods: tuple[str, ...] = param(tuple(METHODS), " ".join(METHODS), choices=METHODS)
     folds: int = param(5, "cross-validation folds over pairs")
     seed: int = param(0, "seed of the folds and controls", step=False)
     batch_size: int = param(16, "pairs per forward (an experiment uses its own batch_size)", step=False)
-
-    def kwargs(self) -> dict:
-        """:func:`~.run.run_probe`'s keyword arguments (sequences as tuples)."""
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(self).items()}
