@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -153,12 +154,34 @@ def test_a_changed_upstream_step_reruns_what_reads_it(experiment_file, tmp_path,
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+class _Images(HTMLParser):
+    """The <img> tags of a dumped DOM (their attributes) and the body's attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.body = [], {}
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag == "body":
+            self.body = dict(attrs)
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                     reason="the browser check needs Debian's chromium (.ci/run installs it; CI never skips)")
 def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
-    """Headless Chromium loads the report: every section is there, every image decodes, and the
-    page logs no console error."""
+    """Headless Chromium loads the report: every section is there, every image decodes, the page
+    logs no console error, and every figure is shown at the width it was drawn at (natural width
+    = shown width x the stated pixel ratio), so its smallest text, recorded in the PNG when it was
+    saved, reaches the page at least as large as the body text."""
+    import base64
+    import io
     import subprocess
+
+    from PIL import Image
+
+    from behaviorlens.analysis import plots
 
     assert CHROMIUM is not None, "CI must have chromium: .ci/run installs it"
     _run(experiment_file, tmp_path / "r")
@@ -166,8 +189,8 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
     done = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--window-size=1280,1000",
+         "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
         check=True, capture_output=True, text=True, timeout=180,
     )
     dom = done.stdout
@@ -177,3 +200,21 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
     assert images >= 6 and f'data-images="{images}/{images}"' in dom  # every image decoded
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "report.html" in line]
     assert not console, console
+
+    parsed = _Images()
+    parsed.feed(dom)
+    body_px = float(parsed.body["data-body-font-px"])  # the body text size the browser used
+    assert body_px >= 12
+    checked = set()
+    for img in parsed.images:
+        png = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+        natural, shown = float(img["data-natural-width"]), float(img["data-shown-width"])
+        assert natural == png.width
+        # drawn at the width it is shown at: the figure's stated CSS width, at the stated pixel ratio
+        assert shown == pytest.approx(float(png.text[plots.WIDTH_KEY]), abs=1), (img["alt"], shown)
+        assert natural / shown == pytest.approx(plots.PIXEL_RATIO, rel=0.01), (img["alt"], natural, shown)
+        # the smallest text set in the figure, as the page shows it (pt -> image px -> CSS px)
+        smallest_px = float(png.text[plots.MIN_FONT_KEY]) * png.info["dpi"][0] / 72 * shown / natural
+        assert smallest_px >= body_px - 0.05, (img["alt"], smallest_px, body_px)
+        checked.add(img["alt"])
+    assert {"choice / pareto", "resid / heatmap", "heads / heatmap heads"} <= checked  # the Pareto plot, the heatmaps

@@ -20,6 +20,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ..io import atomic_write_text
+from .plots import report_style
 
 SECTIONS = (
     ("measure", "How large is the behavior? (measure)"),
@@ -58,6 +59,7 @@ def write_report(folder: str | Path) -> Path:
         generations=_table(_side_by_side(_csv(folder / "steer" / "generations.csv"))),
         predictions=(_json(folder / "summary.json") or {}).get("predictions"),
         sections=sections,
+        style=report_style(),
     )
     return atomic_write_text(folder / "report.html", html)
 
@@ -345,7 +347,7 @@ def _detect(step: Path, s: dict) -> tuple[str, Path, list]:
                       "claim_auroc", "mistake_auroc", "layer", "position", "method", "chat_threshold") if k in train})
          if train else None),
         ("Transfer: trained on one family (rows), tested on another (columns)",
-         f'<img src="{_image(transfer)["src"]}" alt="transfer matrix" style="max-width:100%">' if transfer.is_file()
+         f'<img class="plot" src="{_image(transfer)["src"]}" alt="transfer matrix">' if transfer.is_file()
          else None),
         ("The examples it gets most wrong", _table(_csv(step / "eval" / "most_wrong.csv"))),
     ]

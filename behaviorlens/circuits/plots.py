@@ -16,9 +16,9 @@ def faithfulness_curve(curve: pd.DataFrame, controls: pd.DataFrame, path: str | 
                        chosen: int, title: str = "") -> Path:
     """Faithfulness over circuit size (selection and held-out pairs, CI bands), with the random
     circuits and the complement at the chosen size."""
-    from ..analysis.plots import plt, save_figure
+    from ..analysis.plots import new_figure, save_figure, wrap
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(height=5.5)
     for (label, family), c in curve.groupby(["pairs", "family"], sort=False):
         c = c.sort_values("edges_fraction")
         line, = ax.plot(c["edges_fraction"], c["faithfulness"], marker="o", ms=3, label=f"{family}: {label}")
@@ -37,8 +37,8 @@ def faithfulness_curve(curve: pd.DataFrame, controls: pd.DataFrame, path: str | 
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (fraction of edges, top by |attribution|)")
     ax.set_ylabel("faithfulness (share of the behavior kept)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title(wrap(title, 0.7))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)
 
 
@@ -61,9 +61,17 @@ def _node_xy(g: Graph, name: str) -> tuple[float, float]:
 def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = "") -> Path:
     """Layers as rows, heads and MLPs as nodes; one line per circuit edge, width = |attribution|,
     colour = the port it enters (query, key, value, MLP, logits)."""
-    from ..analysis.plots import plt, save_figure
+    from ..analysis.plots import (
+        CSS_PX_PER_INCH,
+        FIGURE_WIDTH_PX,
+        new_figure,
+        save_figure,
+        tick_step,
+        wrap,
+    )
 
-    fig, ax = plt.subplots(figsize=(7, max(4, 0.28 * (g.n_layers + 2))))
+    height = min(14.0, max(5.0, 0.3 * (g.n_layers + 2) + 1.5))
+    fig, ax = new_figure(height=height)
     xs, ys = np.meshgrid(np.arange(g.n_heads), np.arange(g.n_layers))
     ax.scatter(xs.ravel(), ys.ravel(), s=6, color="lightgrey", zorder=1)
     ax.scatter(np.full(g.n_layers, g.n_heads + 0.5), np.arange(g.n_layers), s=12, marker="s",
@@ -82,43 +90,43 @@ def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = 
     for name in used:
         x, y = _node_xy(g, name)
         ax.scatter([x], [y], s=30, color="black", zorder=3, marker="s" if "mlp" in name else "o")
-        ax.annotate(name, (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.annotate(name, (x, y), xytext=(2, 2), textcoords="offset points")
     for kind, color in PORT_COLORS.items():
         ax.plot([], [], color=color, label=f"into {kind}")
-    ax.set_xticks(list(range(g.n_heads)) + [g.n_heads + 0.5])
-    ax.set_xticklabels([f"H{h}" for h in range(g.n_heads)] + ["MLP"], fontsize=7)
-    ax.set_yticks([-1] + list(range(0, g.n_layers, max(1, g.n_layers // 15))) + [g.n_layers])
-    ax.set_yticklabels(["input"] + [f"L{L}" for L in range(0, g.n_layers, max(1, g.n_layers // 15))] + ["logits"],
-                       fontsize=7)
-    ax.set_title(title + f" ({len(edges)} edges; dashed: negative attribution)", fontsize=9)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    step = tick_step(g.n_heads + 1, 0.75 * FIGURE_WIDTH_PX)
+    ax.set_xticks(list(range(0, g.n_heads, step)) + [g.n_heads + 0.5],
+                  [f"H{h}" for h in range(0, g.n_heads, step)] + ["MLP"])
+    layers = list(range(0, g.n_layers, tick_step(g.n_layers + 2, CSS_PX_PER_INCH * height - 150)))
+    ax.set_yticks([-1] + layers + [g.n_layers], ["input"] + [f"L{L}" for L in layers] + ["logits"])
+    ax.set_title(wrap(title + f" ({len(edges)} edges; dashed: negative attribution)", 0.75))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
 def composition_plot(table: pd.DataFrame, null: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Q-, K-, V-composition of the circuit's head pairs beside the random-pair null."""
-    from ..analysis.plots import plt, save_figure
+    from ..analysis.plots import new_figure, save_figure, wrap
 
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True)
+    fig, axes = new_figure(1, 3, height=4.8, sharey=True)
     for ax, kind in zip(axes, ("q_comp", "k_comp", "v_comp")):
         ax.hist(null[kind], bins=30, color="lightgrey", density=True, label="random head pairs")
         for _, r in table.nlargest(5, kind).iterrows():
             ax.axvline(r[kind], color="tab:red", lw=1)
-            ax.annotate(f"{r['upstream']}>{r['downstream']}", (r[kind], 0), rotation=90, fontsize=6,
+            ax.annotate(f"{r['upstream']}>{r['downstream']}", (r[kind], 0), rotation=90,
                         xytext=(1, 2), textcoords="offset points")
         if len(table):
             ax.plot(table[kind], np.zeros(len(table)), "|", color="tab:red", ms=10, label="circuit pairs")
-        ax.set_title(kind.replace("_comp", "-composition"), fontsize=9)
-    axes[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
+        ax.set_title(kind.replace("_comp", "-composition"))
+    axes[0].legend()
+    fig.suptitle(wrap(title))
     return save_figure(fig, path)
 
 
 def head_figures_plot(figures: pd.DataFrame, heads: list[str], path: str | Path, title: str = "") -> Path:
     """OV copy score and attention to the claim of every head (grey) and the circuit's (red)."""
-    from ..analysis.plots import plt, save_figure
+    from ..analysis.plots import new_figure, save_figure, wrap
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = new_figure(1, 2, height=5.2)
     mine = figures["head"].isin(heads)
     for ax, col, label in ((axes[0], "ov_copy", "OV copy score of the claimed answer (z over vocab)"),
                            (axes[1], "attn_to_claim", "attention from the answer to the claim")):
@@ -126,9 +134,9 @@ def head_figures_plot(figures: pd.DataFrame, heads: list[str], path: str | Path,
                    label="every other head (null)")
         ax.scatter(figures.loc[mine, "layer"], figures.loc[mine, col], s=14, color="tab:red", label="circuit heads")
         for _, r in figures[mine].nlargest(4, col).iterrows():
-            ax.annotate(r["head"], (r["layer"], r[col]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            ax.annotate(r["head"], (r["layer"], r[col]), xytext=(2, 2), textcoords="offset points")
         ax.set_xlabel("layer")
-        ax.set_title(label, fontsize=9)
-    axes[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
+        ax.set_title(wrap(label, 0.45))
+    axes[0].legend()
+    fig.suptitle(wrap(title))
     return save_figure(fig, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.plots import plt, save_figure
+from ..analysis.plots import new_figure, save_figure
 
 COLORS = {"lie": "#c0392b", "honest": "#2e86c1", "mistake": "#f39c12", "unsure": "#95a5a6", "unlabelled": "#7f8c8d"}
 
@@ -15,7 +15,7 @@ COLORS = {"lie": "#c0392b", "honest": "#2e86c1", "mistake": "#f39c12", "unsure":
 def plot_sweep(sweep: pd.DataFrame, path: str | Path) -> Path:
     """Cross-validated lie-vs-honest AUROC per layer, one line per position and method, with the
     shuffled-label control dotted."""
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = new_figure(height=5.0)
     for (pos, method), part in sweep.groupby(["position", "method"]):
         part = part.sort_values("layer")
         line, = ax.plot(part["layer"], part["auroc_mean"], label=f"{pos} / {method}")
@@ -24,14 +24,14 @@ def plot_sweep(sweep: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("AUROC lie vs honest")
     ax.set_title("cross-validated by pair blocks; dotted: shuffled labels")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)
 
 
 def plot_scores(scores: pd.DataFrame, threshold: float, path: str | Path) -> Path:
     """Each example's detector score by family and label; the chat threshold as a line."""
     families = list(dict.fromkeys(scores["family"]))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(families)), 3.6))
+    fig, ax = new_figure(height=4.8)
     rng, seen = np.random.default_rng(0), set()
     for i, family in enumerate(families):
         part = scores[scores["family"] == family]
@@ -43,26 +43,27 @@ def plot_scores(scores: pd.DataFrame, threshold: float, path: str | Path) -> Pat
                 seen.add(label)
     if np.isfinite(threshold):
         ax.axhline(threshold, color="black", ls="--", lw=0.8, label="threshold (1% of ordinary chat)")
-    ax.set_xticks(range(len(families)), families, rotation=20, ha="right")
+    ax.set_xticks(range(len(families)), families, rotation=20 if len(families) > 5 else 0,
+                  ha="right" if len(families) > 5 else "center")
     ax.set_ylabel("detector score")
-    ax.legend(fontsize=7)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)
 
 
 def plot_transfer(matrix: pd.DataFrame, path: str | Path) -> Path:
     """Heatmap of lie-vs-honest AUROC: rows = family trained on, columns = family tested on."""
     table = matrix.pivot(index="train", columns="test", values="auroc")
-    fig, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 2.5, 0.8 * table.shape[0] + 1.8))
-    im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdBu_r")
+    fig, ax = new_figure(height=min(10.0, 0.8 * table.shape[0] + 3.2))
+    im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
     counts = matrix.dropna(subset=["n_lie"]).drop_duplicates("test").set_index("test") if "n_lie" in matrix else None
     names = [f"{c}\n({int(counts.at[c, 'n_lie'])} lie / {int(counts.at[c, 'n_honest'])} honest)"
              if counts is not None and c in counts.index else str(c) for c in table.columns]
-    ax.set_xticks(range(table.shape[1]), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(table.shape[1]), names, rotation=30, ha="right")
     ax.set_yticks(range(table.shape[0]), table.index)
     for i in range(table.shape[0]):
         for j in range(table.shape[1]):
             v = table.iat[i, j]
-            ax.text(j, i, "–" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, "–" if pd.isna(v) else f"{v:.2f}", ha="center", va="center")
     ax.set_xlabel("tested on")
     ax.set_ylabel("trained on")
     ax.set_title("lie vs honest AUROC (diagonal: nested CV)")

@@ -12,9 +12,9 @@ import pandas as pd
 
 
 def _figure(*args, **kwargs):
-    from ..analysis.plots import plt
+    from ..analysis.plots import new_figure
 
-    return plt.subplots(*args, **kwargs)
+    return new_figure(*args, **kwargs)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -29,9 +29,15 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
 
     Head rows are summarized by their best head per layer. One panel per site and position.
     """
+    from ..analysis.plots import wrap
+
     panels = list(table.groupby(["site", "position"], sort=False))
-    fig, axes = _figure(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, ((site, position), part) in zip(axes[0], panels):
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = _figure(nrows, ncols, height=4.5 * nrows + 0.8, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, ((site, position), part) in zip(axes.flat, panels):
         if site == "head":
             idx = part.groupby(["method", "layer"])["auroc_mean"].idxmax()
             part = part.loc[idx.values]
@@ -54,8 +60,12 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
         ax.set_xlabel("layer")
         ax.set_ylabel("cross-validated AUROC")
         label = f"{site} @ {position}" + (" (best head)" if site == "head" else "")
-        ax.set_title(f"{title} {label}".strip())
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(wrap(f"{title} {label}".strip(), 0.9 / ncols))
+    legend = {}
+    for ax in axes.flat[:len(panels)]:  # one legend for every panel, below them
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=3)
     return _save(fig, path)
 
 
@@ -66,13 +76,18 @@ def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") ->
     heads = heads[heads["position"] == position]
     method = heads.groupby("method")["auroc_mean"].mean().idxmax()
     grid = heads[heads["method"] == method].pivot_table(index="layer", columns="head", values="auroc_mean")
-    fig, ax = _figure(figsize=(max(4.5, 1.5 + 0.5 * grid.shape[1]), max(3.5, 1 + 0.25 * grid.shape[0])))
+    from ..analysis.plots import CSS_PX_PER_INCH, FIGURE_WIDTH_PX, tick_step
+
+    height = min(9.0, max(4.5, 2 + 0.22 * grid.shape[0]))
+    fig, ax = _figure(height=height)
     im = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0, origin="lower")
-    ax.set_xticks(range(grid.shape[1]), grid.columns)
-    ax.set_yticks(range(grid.shape[0]), grid.index)
+    step = tick_step(grid.shape[1], 0.8 * FIGURE_WIDTH_PX)
+    ax.set_xticks(range(0, grid.shape[1], step), list(grid.columns)[::step])
+    step = tick_step(grid.shape[0], CSS_PX_PER_INCH * height - 150)
+    ax.set_yticks(range(0, grid.shape[0], step), list(grid.index)[::step])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{title} head AUROC ({method} @ {position})".strip(), fontsize=9)
+    ax.set_title(f"{title} head AUROC ({method} @ {position})".strip())
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
 
@@ -81,19 +96,19 @@ def plot_transfer(table: pd.DataFrame, path: str | Path, title: str = "") -> Pat
     """Train family (rows) x test family (columns) AUROC, annotated; diagonal is CV."""
     names = list(dict.fromkeys(list(table["train"]) + list(table["test"])))
     grid = table.pivot_table(index="train", columns="test", values="auroc").reindex(index=names, columns=names)
-    fig, ax = _figure(figsize=(2 + 1.1 * len(names), 1.5 + 0.9 * len(names)))
-    im = ax.imshow(grid.values, cmap="coolwarm", vmin=0.0, vmax=1.0)
+    fig, ax = _figure(height=min(10.0, 3 + 0.6 * len(names)))
+    im = ax.imshow(grid.values, cmap="coolwarm", vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(len(names)):
         for j in range(len(names)):
             v = grid.values[i, j]
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("test family")
     ax.set_ylabel("train family")
     row = table.iloc[0]
     where = f"{row['site']} L{row['layer']}" + ("" if pd.isna(row["head"]) else f" H{row['head']}")
-    ax.set_title(f"{title} transfer AUROC\n{row['method']} probe, {where} @ {row['position']}".strip(), fontsize=9)
+    ax.set_title(f"{title} transfer AUROC\n{row['method']} probe, {where} @ {row['position']}".strip())
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
