@@ -128,7 +128,7 @@ CASES = [
     ("truncated vector file", lambda t: ["steer", "eval", vector_file(t, truncate=True), "capitals_opinion",
                                          "--out", str(t / "o")], ["vec.safetensors"]),
     ("experiment with an unknown step", lambda t: ["run", experiment(t, steps={"dance": {}})],
-     ["unknown step", "dance"]),
+     ["steps: unknown key 'dance'", "keys are circuit"]),
     ("experiment with an unknown key", lambda t: ["run", experiment(t, modle="default")],
      ["unknown key", "modle"]),
     ("output folder not writable", lambda t: ["measure", "capitals_opinion", "--out", _file(t) + "/sub"],

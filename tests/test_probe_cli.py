@@ -59,7 +59,8 @@ def test_cli_writes_tables_plots_and_summary(saved, tmp_path, capsys):
 def test_cli_reports_user_errors(saved, tmp_path, capsys):
     rc = main(["probe", str(saved / "fam_a.yaml"), "--model", str(saved / "model"), "--methods", "svm",
                "--out", str(tmp_path)])
-    assert rc == 2 and "unknown probe method 'svm'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--methods: invalid choice: 'svm'" in err and len(err.strip().splitlines()) == 1
     rc = main(["probe", str(saved / "fam_a.yaml"), "--model", str(saved / "model"), "--positions", "nope",
                "--out", str(tmp_path)])
     err = capsys.readouterr().err

@@ -22,8 +22,16 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{key:>13}: {value}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes follow the error policy too: one line, status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"behaviorlens: error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="behaviorlens",
         description="Find and edit the latent variables behind a language model's behavior.",
     )
@@ -39,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a mistake already said in one line
+        return int(stop.code or 0)
     try:
         args.func(args)
     except BehaviorLensError as err:
