@@ -22,6 +22,9 @@ from behaviorlens.steering.bake import edited_module
 from behaviorlens.steering.evaluate import random_control
 
 
+KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights"]
+
+
 def _examples(m, cset) -> dict[str, list[Edit]]:
     """At least one edit of every kind (and of every mode and readout a kind has); the gate
     opens on some prompts of ``cset`` and stays shut on others."""
@@ -50,6 +53,8 @@ def _examples(m, cset) -> dict[str, list[Edit]]:
                           positions="generated", **meta)],
         "subspace": [Edit(kind="subspace", basis={1: torch.linalg.qr(rand(s.d_model, 2))[0]},
                           vectors={1: 3 * rand(s.d_model)}, **meta)],
+        "lowrank": [Edit(kind="lowrank", basis={1: torch.linalg.qr(rand(s.d_model, 2))[0]},
+                         arrays={"weight.1": rand(2, s.d_model), "bias.1": rand(2)}, **meta)],
         "weights": [Edit(kind="weights", weights={"model.layers.1.self_attn.o_proj.weight": 0.5 * rand(s.d_model, s.d_model)},
                          **meta)],
     }
@@ -108,7 +113,7 @@ def test_a_subclass_registers_itself_and_the_edit_delegates_to_it(monkeypatch):
         Nothing().bake(edit, None, None, 1.0)
 
 
-@pytest.mark.parametrize("kind", ["vector", "ablate_direction", "heads", "knockout", "subspace", "weights"])
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_each_kind_survives_its_file_and_has_a_random_control_of_its_own_kind(setup, kind, tmp_path):
     m, _, examples = setup
     for i, edit in enumerate(examples[kind]):
@@ -123,7 +128,7 @@ def test_each_kind_survives_its_file_and_has_a_random_control_of_its_own_kind(se
         assert moved or control.heads != edit.heads or control.detector.decoy is not None
 
 
-@pytest.mark.parametrize("kind", ["vector", "ablate_direction", "heads", "knockout", "subspace", "weights"])
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_each_kind_acts_the_same_traced_and_local(setup, kind):
     m, cset, examples = setup
     traced = dataclasses.replace(m, remote="local", interventions=[])
@@ -140,7 +145,7 @@ def test_each_kind_acts_the_same_traced_and_local(setup, kind):
             assert not moved.all(), f"{edit.describe()}: its gate opened on every prompt"
 
 
-@pytest.mark.parametrize("kind", ["vector", "ablate_direction", "heads", "knockout", "subspace", "weights"])
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_each_kind_bakes_to_its_runtime_effect_or_says_why_not(setup, kind):
     m, cset, examples = setup
     edit = dataclasses.replace(examples[kind][0], positions="all")

@@ -26,7 +26,8 @@ from .kind import EditKind, kind_of
 HEAD_MODES = ("zero", "mean", "scale", "add")
 POSITIONS = ("all", "prompt", "generated")
 _META_KEY = "behaviorlens_edit"
-TENSOR_FIELDS = {"vector": "vectors", "head_values": "head_values", "basis": "basis", "weight": "weights"}  # file prefix -> field
+TENSOR_FIELDS = {"vector": "vectors", "head_values": "head_values", "basis": "basis", "weight": "weights",
+                 "array": "arrays"}  # file prefix -> field
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Edit:
     scale: float = 0.0  # for head_mode "scale": the factor applied to the heads
     basis: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_model, rank]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name -> difference
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # any other named tensor a kind owns
     detector: Readout | None = None
     gate: Readout | None = None
     positions: str = "all"
@@ -69,6 +71,7 @@ class Edit:
         self.head_values = {int(k): v for k, v in tensors(self.head_values).items()}
         self.basis = {int(k): v for k, v in tensors(self.basis).items()}
         self.weights = tensors(self.weights)
+        self.arrays = tensors(self.arrays)
         spec.validate(self)
 
     # -- facts -------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ class Edit:
 
     def metadata(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("vectors", "head_values", "basis", "weights", "detector", "gate"):
+        for key in (*TENSOR_FIELDS.values(), "detector", "gate"):
             d.pop(key)
         for key in ("detector", "gate"):
             readout = getattr(self, key)
@@ -174,7 +177,8 @@ class Edit:
                 items = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
                 return {int(k) if as_int else k: v for k, v in items.items()}
 
-            edit = cls(**{name: named(prefix, as_int=name != "weights") for prefix, name in TENSOR_FIELDS.items()},
+            edit = cls(**{name: named(prefix, as_int=name not in ("weights", "arrays"))
+                          for prefix, name in TENSOR_FIELDS.items()},
                        **meta)
         except (TypeError, ValueError, KeyError) as err:
             raise BehaviorLensError(f"{path}: corrupt edit metadata ({err})") from None

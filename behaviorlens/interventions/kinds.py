@@ -207,6 +207,22 @@ class ClampSubspace(Residual):
 
 
 @dataclass
+class LowRank(Residual):
+    """A learned low-rank edit: the coordinates ``h @ basis`` (orthonormal ``basis`` [d_model,
+    rank]) replaced by ``h @ weight.T + bias`` (``weight`` [rank, d_model], ``bias`` [rank]),
+    ``strength`` of the way (LoReFT's form, Wu et al. 2024)."""
+
+    basis: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    bias: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    strength: float = 1.0
+
+    def change(self, h: torch.Tensor) -> torch.Tensor:
+        b, w = self.basis.to(h.device, h.dtype), self.weight.to(h.device, h.dtype)
+        return h + self.strength * (h @ w.T + self.bias.to(h.device, h.dtype) - h @ b) @ b.T
+
+
+@dataclass
 class EditHeads(Intervention):
     """Heads of one layer (the attention output projection's input, split into heads) moved
     ``strength`` of the way to stored values (zero/mean), scaled, or given a vector (``add``)."""

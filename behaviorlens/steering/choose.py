@@ -24,8 +24,19 @@ Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are can
 - ``head fine-tuning``: the top heads' output projections, trained with a recall anchor;
 - ``vector`` and ``direction ablation``: the last token's mean-difference vector at that layer
   (x1, x4) and the ablation of its direction;
-- ``gated``: head ablation, vector, per-head steering and the 5-layer knockout acting only where
-  a last-token probe says the prompt carries pressure.
+- ``gated``: head ablation, vector, per-head steering, the 5-layer and the narrowed knockouts
+  acting only where a last-token probe says the prompt carries pressure;
+- ``frame-gated``: the same, and the knockouts of the 5-layer window and of every layer after
+  the gate blocking the flagged tokens from every position after them, acting only where the
+  question's frame gate (:mod:`.frame_gate`) says the question is about the world rather than
+  about the user's own text. It learns the fit pairs, the development families' pressured and
+  no-pressure prompts, and the ``fit`` part of context use, claim recall and ordinary requests;
+  ``frame_gate.csv`` scores it on the judging pairs and the ``select`` part beside a wording-only
+  baseline;
+- ``trained invariant``: a rank-4 low-rank edit of the answer position at that layer, trained
+  to give pressured prompts the no-pressure answer while holding the ``fit`` part's context use,
+  claim recall and requests (:func:`.training.train_lowrank`), at invariance weights 0, 1 and 4:
+  the front of pressure removed against what the user tells the model.
 
 Every candidate is judged beside a random control of its kind, its matched null (for a
 knockout, the same heads blocking a non-claim sentence in the claim's place) and the deletion
@@ -48,7 +59,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +81,7 @@ from .baselines import (
     is_redaction,
     null_broken,
 )
+from .data import claim_wordings
 from .detectors import (
     default_layers,
     detector_quality,
@@ -80,8 +92,19 @@ from .detectors import (
     valence_slot,
 )
 from .evaluate import null_figures, observe, pressure_figures, random_control, require_behavior
+from .frame_gate import (
+    NO_PRESSURE,
+    PRESSURED,
+    FramePrompts,
+    context_prompts,
+    family_prompts,
+    frame_gate_quality,
+    frame_prompts,
+    request_prompts,
+    train_frame_gate,
+)
 from .side_effects import SideEffectData, answer_figures, context_figures, mean_kl, tail_logits
-from .training import finetune_heads, train_subspace
+from .training import finetune_heads, train_lowrank, train_subspace
 from .vectors import train_vector
 
 KL_MAX = 0.05
@@ -90,10 +113,15 @@ KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top 
 NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
 CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL limit is measured on
 GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
-          "head fine-tuning", "vector", "direction ablation", "gated")
+          "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant")
+INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
+FRAMED = {"frame-gated", "trained invariant"}  # groups that learn the fit part of the side effects
+FRAME_FAMILIES = ("capitals_opinion", "restated_claim", "earlier_turn_claim", "system_claim", "pushback",
+                  "pushback_cited")  # development families whose pressured prompts the frame gate also learns
 LOCAL_ONLY = {  # groups whose building has no trace path, and why
     "subspace": "its interchange training replays blocks from a layer on local weights",
     "head fine-tuning": "it trains weight differences by backpropagating through local weights",
+    "trained invariant": "it backpropagates through blocks replayed on local weights",
 }
 
 
@@ -133,8 +161,11 @@ def _named(heads: pd.DataFrame) -> str:
 
 
 def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequence[str] = GROUPS,
-                     seed: int = 0, log: Any = None) -> tuple[list[tuple[str, Edit, str]], dict]:
-    """(group, edit, evidence) of every candidate, and the detector and gate with their CV tables."""
+                     seed: int = 0, log: Any = None, frame: FramePrompts | None = None,
+                     frame_leave_out: Sequence[str] = ()) -> tuple[list[tuple[str, Edit, str]], dict]:
+    """(group, edit, evidence) of every candidate, and the detector and gates with their CV tables.
+    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`frame_negatives`);
+    ``frame_leave_out``: kinds of them it does not learn."""
     s = model.sites
     out: list[tuple[str, Edit, str]] = []
     extra: dict[str, Any] = {}
@@ -157,7 +188,8 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                 edit = Edit(kind="heads", heads=_head_dict(top), head_values=means, head_mode="mean",
                             method="mean ablation", **meta)
                 out.append(("head ablation", edit, f"top {k} heads at the last position by patching: {_named(top)}"))
-    if ("per-head steering" in groups or "gated" in groups) and len(heads):
+    gating = {"gated", "frame-gated"} & set(groups)
+    if ("per-head steering" in groups or gating) and len(heads):
         layers = sorted({int(x) for x in heads.head(10).layer})
         neutral = head_means(model, fit, layers, position="last", sides=[NEUTRAL])
         positive = head_means(model, fit, layers, position="last", sides=["positive"])
@@ -175,7 +207,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    if ({"knockout", "narrowed knockout", "gated"} & set(groups)) and fit.has_neutral:
+    if ({"knockout", "narrowed knockout"} & set(groups) or gating) and fit.has_neutral:
         say("training the pressure-token detector")
         detector, table = train_detector(model, fit, default_layers(s.n_layers, first), seed)
         extra["detector"], extra["detector_cv"] = detector, table
@@ -207,6 +239,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                     if len(ranked) >= k:
                         top = ranked.head(k)
                         hd = _head_dict(top)
+                        extra.setdefault("narrowed", []).append(hd)
                         edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
                                     method=f"detector at layer {detector.layer}", **meta)
                         named = ", ".join(f"L{int(r.layer)}H{int(r['head'])}" for _, r in top.iterrows())
@@ -228,7 +261,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
         changed = ", ".join(f"{k} {v['relative']:.1%}" for k, v in edit.notes["changed"].items())
         out.append(("head fine-tuning", edit, f"top 3 heads by patching ({_named(top)}); output columns "
                                               f"changed by {changed}"))
-    if layer is not None and ({"vector", "direction ablation", "gated"} & set(groups)):
+    if layer is not None and ({"vector", "direction ablation"} & set(groups) or gating):
         vec = train_vector(model, fit, [layer], "mean_diff", position="last")
         why = f"the last token holds >= 80% of the behavior from layer {layer}"
         against = Edit(kind="vector", vectors={layer: -vec.vectors[layer]}, read_at="last",
@@ -244,23 +277,64 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
         gate, table = train_gate(model, fit, default_layers(s.n_layers, first), seed)
         extra["gate"], extra["gate_cv"] = gate, table
         why = f"gated by a last-token probe at layer {gate.layer} (CV AUROC {table.cv_auroc.max():.3f})"
-        gated = []
-        later = heads[heads.layer > gate.layer]
-        if len(later) >= 10:
-            means = head_means(model, fit, range(s.n_layers))
-            gated.append(Edit(kind="heads", heads=_head_dict(later.head(10)), head_values=means,
-                              head_mode="mean", method="mean ablation", gate=gate, **meta))
-        if "head_steering" in extra and min(extra["head_steering"].heads) > gate.layer:
-            gated.append(Edit(**{**_scaled(extra["head_steering"], 2.0, "2").__dict__, "gate": gate}))
-        if "vector" in extra:
-            gated.append(Edit(**{**_scaled(extra["vector"], 4.0, "4").__dict__, "gate": gate}))
-        if "knockout_window" in extra and min(extra["knockout_window"]) > gate.layer:
-            gated.append(Edit(kind="knockout", heads=extra["knockout_window"], detector=extra["detector"], gate=gate,
-                              positions="generated", method=f"detector at layer {extra['detector'].layer}", **meta))
-        out += [("gated", e, why) for e in gated]
+        out += [("gated", e, why) for e in _gated(model, fit, heads, extra, gate, meta)]
+    if "frame-gated" in groups and fit.has_neutral and frame is not None:
+        say("training the frame gate")
+        prompts = family_prompts(fit, frame.copy(), claim_wordings(), model.tokenizer, seed)
+        gate, table = train_frame_gate(model, prompts, default_layers(s.n_layers, first), seed, frame_leave_out)
+        extra["frame_gate"], extra["frame_gate_cv"], extra["frame_prompts"] = gate, table, prompts
+        why = (f"gated by the question's frame: a last-token probe at layer {gate.layer} (CV AUROC "
+               f"{table.cv_auroc.max():.3f}) of pressured prompts against context use, claim recall, no-pressure "
+               f"prompts and ordinary requests (fit parts only)")
+        out += [("frame-gated", e, why) for e in _gated(model, fit, heads, extra, gate, meta, every_position=True)]
+    if "trained invariant" in groups and layer is not None and frame is not None and fit.has_neutral \
+            and not needs_whole(fit.pairs):
+        keep = [seq for seq, kind in zip(frame.sequences, frame.kinds)
+                if kind not in (PRESSURED, NO_PRESSURE, *frame_leave_out)]
+        for weight in INVARIANCE_WEIGHTS:
+            say(f"training the rank-4 edit at layer {layer}, invariance weight {weight:g}")
+            edit = train_lowrank(model, fit, layer, 4, keep, weight, seed=seed)
+            out.append(("trained invariant", edit, (
+                f"a rank-4 edit of the answer position at layer {layer} (where the behavior reaches the last "
+                f"token), trained to give the pressured prompts the no-pressure answer distribution while "
+                f"holding {len(keep)} context-use, claim-recall and request prompts (fit part) at weight "
+                f"{weight:g}: it removes {edit.notes['fit_pressure_removed']:.0%} of the pull on the fit pairs "
+                f"and leaves KL {edit.notes['fit_invariance_kl']:.3f} on those prompts")))
     if not out:
         raise BehaviorLensError("the patching result has no head or residual cells at the last token to build edits from")
     return out, extra
+
+
+def _gated(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, gate: Any, meta: dict,
+           every_position: bool = False) -> list[Edit]:
+    """Gated versions of the built edits that act after the gate's layer: head ablation of the
+    top 10 later heads, per-head steering x2, the vector x4, the 5-layer knockout and (with
+    ``every_position``) that knockout and the one of every later layer blocking the flagged
+    tokens from every position after them, and the narrowed knockouts."""
+    s = model.sites
+    out = []
+    later = heads[heads.layer > gate.layer]
+    if len(later) >= 10:
+        out.append(Edit(kind="heads", heads=_head_dict(later.head(10)), head_values=head_means(model, fit, range(s.n_layers)),
+                        head_mode="mean", method="mean ablation", gate=gate, **meta))
+    if "head_steering" in extra and min(extra["head_steering"].heads) > gate.layer:
+        out.append(Edit(**{**_scaled(extra["head_steering"], 2.0, "2").__dict__, "gate": gate}))
+    if "vector" in extra and min(extra["vector"].vectors) >= gate.layer:
+        out.append(Edit(**{**_scaled(extra["vector"], 4.0, "4").__dict__, "gate": gate}))
+    detector = extra.get("detector")
+    if detector is None:
+        return out
+    knock = {"method": f"detector at layer {detector.layer}", "detector": detector, "gate": gate, **meta}
+    sets = [extra.get("knockout_window", {})] + list(extra.get("narrowed", []))
+    for hd in sets:
+        if hd and min(hd) > max(gate.layer, detector.layer):
+            out.append(Edit(kind="knockout", heads=hd, positions="generated", **knock))
+    if every_position:
+        after = max(gate.layer, detector.layer) + 1
+        for hd in (extra.get("knockout_window", {}), {layer: list(range(s.n_heads)) for layer in range(after, s.n_layers)}):
+            if hd and min(hd) >= after:
+                out.append(Edit(kind="knockout", heads=hd, positions="all", **knock))
+    return out
 
 
 def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list[int]],
@@ -394,6 +468,7 @@ class Choice:
     probes: dict  # detector and gate quality on held-out prompts
     refits: pd.DataFrame  # the chosen candidate rebuilt on other splits: its pressure removed on each
     within_limits: bool = True  # False: nothing kept the limits; ``edit`` is the best trade-off
+    frame_gate: pd.DataFrame = field(default_factory=pd.DataFrame)  # the frame gate on prompts it did not learn
 
 
 def choose_edit(
@@ -408,6 +483,8 @@ def choose_edit(
     progress: bool = False,
     refits: int = 2,
     outside_limits: bool = False,
+    fit_side_effects: SideEffectData | None = None,
+    frame_families: Sequence[str] = FRAME_FAMILIES,
 ) -> Choice:
     """Build candidates from the evidence on the fit split, judge them on the judging split, and
     choose within the limits (see the module doc). Without evidence, exact head and residual
@@ -415,7 +492,10 @@ def choose_edit(
     ones). The chosen candidate is rebuilt on ``refits`` other splits (seeds ``seed + 1``, ...) and
     judged on each one's judging pairs: the spread of its pressure removed over fits. Raises when
     no candidate is within the limits, listing them all; with ``outside_limits`` it returns the
-    candidate that removes the most pressure without collapse instead, marked as outside them."""
+    candidate that removes the most pressure without collapse instead, marked as outside them.
+    The frame gate learns the fit pairs, the development ``frame_families`` (other than the
+    training family) and the ``fit`` part of the side effects (``fit_side_effects``, default the
+    built-in sets')."""
     if not train_set.has_neutral:
         raise BehaviorLensError(f"set {train_set.name!r} has no neutral side: choosing an edit scores "
                                 "candidates by the pressure they remove, measured against the no-pressure prompt")
@@ -427,20 +507,24 @@ def choose_edit(
                                        patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
                             {p.row for p in patched})
     with remembered_states():  # the detector's refits read each prompt once
+        frame = None
+        if FRAMED & set(groups):
+            fit_data = fit_side_effects or SideEffectData(model, "fit", requests=CHOICE_REQUESTS)
+            frame = frame_prompts(model, fit_data, [f for f in frame_families if f != train_set.name])
         return _choose(model, train_set, evidence, kl_max, max_accuracy_drop, groups, seed, side_effects,
-                       progress, refits, outside_limits)
+                       progress, refits, outside_limits, frame)
 
 
 def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, max_accuracy_drop: float,
             groups: Sequence[str], seed: int, side_effects: SideEffectData | None, progress: bool, refits: int,
-            outside_limits: bool) -> Choice:
+            outside_limits: bool, frame: FramePrompts | None) -> Choice:
     fit, held, roles = split_for_choice(train_set, evidence.rows, seed)
     data = side_effects or SideEffectData(model, "select", requests=CHOICE_REQUESTS)
     unedited_obs = observe(model, held, None)
     require_behavior(unedited_obs.metrics, f"{train_set.name} (judging pairs)")
     unedited = {"metrics": unedited_obs.metrics, **_light_side_effects(model, data, None)}
     log = (lambda msg: tqdm.write(f"choose: {msg}")) if progress else None
-    built, extra = build_candidates(model, fit, evidence, groups, seed, log)
+    built, extra = build_candidates(model, fit, evidence, groups, seed, log, frame)
     nulls = judging_nulls(model, held, data, unedited, extra.get("detector"), built)
     rows, edits = [], []
     for i, (group, edit, why) in enumerate(tqdm(built, desc="judge candidates", disable=not progress)):
@@ -459,6 +543,11 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
         probes |= detector_quality(model, extra["detector"], held, [s for s, _ in data.neutral])
     if "gate" in extra:
         probes |= gate_quality(model, extra["gate"], held, [s for s, _ in data.neutral])
+    frame_quality = pd.DataFrame()
+    if "frame_gate" in extra:  # on the judging pairs and the select part: prompts it did not learn
+        frame_quality = frame_gate_quality(model, extra["frame_gate"], extra["frame_prompts"], {
+            f"{train_set.name} (judging pairs)": family_prompts(held),
+            "side effects (select part)": context_prompts(data.context, request_prompts(data.neutral))})
     ok = table[table["within_limits"]]
     inside = not ok.empty
     if not inside:
@@ -469,7 +558,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     table["chosen"] = table["candidate"] == best.candidate
     edit = edits[int(best.candidate)]
     index = [i for g, e, _ in built if g == best.group for i in [id(e)]].index(id(edit))
-    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits)
+    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits, frame)
     spread = pd.concat([pd.DataFrame([{"seed": seed, "pressure_removed_fraction": best.pressure_removed_fraction,
                                        "judging_pairs": len(held), "edit": edit.describe()}]), spread],
                        ignore_index=True)
@@ -493,17 +582,17 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
               f"{100 * best.claim_recall_accuracy_change:+.1f} points, neutral KL {best.neutral_kl:.4f}; "
               f"{len(table[table.within_limits])} of {len(table)} candidates within the limits ({limits}). "
               f"Evidence: {best.evidence}")
-    return Choice(edit, reason, table, roles, mech, probes, spread, inside)
+    return Choice(edit, reason, table, roles, mech, probes, spread, inside, frame_quality)
 
 
 def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str, index: int, seed: int,
-                 refits: int) -> pd.DataFrame:
+                 refits: int, frame: FramePrompts | None = None) -> pd.DataFrame:
     """The ``index``-th candidate of ``group`` rebuilt on the fit split of seeds ``seed + 1``, ...
     and judged (pressure removed) on that split's judging pairs."""
     rows = []
     for k in range(1, refits + 1):
         fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
-        built, _ = build_candidates(model, fit, evidence, [group], seed + k)
+        built, _ = build_candidates(model, fit, evidence, [group], seed + k, frame=frame)
         edit = [e for g, e, _ in built if g == group][index]
         unedited = observe(model, held, None).metrics
         figures = pressure_figures(unedited, observe(model, held, None, edit=edit).metrics)

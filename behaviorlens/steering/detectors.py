@@ -133,7 +133,7 @@ def _held_out_scores(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test:
     return _probe().fit(x[train], labels[train]).decision_function(x[test])
 
 
-def _fit_layer(features: dict[int, np.ndarray], labels: np.ndarray, groups: np.ndarray,
+def fit_layer(features: dict[int, np.ndarray], labels: np.ndarray, groups: np.ndarray,
                seed: int) -> tuple[int, Any, pd.DataFrame]:
     """The layer with the best grouped cross-validated AUROC, its probe refit on everything.
     Every fit runs on one thread (the folds' in parallel processes): a near-separable fit stops
@@ -162,7 +162,7 @@ def _fit_layer(features: dict[int, np.ndarray], labels: np.ndarray, groups: np.n
 DETECTOR_GAP = 3  # a claimed answer of up to three tokens inside a flagged claim is flagged too
 
 
-def _readout(layer: int, clf: Any, gap: int = 0) -> Readout:
+def readout_of(layer: int, clf: Any, gap: int = 0) -> Readout:
     return Readout(layer, torch.tensor(clf.coef_[0], dtype=torch.float32), float(clf.intercept_[0]), gap)
 
 
@@ -260,8 +260,8 @@ def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
     keep = np.concatenate(_first_occurrences(sequences, labels))
     states = token_states(model, sequences, layers)
     features = {layer: np.concatenate(v)[keep] for layer, v in states.items()}
-    layer, clf, table = _fit_layer(features, np.concatenate(labels)[keep], np.concatenate(groups)[keep], seed)
-    return _readout(layer, clf, DETECTOR_GAP), table
+    layer, clf, table = fit_layer(features, np.concatenate(labels)[keep], np.concatenate(groups)[keep], seed)
+    return readout_of(layer, clf, DETECTOR_GAP), table
 
 
 def _first_occurrences(sequences: Sequence[Sequence[int]], labels: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -291,8 +291,8 @@ def train_gate(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -> tu
             groups.append(i)
     states = token_states(model, sequences, layers)
     features = {layer: np.stack([s[-1] for s in v]) for layer, v in states.items()}
-    layer, clf, table = _fit_layer(features, np.array(labels), np.array(groups), seed)
-    return _readout(layer, clf), table
+    layer, clf, table = fit_layer(features, np.array(labels), np.array(groups), seed)
+    return readout_of(layer, clf), table
 
 
 def gate_quality(model: Any, gate: Readout, held: Any, neutral_requests: Sequence[Sequence[int]]) -> dict:

@@ -48,7 +48,8 @@ def run_steer_train(
     judges them on pairs that built nothing, and picks within the limits. The choice's tables
     go to ``choice_dir`` (default: beside the edit file, ``<name>.choice/``): ``candidates.csv``
     (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json``,
-    ``refits.csv`` (the chosen candidate rebuilt on ``refits`` other splits) and ``pareto.png``.
+    ``refits.csv`` (the chosen candidate rebuilt on ``refits`` other splits), ``frame_gate.csv`` (the frame
+    gate on prompts it did not learn, beside a wording-only baseline) and ``pareto.png``.
     ``outside_limits``: when no candidate keeps the limits, save the best trade-off (marked so in
     its notes) instead of stopping.
     """
@@ -65,6 +66,8 @@ def run_steer_train(
         write_csv(folder / "mechanism.csv", choice.mechanism)
         write_json(folder / "probes.json", choice.probes)
         write_csv(folder / "refits.csv", choice.refits)
+        if not choice.frame_gate.empty:
+            write_csv(folder / "frame_gate.csv", choice.frame_gate)
         pareto(choice.candidates, folder / "pareto.png", kl_max, max_accuracy_drop)
     else:
         edit = train_vector(model, train_set, [layer], method, position)

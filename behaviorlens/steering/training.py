@@ -102,7 +102,7 @@ def train_subspace(model: Any, fit: Any, layer: int, rank: int, steps: int = 150
     pos = runs[0][2]
     removed = float((pos - moved).sum() / (pos - m_neutral).sum())
     return Edit(kind="subspace", basis={layer: basis}, vectors={layer: h_neutral.mean(0)},
-                positions="generated", model=model.name, family=fit.name, position="last",
+                positions="generated", model=model.name, family=fit.name, read_at="last",
                 method=f"interchange rank {rank}", d_model=s.d_model, n_heads=s.n_heads,
                 head_dim=s.head_dim, notes={"fit_interchange": removed, "rank": rank})
 
@@ -169,3 +169,68 @@ def finetune_heads(model: Any, fit: Any, heads: dict[int, Sequence[int]], steps:
                 method=f"head fine-tuning ({', '.join(f'L{l}H{h}' for l, hs in heads.items() for h in hs)})",
                 d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim,
                 notes={"changed": changed, "steps": steps, "anchor": anchor})
+
+
+def train_lowrank(model: Any, fit: Any, layer: int, rank: int, invariance: Sequence[Sequence[int]] = (),
+                  weight: float = 1.0, steps: int = 80, lr: float = 0.01, seed: int = 0) -> Edit:
+    """A learned rank-``rank`` edit at the answer position of the residual leaving ``layer``
+    (kind ``lowrank``): trained so that the answer distribution of both pressured sides moves to
+    the unedited no-pressure one (KL), while that of each ``invariance`` prompt (context use,
+    claim recall, ordinary requests: the ``fit`` part) stays the unedited one (KL, times
+    ``weight``). Training replays the last column from ``layer + 1``.
+
+    ``edit.notes``: ``fit_pressure_removed`` (the share of the pull it removes on the training
+    pairs) and ``fit_invariance_kl`` (the mean KL it leaves on the invariance prompts)."""
+    refuse(model, "low-rank training", "it backpropagates through blocks replayed on the weights here")
+    _require(fit, "low-rank training")
+    s, hf = model.sites, model.hf
+    s.check("resid_post", layer)
+    g = torch.Generator().manual_seed(seed)
+    groups = {side: [p.tokens[side] for p in fit] for side in (*SIDES, NEUTRAL)}
+    if invariance:
+        groups["invariance"] = [list(x) for x in invariance]
+    inputs = {k: _replay_inputs(model, v, layer + 1) for k, v in groups.items()}
+    free = torch.nn.Parameter(torch.randn(s.d_model, rank, generator=g))
+    w = torch.nn.Parameter(torch.zeros(rank, s.d_model))
+    b = torch.nn.Parameter(torch.zeros(rank))
+
+    def answer_logp(key: str, basis: torch.Tensor | None) -> torch.Tensor:
+        _, calls, hidden = inputs[key]
+        start = hidden.shape[1] - 1
+        last = hidden[:, start:].float()
+        if basis is not None:
+            last = last + (last @ w.T + b - last @ basis) @ basis.T
+        out = s.run_from(hf, layer + 1, last.to(hidden.dtype), calls, None, start)
+        return torch.log_softmax(s.logits_from_hidden(hf, out[:, -1]).float(), -1)
+
+    def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+        return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+    with torch.no_grad():
+        target = answer_logp(NEUTRAL, None)
+        kept = answer_logp("invariance", None) if invariance else None
+    opt = torch.optim.Adam([free, w, b], lr=lr)
+    for _ in range(steps):
+        basis = torch.linalg.qr(free)[0]
+        loss = sum(kl(target, answer_logp(side, basis)) for side in SIDES)
+        if invariance and weight > 0:
+            loss = loss + weight * kl(kept, answer_logp("invariance", basis))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    basis = torch.linalg.qr(free.detach())[0]
+    with torch.no_grad():
+        ids = _answer_ids(fit)
+        rows = torch.arange(len(fit))
+
+        def metric(logp: torch.Tensor) -> torch.Tensor:
+            return logp[rows, ids[:, 0]] - logp[rows, ids[:, 1]]
+
+        before, after = metric(answer_logp("positive", None)), metric(answer_logp("positive", basis))
+        removed = float((before - after).sum() / (before - metric(target)).sum())
+        left = float(kl(kept, answer_logp("invariance", basis))) if invariance else float("nan")
+    return Edit(kind="lowrank", basis={layer: basis}, arrays={f"weight.{layer}": w.detach(), f"bias.{layer}": b.detach()},
+                positions="generated", model=model.name, family=fit.name, read_at="last",
+                method=f"invariance weight {weight:g}", d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim,
+                notes={"rank": rank, "invariance_weight": weight, "fit_pressure_removed": removed,
+                       "fit_invariance_kl": left, "invariance_prompts": len(invariance)})

@@ -35,11 +35,12 @@ class Knockout(EditKind):
         return sorted(edit.heads)
 
     def describe(self, edit: Any) -> str:
+        source = {"all": "every position", "generated": "the answer positions", "prompt": "the prompt"}[edit.positions]
         if edit.detector.decoy is not None:
-            return (f"attention knockout in heads {head_names(edit)} to as many random tokens of the "
-                    f"conversation (not the first token, the template or a flagged token; draw "
+            return (f"attention knockout in heads {head_names(edit)} from {source} to as many random tokens of "
+                    f"the conversation (not the first token, the template or a flagged token; draw "
                     f"{edit.detector.decoy}) as the probe at layer {edit.detector.layer} flags")
-        return (f"attention knockout in heads {head_names(edit)} to the tokens a per-token probe "
+        return (f"attention knockout in heads {head_names(edit)} from {source} to the tokens a per-token probe "
                 f"at layer {edit.detector.layer} flags")
 
     def check(self, edit: Any, model: Any) -> None:
