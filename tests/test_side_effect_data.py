@@ -1,4 +1,5 @@
-"""The side-effect sets: real sizes, two disjoint halves, and no fact shared with any family."""
+"""The side-effect sets: real sizes, three disjoint parts by question (fit / select / report), and
+no fact shared with any family."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import functools
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 
 from behaviorlens.prompts import load_family
 from behaviorlens.prompts.library import builtin_names
 from behaviorlens.steering import data
-from behaviorlens.steering.side_effects import _half
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -23,14 +25,8 @@ def test_sets_have_the_promised_sizes(default_model):
     for r in rows:  # single-token answer and distractor, as they follow the prompt
         assert len(tok(" " + r["answer"], add_special_tokens=False).input_ids) == 1, r
         assert len(tok(" " + r["distractor"], add_special_tokens=False).input_ids) == 1, r
-    assert len(data.neutral_prompts()) >= 100
+    assert len(data.neutral_prompts()) >= 204
     assert len(tok(data.reference_text()).input_ids) >= 5000
-
-
-def test_select_and_report_halves_are_disjoint_and_cover_everything():
-    items = list(range(135))
-    select, report = _half(items, "select"), _half(items, "report")
-    assert not set(select) & set(report) and sorted(select + report) == items
 
 
 def _subjects(question: str) -> set[str]:
@@ -122,11 +118,11 @@ def _claim_texts(fam) -> list[str]:
     return out
 
 
-def test_context_use_set_has_four_styles_of_forty_and_renders(default_model):
+def test_context_use_set_has_four_styles_of_sixty_three_and_renders(default_model):
     rows = yaml.safe_load(data.context_use_family_path().read_text())["rows"]
-    assert len(rows) >= 160
+    assert len(rows) >= 252
     styles = [r["style"] for r in rows]
-    assert set(styles) == STYLES and all(styles.count(s) >= 40 for s in STYLES)
+    assert set(styles) == STYLES and all(styles.count(s) >= 63 for s in STYLES)
     assert len({(r["context"], r["question"]) for r in rows}) == len(rows)
     for r in rows:  # the answer is in the user's own turn; the distractor is something else
         assert r["answer"].lower() in r["context"].lower() and r["answer"] != r["distractor"], r
@@ -194,3 +190,190 @@ def test_null_sentences_are_short_non_claims_naming_no_answer():
     wording_grams = set().union(*(_grams(w.replace("{answer}", "X")) for w in data.claim_wordings()))
     assert not [s for s in sentences if _grams(s) & wording_grams]
     assert not set(sentences) & set(data.detector_negatives())
+
+
+# -- issue 33: fit / select / report, split by question ----------------------------------------
+
+PARTS = ("fit", "select", "report")
+
+
+@pytest.fixture(scope="module")
+def rendered(default_model):
+    """The built-in sets as SideEffectData renders and cuts them."""
+    from behaviorlens.steering.side_effects import _builtin
+
+    tok = default_model.tokenizer
+    return {"context": _builtin(tok, data.context_use_family_path()),
+            "factual": _builtin(tok, data.factual_family_path()),
+            "reference": list(tok(data.reference_text())["input_ids"])}
+
+
+def _parts(rendered) -> dict[str, dict[str, list]]:
+    """Each set's three parts: the rendered context-use and factual pairs, the requests (texts)
+    and the reference chunks (token tuples)."""
+    from behaviorlens.steering.side_effects import SHARES, reference_part, request_part, set_part
+
+    out = {name: {part: list(set_part(rendered[name], part, SHARES[name])) for part in PARTS}
+           for name in ("context", "factual")}
+    out["requests"] = {part: request_part(data.neutral_prompts(), part) for part in PARTS}
+    out["reference"] = {part: [tuple(c) for c in reference_part(rendered["reference"], part)] for part in PARTS}
+    return out
+
+
+def _identity(item) -> list:
+    """What identifies an item of a part: its row_keys (a request is its question)."""
+    from behaviorlens.steering.side_effects import row_keys
+
+    return row_keys({"question": item}) if isinstance(item, str) else row_keys(item.variables, item.text["positive"])
+
+
+def _name(item):
+    """An item as a hashable name: a pair's row, a request's text, a chunk's tokens."""
+    return ("row", item.row) if hasattr(item, "row") else item
+
+
+def test_the_three_parts_of_every_set_are_disjoint_and_cover_it(rendered):
+    ids = rendered["reference"]
+    everything = {"context": [("row", p.row) for p in rendered["context"]],
+                  "factual": [("row", p.row) for p in rendered["factual"]],
+                  "requests": data.neutral_prompts(),
+                  "reference": [tuple(ids[i:i + 256]) for i in range(0, len(ids), 256) if len(ids[i:i + 256]) > 1]}
+    for name, by_part in _parts(rendered).items():
+        names = {part: [_name(item) for item in items] for part, items in by_part.items()}
+        assert all(names[part] for part in PARTS), name
+        for a, b in [("fit", "select"), ("fit", "report"), ("select", "report")]:
+            assert not set(names[a]) & set(names[b]), (name, a, b)
+        assert sorted(names["fit"] + names["select"] + names["report"]) == sorted(everything[name]), name
+
+
+def test_select_and_report_keep_the_sizes_their_limits_and_figures_need(rendered):
+    from behaviorlens.steering.choose import CHOICE_REQUESTS
+
+    parts = _parts(rendered)
+    for part in PARTS:  # every style in every part: 21 rows each, so one row is under 5 points
+        styles = [p.variables["style"] for p in parts["context"][part]]
+        assert all(styles.count(s) == 21 for s in STYLES), (part, styles)
+    for part in ("select", "report"):
+        assert len(parts["requests"][part]) == 68 >= CHOICE_REQUESTS
+        assert len(parts["factual"][part]) >= 117 and len(parts["reference"][part]) >= 9
+    assert len(parts["requests"]["fit"]) == 68 and len(parts["factual"]["fit"]) >= 55
+
+
+def test_no_question_crosses_splits(rendered):
+    """Rows that share a context or ask the same question in other words are in one part, in
+    every set."""
+    from behaviorlens.steering.side_effects import part_indices, question_key, row_keys
+
+    for name, by_part in _parts(rendered).items():
+        if name == "reference":
+            continue
+        keys = {part: {k for item in items for k in _identity(item)} for part, items in by_part.items()}
+        for a, b in [("fit", "select"), ("fit", "report"), ("select", "report")]:
+            assert not keys[a] & keys[b], (name, a, b, keys[a] & keys[b])
+    # the identity is more than the row: the recall question asked in four wordings is one question
+    wordings = {"Which city did I name?", "Which city did I just name?", "Which city did I say?", "Which city did I guess?"}
+    where = {part for part, rows in _parts(rendered)["context"].items() for p in rows if p.variables["question"] in wordings}
+    assert len(where) == 1 and sum(p.variables["question"] in wordings for p in rendered["context"]) >= 10
+    assert question_key("Which city did I just name?") == question_key("which city did I say") != \
+        question_key("Which country did I name?")
+    assert question_key("What is the chemical symbol for tin?") != question_key("What is the chemical symbol for neon?")
+    # a passage asked twice, and a question asked of two passages, stay together whatever the seed
+    rows = [{"context": f"Note {i}: the meeting is in room {i}.", "question": f"Where is meeting {i}?"} for i in range(30)]
+    rows[1]["context"] = rows[0]["context"]
+    rows[3]["question"] = "Which city did I just name?"
+    rows[2]["question"] = "Which city did I say?"
+    for seed in range(10):
+        fit = set(part_indices([row_keys(r) for r in rows], "fit", seed=seed))
+        assert {0, 1} <= fit or not {0, 1} & fit
+        assert {2, 3} <= fit or not {2, 3} & fit
+
+
+def test_fit_is_deterministic(rendered):
+    """The same rows in every call and every process (no unseeded draw, no set or hash order)."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from behaviorlens.steering.side_effects import SHARES, request_part, set_part
+
+    def fit():
+        return ([p.row for p in set_part(rendered["context"], "fit", SHARES["context"])],
+                [p.row for p in set_part(rendered["factual"], "fit", SHARES["factual"])],
+                request_part(data.neutral_prompts(), "fit"))
+
+    first = fit()
+    random.seed(12345)
+    assert fit() == first
+    script = """
+import json, yaml
+from behaviorlens.steering import data
+from behaviorlens.steering.side_effects import SHARES, part_indices, request_part, row_keys
+def rows(path, name):
+    rs = yaml.safe_load(path.read_text())["rows"]
+    return part_indices([row_keys(r) for r in rs], "fit", SHARES[name], [r.get("style") for r in rs])
+print(json.dumps([rows(data.context_use_family_path(), "context"), rows(data.factual_family_path(), "factual"),
+                  request_part(data.neutral_prompts(), "fit")]))
+"""
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert tuple(json.loads(out.stdout.splitlines()[-1])) == first
+
+
+def test_side_effect_data_has_a_fit_part_like_select_and_report():
+    from steering_helpers import planted_model, tiny_context_set, tiny_set
+
+    from behaviorlens.steering.side_effects import SideEffectData, measure_side_effects
+
+    model = planted_model()
+    factual, context = tiny_set(model, 10, "tiny_factual"), tiny_context_set(model, 12)
+    built = {part: SideEffectData(model, part, neutral=[f"w{30 + i} w{36 + i} w{84 + i}" for i in range(6)],
+                                  reference=" ".join(f"w{30 + i % 60}" for i in range(1500)), factual=factual,
+                                  context=context, fillers=["w70 w71"]) for part in PARTS}
+    for attr, rows in [("context", lambda d: [p.row for p in d.context]), ("factual", lambda d: [p.row for p in d.factual]),
+                       ("neutral", lambda d: [tuple(s) for s, _ in d.neutral]), ("reference", lambda d: [tuple(c) for c in d.reference])]:
+        got = {part: rows(d) for part, d in built.items()}
+        assert all(got.values()), attr
+        assert len(set().union(*got.values())) == sum(map(len, got.values())), attr  # disjoint
+    fit = built["fit"]
+    assert fit.part == "fit" and len(fit.context) == 4 and fit.recall.sum() == 2 and len(fit.neutral) == 2
+    side = measure_side_effects(model, fit, batch_size=4)
+    assert len(side.context) == 4 and len(side.factual) == len(fit.factual) and np.isfinite(side.nll).all()
+
+
+def test_fit_prompts_come_as_chat_prompts_with_their_kind(default_model, rendered):
+    from behaviorlens.chat import render_chat
+    from behaviorlens.steering.side_effects import SHARES, part_prompts, request_part, set_part
+
+    tok = default_model.tokenizer
+    prompts = part_prompts(tok)
+    kinds = [k for _, k in prompts]
+    assert {k: kinds.count(k) for k in set(kinds)} == {**{s: 21 for s in STYLES}, "request": 68}
+    fit_rows = set_part(rendered["context"], "fit", SHARES["context"])
+    assert [t for t, k in prompts if k != "request"] == [p.text["positive"] for p in fit_rows]
+    assert all(t.endswith(p.variables["prefix"]) and p.variables["context"] in t for (t, _), p in zip(prompts, fit_rows))
+    assert [t for t, k in prompts if k == "request"] == \
+        [render_chat(tok, [{"role": "user", "content": r}]) for r in request_part(data.neutral_prompts(), "fit")]
+    assert not {t for t, _ in prompts} & {t for t, _ in part_prompts(tok, "select")}
+
+
+_REQUEST_WORDS = {"a", "an", "the", "of", "in", "on", "at", "to", "is", "was", "are", "be", "i", "my", "me", "we",
+                  "you", "your", "what", "which", "who", "how", "do", "does", "did", "for", "and", "or", "with",
+                  "by", "from", "it", "this", "that", "can", "could", "should", "would", "will", "give", "tell",
+                  "make", "list", "write", "explain", "some", "good", "way", "best"}
+
+
+def _close(a: str, b: str) -> bool:
+    """Two requests sharing at least half their content words (function words and request verbs
+    left out)."""
+    x, y = ({w for w in re.findall(r"[a-z0-9']+", t.lower())} - _REQUEST_WORDS for t in (a, b))
+    return len(x & y) >= 0.5 * len(x | y)
+
+
+def test_no_ordinary_request_asks_what_a_detector_negative_asks_in_other_words():
+    """The detector trains on its negatives: a request close to one would put the same request in
+    its training and in the limits."""
+    assert _close("How do I center a div in CSS?", "How do I center a div horizontally with CSS?")
+    assert not [(r, n) for r in data.neutral_prompts() for n in data.detector_negatives() if _close(r, n)]

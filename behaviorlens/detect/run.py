@@ -76,13 +76,14 @@ def label_set(model: Any, contrast_set: ContrastSet, margin: float = MARGIN, lab
                     family_examples(contrast_set, contrast))
 
 
-def chat_set(model: Any, half: str, seed: int = 0, prompts: Sequence[str] | None = None) -> Examples:
-    """Ordinary requests (the neutral requests of the side-effect data, one fixed half) with the
-    model's own greedy answers: the threshold is set on ``select``, reported on ``report``."""
+def chat_set(model: Any, part: str, prompts: Sequence[str] | None = None) -> Examples:
+    """Ordinary requests (the neutral requests of the side-effect data, one fixed part: the same
+    parts as every stage's) with the model's own greedy answers: the threshold is set on
+    ``select``, reported on ``report``."""
     from ..steering import data
-    from ..steering.side_effects import _half
+    from ..steering.side_effects import request_part
 
-    return chat_examples(model, _half(list(prompts) if prompts is not None else data.neutral_prompts(), half, seed))
+    return chat_examples(model, request_part(list(prompts) if prompts is not None else data.neutral_prompts(), part))
 
 
 def _note(line: str) -> None:
@@ -99,7 +100,7 @@ def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, i
     parts += [label_set(model, cs, margin, "instructed", batch_size) for cs in instructed]
     train = Examples.concat([p.examples for p in parts])
     contrast = Examples.concat([p.contrast for p in parts])
-    result = train_detector(model, train, contrast, chat_set(model, "select", seed) if chat else None,
+    result = train_detector(model, train, contrast, chat_set(model, "select") if chat else None,
                             layers=layers, positions=positions, methods=methods, folds=folds, seed=seed,
                             batch_size=batch_size)
     det = result.detector
@@ -150,7 +151,7 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
         write_csv(out / "label_counts.csv", label_counts(table))
     chat_fpr = float("nan")
     if chat and np.isfinite(detector.threshold):
-        chat_scores = score_examples(model, detector, chat_set(model, "report", seed), batch_size)
+        chat_scores = score_examples(model, detector, chat_set(model, "report"), batch_size)
         chat_fpr = float(chat_scores["flagged"].mean())
         write_csv(out / "chat_scores.csv", chat_scores)
     scores = score_examples(model, detector, examples, batch_size)

@@ -1,7 +1,9 @@
 """What an edit costs elsewhere: the prompts side effects are measured on, and the measurements.
 
-Three sets, each in two disjoint halves (``select``: what a chooser may use for its limits;
-``report``: only for reporting what was chosen):
+Every set is split three ways by question (:func:`part_indices`): ``fit`` (what detectors,
+gates and invariance losses train on), ``select`` (what a chooser may use for its limits) and
+``report`` (only for reporting what was chosen). A question never appears in two parts: rows that
+ask the same question (:func:`row_keys`) stay together. The sets:
 
 - *neutral requests*: ordinary user requests, rendered with the model's chat template (the way
   edits meet prompts in use) and as plain text, each followed by the unedited model's greedy
@@ -22,7 +24,8 @@ Three sets, each in two disjoint halves (``select``: what a chooser may use for 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -32,51 +35,166 @@ import torch
 
 from ..analysis.metrics import bootstrap_ci, kl_divergence
 from ..batching import answer_tail, chunks
-from ..chat import chat_ids, has_template
+from ..chat import chat_ids, has_template, render_chat
 from ..errors import BehaviorLensError
 from ..scoring import behavior_metric
 
-HALVES = ("select", "report", "all")
+PARTS = ("fit", "select", "report")
+SPLITS = (*PARTS, "all")
+# each set's shares of rows, in PARTS order: the context-use set and the requests feed fit's
+# gates and invariance losses; the factual control and the reference text keep more for the
+# limits and figures
+SHARES = {"requests": (1, 1, 1), "context": (1, 1, 1), "factual": (1, 2, 2), "reference": (1, 2, 2)}
+FILL_ORDER = ("select", "report", "fit")  # who gets a remainder first
 CLAIM_RECALL = "claim_recall"  # the context-use style scored on its own
+REQUEST = "request"  # the kind of an ordinary request (part_prompts)
 CHUNK = 256
 CONTINUATION = 16
 
+# words a question's identity ignores, and words taken as one (a recall question asked with
+# another verb: "Which city did I say?" is "Which city did I just name?")
+_FUNCTION_WORDS = frozenset([
+    "a", "an", "the", "of", "in", "on", "at", "to", "is", "was", "are", "were", "be", "been", "am", "i", "i'm",
+    "we", "my", "our", "me", "us", "you", "your", "what", "which", "who", "whom", "whose", "how", "did", "do",
+    "does", "for", "and", "or", "with", "by", "from", "it", "its", "this", "that", "just"])
+_SAME_WORD = dict.fromkeys(["say", "said", "name", "named", "mention", "mentioned", "guess", "guessed", "give",
+                            "gave", "call", "called", "pick", "picked", "choose", "chose"], "say")
 
-def _half(items: list, half: str, seed: int = 0) -> list:
-    """A fixed half of ``items`` (``select`` and ``report`` are disjoint; ``all`` is everything)."""
-    if half not in HALVES:
-        raise BehaviorLensError(f"unknown side-effect half {half!r}; use one of {', '.join(HALVES)}")
-    if half == "all":
-        return list(items)
-    order = list(range(len(items)))
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def question_key(text: str) -> frozenset[str]:
+    """What identifies a question across wordings: its words, lower-cased, without function words
+    and with recall verbs taken as one ("Which city did I just name?" = "which city did I say")."""
+    return frozenset(_SAME_WORD.get(w, w) for w in _words(text)) - _FUNCTION_WORDS
+
+
+def row_keys(variables: Mapping[str, Any], text: str = "") -> list[tuple[str, Any]]:
+    """The identities of one row: its question (:func:`question_key`) and its context (the user's
+    passage, story, fact or claim, up to case and punctuation); rows sharing either ask the same
+    question. A row with neither (a request, another family's row) is its ``text``."""
+    keys: list[tuple[str, Any]] = []
+    if variables.get("question") is not None:
+        keys.append(("question", question_key(str(variables["question"]))))
+    if variables.get("context") is not None:
+        keys.append(("context", " ".join(_words(str(variables["context"])))))
+    return keys or [("question", question_key(text))]
+
+
+def _groups(keys: Sequence[Iterable[Hashable]]) -> list[list[int]]:
+    """Items linked by a shared key, transitively (in order of their first item)."""
+    parent = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Hashable, int] = {}
+    for i, ks in enumerate(keys):
+        for k in ks:
+            parent[root(i)] = root(first.setdefault(k, i))
+    out: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        out.setdefault(root(i), []).append(i)
+    return list(out.values())
+
+
+def part_indices(keys: Sequence[Iterable[Hashable]], part: str, shares: Sequence[float] = (1, 1, 1),
+                 strata: Sequence[Hashable] | None = None, seed: int = 0) -> list[int]:
+    """The indices of the items in ``part`` (one of ``fit``, ``select``, ``report``; ``all`` is
+    everything). Items sharing a key are one question and go to one part. Questions are dealt in a
+    seeded order, largest first, each to the part furthest below its share (``shares`` in PARTS
+    order) within its stratum (a context-use style), so each part has about its share of every
+    stratum. Deterministic: the same items give the same parts."""
+    if part not in SPLITS:
+        raise BehaviorLensError(f"unknown side-effect part {part!r}; use one of {', '.join(SPLITS)}")
+    if part == "all":
+        return list(range(len(keys)))
+    if len(shares) != len(PARTS) or min(shares) <= 0:
+        raise BehaviorLensError(f"shares need one positive number per part ({', '.join(PARTS)}), got {shares}")
+    share = dict(zip(PARTS, shares))
+    groups = _groups(keys)
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    keep = sorted(order[: len(order) // 2] if half == "select" else order[len(order) // 2:])
-    return [items[i] for i in keep]
+    rank = {g: r for r, g in enumerate(order)}
+    strata = list(strata) if strata is not None else [None] * len(keys)
+    filled: dict[tuple[Hashable, str], int] = {}
+    out = []
+    for g in sorted(range(len(groups)), key=lambda g: (-len(groups[g]), rank[g])):
+        stratum, size = strata[groups[g][0]], len(groups[g])
+        to = min(FILL_ORDER, key=lambda p: (filled.get((stratum, p), 0) + size) / share[p])
+        filled[(stratum, to)] = filled.get((stratum, to), 0) + size
+        if to == part:
+            out += groups[g]
+    return sorted(out)
+
+
+def set_part(cset: Any, part: str, shares: Sequence[float], seed: int = 0) -> Any:
+    """One part of a rendered side-effect set (by :func:`row_keys`, balanced over ``style``)."""
+    keys = [row_keys(p.variables, p.text["positive"]) for p in cset]
+    return cset.subset(part_indices(keys, part, shares, [p.variables.get("style") for p in cset], seed))
+
+
+def request_part(requests: Sequence[str], part: str, seed: int = 0) -> list[str]:
+    """One part of the ordinary requests (a request is its :func:`question_key`)."""
+    keys = [[("question", question_key(str(t)))] for t in requests]
+    return [requests[i] for i in part_indices(keys, part, SHARES["requests"], seed=seed)]
+
+
+
+
+def reference_part(ids: Sequence[int], part: str) -> list[list[int]]:
+    """One part of a reference text's chunks of ``CHUNK`` tokens (a chunk is its own item)."""
+    pieces = [list(ids[i:i + CHUNK]) for i in range(0, len(ids), CHUNK) if len(ids[i:i + CHUNK]) > 1]
+    return [pieces[i] for i in part_indices([[i] for i in range(len(pieces))], part, SHARES["reference"])]
+
+
+def part_prompts(tokenizer: Any, part: str = "fit", neutral: Sequence[str] | None = None,
+                 context: Any = None) -> list[tuple[str, str]]:
+    """The prompts of one part as the model meets them, each with its kind: the context-use rows
+    (their rendered chat prompt up to the answer; kind = their style: ``passage``, ``fiction``,
+    ``personal``, ``claim_recall``) and the ordinary requests (the chat-rendered request; kind
+    ``request``). ``neutral`` and ``context`` replace the built-in sets, as in
+    :class:`SideEffectData`. For a gate's negatives and an invariance loss: ``fit`` by default."""
+    from . import data
+
+    context = context if context is not None else _builtin(tokenizer, data.context_use_family_path())
+    out = [(p.text["positive"], str(p.variables.get("style", "context")))
+           for p in set_part(context, part, SHARES["context"])]
+    for t in request_part(list(neutral) if neutral is not None else data.neutral_prompts(), part):
+        out.append((render_chat(tokenizer, [{"role": "user", "content": t}]) if has_template(tokenizer) else t,
+                    REQUEST))
+    return out
 
 
 class SideEffectData:
-    """The side-effect prompts, tokenized once for a model; ``half`` picks one half of each set
-    (``requests`` keeps only the first N neutral requests of it). ``fillers`` are the non-claim
-    sentences a knockout's null blocks in a claim's place (:func:`.baselines.filler_null`)."""
+    """The side-effect prompts of one part (``fit``, ``select``, ``report`` or ``all``), tokenized
+    once for a model (``requests`` keeps only the first N neutral requests of the part).
+    ``fillers`` are the non-claim sentences a knockout's null blocks in a claim's place
+    (:func:`.baselines.filler_null`)."""
 
-    def __init__(self, model: Any, half: str = "report", neutral: Sequence[str] | None = None,
+    def __init__(self, model: Any, part: str = "report", neutral: Sequence[str] | None = None,
                  reference: str | None = None, factual: Any = None, requests: int | None = None,
                  context: Any = None, fillers: Sequence[str] | None = None) -> None:
         from . import data
 
         tok = model.tokenizer
-        self.half = half
-        texts = _half(list(neutral) if neutral is not None else data.neutral_prompts(), half)[:requests]
+        self.part = part
+        texts = request_part(list(neutral) if neutral is not None else data.neutral_prompts(), part)[:requests]
         self.neutral = continued(model, [chat_ids(tok, t) for t in texts])
         self.neutral_plain = continued(model, [list(tok(t)["input_ids"]) for t in texts])
         ids = list(tok(reference if reference is not None else data.reference_text())["input_ids"])
         if len(ids) < 2:
             raise BehaviorLensError("the reference text needs at least two tokens")
-        self.reference = _half([ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK) if len(ids[i:i + CHUNK]) > 1], half)
+        self.reference = reference_part(ids, part)
         factual = factual if factual is not None else _builtin(tok, data.factual_family_path())
-        self.factual = factual.subset(sorted(_half(list(range(len(factual))), half)))
+        self.factual = set_part(factual, part, SHARES["factual"])
         context = context if context is not None else _builtin(tok, data.context_use_family_path())
-        self.context = context.subset(sorted(_half(list(range(len(context))), half)))
+        self.context = set_part(context, part, SHARES["context"])
         self.recall = np.array([p.variables.get("style") == CLAIM_RECALL for p in self.context])
         self.fillers = list(fillers) if fillers is not None else data.null_sentences()
 

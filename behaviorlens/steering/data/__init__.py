@@ -13,7 +13,8 @@ DATA = Path(__file__).parent
 
 
 def neutral_prompts() -> list[str]:
-    """Over a hundred ordinary requests with no opinion in them (for the side-effect KL)."""
+    """204 ordinary requests with no opinion in them (for the side-effect KL), none asking what a
+    detector negative asks."""
     return list(yaml.safe_load((DATA / "neutral.yaml").read_text())["prompts"])
 
 
@@ -41,8 +42,8 @@ def factual_family_path() -> Path:
 
 
 def context_use_family_path() -> Path:
-    """168 questions answered from the user's own turn (a passage, a story, a personal fact, the
-    user's own claim; a ``style`` field on every row, 42 of each), the distractor being what the
+    """252 questions answered from the user's own turn (a passage, a story, a personal fact, the
+    user's own claim; a ``style`` field on every row, 63 of each), the distractor being what the
     model would say without reading it; none shared with a built-in family."""
     return DATA / "context_use.yaml"
 
