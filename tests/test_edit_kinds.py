@@ -20,6 +20,7 @@ from behaviorlens.scoring import behavior_metric
 from behaviorlens.steering import steer
 from behaviorlens.steering.bake import edited_module
 from behaviorlens.steering.evaluate import random_control
+from behaviorlens.steering.run import generate_examples
 
 
 KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights"]
@@ -163,3 +164,11 @@ def test_each_kind_bakes_to_its_runtime_effect_or_says_why_not(setup, kind):
 def test_a_kind_without_strength_says_so():
     assert not kind_of("knockout").has_strength
     assert all(kind_of(k).has_strength for k in KINDS if k != "knockout")
+
+
+def test_generation_labels_the_unedited_model_and_a_kind_without_strength(setup):
+    m, cset, examples = setup
+    knock = generate_examples(m, examples["knockout"][0], cset, max_new_tokens=2)
+    assert list(dict.fromkeys(knock.label)) == ["unedited", "edited"]
+    vector = generate_examples(m, examples["vector"][0], cset, max_new_tokens=2)
+    assert list(dict.fromkeys(vector.label)) == ["x-4", "unedited", "x+4"]

@@ -102,7 +102,7 @@ def _generate(args: argparse.Namespace) -> None:
     for prompt, rows in table.groupby("prompt", sort=False):
         print(f"=== {prompt!r}")
         for _, r in rows.iterrows():
-            print(f"[x{r.strength:+g}] {r.completion}")
+            print(f"[{r.label}] {r.completion}")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -169,7 +169,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="a text file, one prompt a line, or an open-ended dataset file (.json: CAA's "
                         "test_dataset_open_ended.json)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="the first N prompts of --prompts-file")
-    p.add_argument("--strengths", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
+    p.add_argument("--strengths", type=float, nargs="+", default=None,
+                   help="default -4 0 4 (0: unedited); a kind without strength (a knockout) shows unedited "
+                        "and edited")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--positions", default=None, choices=["all", "prompt", "generated"],
                    help="where the edit acts (default: the edit's own)")

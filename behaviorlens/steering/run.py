@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -198,25 +199,31 @@ def generate_examples(
     model: Any,
     edit: Edit,
     prompts: Any,
-    strengths: Sequence[float] = (-4.0, 0.0, 4.0),
+    strengths: Sequence[float] | None = None,
     max_new_tokens: int = 40,
     seed: int = 0,
     positions: str | None = None,
 ) -> pd.DataFrame:
-    """Greedy continuations of each prompt (strings or a ContrastSet's behavior side) per strength."""
-    from contextlib import nullcontext
-
+    """Greedy continuations of each prompt (strings or a ContrastSet's behavior side) per strength
+    (default -4, 0, 4; for a kind without strength, 0 and 1), each row labelled ``unedited``
+    (strength 0), ``edited`` (a kind without strength) or by its strength (``x+4``)."""
     ids = _prompt_ids(model, prompts)
     texts = [model.tokenizer.decode(x) for x in ids]
     batch = model.batch(ids)
+    has_strength = edit.spec.has_strength
+    if strengths is None:
+        strengths = (-4.0, 0.0, 4.0) if has_strength else (0.0, 1.0)
+    if not has_strength:  # any strength but 0 is the same edit: generate it once
+        strengths = sorted({0.0 if m == 0 else 1.0 for m in strengths})
     rows = []
     for m in strengths:
         torch.manual_seed(seed)
+        label = "unedited" if m == 0 else (f"x{m:+g}" if has_strength else "edited")
         ctx = steer(model, edit, m, positions=positions) if m != 0 else nullcontext()
         with ctx:
             out = model.generate(batch, max_new_tokens)
         new = out[:, batch.input_ids.shape[1]:]
         for i, text in enumerate(texts):
-            rows.append({"prompt": text, "strength": float(m),
+            rows.append({"prompt": text, "strength": float(m), "label": label,
                          "completion": model.tokenizer.decode(new[i], skip_special_tokens=True)})
     return pd.DataFrame(rows)
