@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from steering_helpers import planted_model, planted_set, tiny_side_effects
 
-from behaviorlens.edits import kind_of
+from behaviorlens.edits import Edit, kind_of
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
@@ -98,6 +98,10 @@ def test_steer_train_writes_the_choice_tables(planted, tmp_path):
     for name in ("candidates.csv", "choice_pairs.csv", "mechanism.csv", "probes.json", "pareto.png"):
         assert (folder / name).is_file(), name
     assert summary["reason"].startswith("chose ")
+    table = pd.read_csv(folder / "candidates.csv")
+    saved = sorted((folder / "candidates").glob("*.safetensors"))
+    assert len(saved) == len(table)  # every candidate can be scored again (steer eval)
+    assert [Edit.load(f).describe() for f in saved] == list(table.edit)
 
 
 def _limits_table(**columns):

@@ -41,7 +41,7 @@ def test_train_export_edit_generate(tiny_llama, tmp_path, capsys):
     assert main(["steer", "generate", edit_path, "--prompt", "w5 w6 w7", "--strengths", "-4", "0", "4",
                  "--max-new-tokens", "4", "--model", folder]) == 0
     out = capsys.readouterr().out
-    assert "[x-4]" in out and "[x+0]" in out and "[x+4]" in out
+    assert "[x-4]" in out and "[unedited]" in out and "[x+4]" in out
 
 
 def test_generate_reads_a_text_prompts_file_one_prompt_a_line_and_an_open_ended_dataset(tiny_llama, tmp_path, capsys):

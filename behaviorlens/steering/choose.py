@@ -469,6 +469,7 @@ class Choice:
     refits: pd.DataFrame  # the chosen candidate rebuilt on other splits: its pressure removed on each
     within_limits: bool = True  # False: nothing kept the limits; ``edit`` is the best trade-off
     frame_gate: pd.DataFrame = field(default_factory=pd.DataFrame)  # the frame gate on prompts it did not learn
+    edits: list = field(default_factory=list)  # every candidate, in the order of ``candidates``
 
 
 def choose_edit(
@@ -582,7 +583,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
               f"{100 * best.claim_recall_accuracy_change:+.1f} points, neutral KL {best.neutral_kl:.4f}; "
               f"{len(table[table.within_limits])} of {len(table)} candidates within the limits ({limits}). "
               f"Evidence: {best.evidence}")
-    return Choice(edit, reason, table, roles, mech, probes, spread, inside, frame_quality)
+    return Choice(edit, reason, table, roles, mech, probes, spread, inside, frame_quality, edits)
 
 
 def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str, index: int, seed: int,
