@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from behaviorlens import load_model
+from behaviorlens.edits import Edit, Readout
 from behaviorlens.measure import measure
 from behaviorlens.patching import patch
 from behaviorlens.patching.ablation import ablation_scan
@@ -31,7 +32,6 @@ from behaviorlens.patching.attribution import attribution_patch
 from behaviorlens.probing.activations import collect
 from behaviorlens.prompts import load_family
 from behaviorlens.steering import steer
-from behaviorlens.edits import Edit, Readout
 
 
 class Payloads:

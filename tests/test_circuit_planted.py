@@ -31,13 +31,13 @@ from behaviorlens.circuits import Circuit, Graph, composition_table, edge_attrib
 from behaviorlens.circuits import test_faithfulness as score_on_family
 from behaviorlens.circuits.acdc import acdc
 from behaviorlens.circuits.exact import agreement
-from behaviorlens.circuits.faithfulness import CONVENTIONS, controls, ranked
+from behaviorlens.circuits.faithfulness import CIRCUIT_ABLATIONS, controls, ranked
 from behaviorlens.circuits.params import CircuitParams
-from behaviorlens.params import from_step
 from behaviorlens.circuits.run import circuit_step, run_circuit
 from behaviorlens.cli import main
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.model import Model, _wrap
+from behaviorlens.params import from_step
 from behaviorlens.prompts import PromptFamily
 from behaviorlens.sites import SiteMap
 
@@ -128,7 +128,7 @@ def test_eap_finds_the_key_edge_and_drops_the_distractor(planted):
     assert _distractor_edges(table)["exact"].abs().max() < 0.05
 
 
-@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("convention", CIRCUIT_ABLATIONS)
 def test_circuit_keeps_the_behavior_and_controls_do_not(planted, convention):
     m, cs = planted
     order = ranked(edge_attribution(m, cs, steps=4))

@@ -14,7 +14,7 @@ from behaviorlens.steering.detectors import (
     detector_quality,
     ordinary_turns,
     reworded_claims,
-    train_detector,
+    train_token_detector,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -67,7 +67,7 @@ def test_reworded_claims_teach_the_detector_claims_in_a_wording_it_never_saw(def
     negatives = ordinary_turns(m.tokenizer)[::4]
     recall = {}
     for name, wordings in (("one wording", []), ("reworded", None)):
-        detector, _ = train_detector(m, fit, [12], negatives=negatives, wordings=wordings)
+        detector, _ = train_token_detector(m, fit, [12], negatives=negatives, wordings=wordings)
         recall[name] = detector_quality(m, detector, held, negatives[:4])["detector_recall"]
     assert recall["reworded"] >= 0.9 and recall["one wording"] <= recall["reworded"] - 0.3, recall
 

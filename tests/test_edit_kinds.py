@@ -22,7 +22,6 @@ from behaviorlens.steering.bake import edited_module
 from behaviorlens.steering.evaluate import random_control
 from behaviorlens.steering.run import generate_examples
 
-
 KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights"]
 
 

@@ -8,7 +8,12 @@ import pytest
 import torch
 from steering_helpers import planted_model, planted_set
 
-from behaviorlens.steering.frame_gate import FramePrompts, family_prompts, frame_gate_quality, train_frame_gate
+from behaviorlens.steering.frame_gate import (
+    FramePrompts,
+    family_prompts,
+    frame_gate_quality,
+    train_frame_gate,
+)
 
 
 def _framed(model, rows: range) -> FramePrompts:

@@ -16,6 +16,7 @@ from steering_helpers import planted_model, planted_set, tiny_side_effects
 from test_exact_patching import tiny_family
 
 from behaviorlens import remote
+from behaviorlens.edits import Edit, Readout
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.measure import measure
 from behaviorlens.patching import patch
@@ -23,7 +24,6 @@ from behaviorlens.patching.ablation import ablation_scan
 from behaviorlens.patching.attribution import attribution_patch
 from behaviorlens.probing.activations import collect
 from behaviorlens.steering import head_edit, steer
-from behaviorlens.edits import Edit, Readout
 from behaviorlens.steering.evaluate import evaluate_steering
 
 TOL = 1e-4

@@ -24,6 +24,7 @@ import torch
 from steering_helpers import planted_model, planted_set, tiny_side_effects
 from test_exact_patching import tiny_family
 
+from behaviorlens.edits import Readout
 from behaviorlens.measure import measure
 from behaviorlens.model import load_model
 from behaviorlens.patching import attribution_patch, patch
@@ -31,7 +32,6 @@ from behaviorlens.patching.ablation import ablation_scan
 from behaviorlens.probing import collect
 from behaviorlens.probing.probes import make_probe
 from behaviorlens.steering import Edit, head_edit, train_vector
-from behaviorlens.edits import Readout
 from behaviorlens.steering.evaluate import evaluate_steering
 from behaviorlens.steering.run import generate_examples
 

@@ -10,6 +10,7 @@ import torch
 from steering_helpers import planted_model, planted_set, tiny_set
 
 from behaviorlens.chat import Scaffold
+from behaviorlens.edits import Readout
 from behaviorlens.measure import side_metrics
 from behaviorlens.scoring import behavior_metric
 from behaviorlens.steering.baselines import (
@@ -20,7 +21,6 @@ from behaviorlens.steering.baselines import (
     null_broken,
 )
 from behaviorlens.steering.choose import within_limits
-from behaviorlens.edits import Readout
 from behaviorlens.steering.side_effects import context_figures
 
 
@@ -126,8 +126,8 @@ def test_filler_pairs_replace_only_the_claim_and_blocking_nothing_changes_nothin
 
 
 def test_a_knockout_control_in_use_draws_only_among_the_conversation_s_tokens(planted, monkeypatch):
-    from behaviorlens.steering import steer
     from behaviorlens.edits import Edit
+    from behaviorlens.steering import steer
 
     model, cset = planted
     s = model.sites

@@ -11,8 +11,8 @@ from behaviorlens.edits import Edit, kind_of
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
-from behaviorlens.steering import steer
 from behaviorlens.patching.results import PatchEvidence
+from behaviorlens.steering import steer
 from behaviorlens.steering.choose import choose_edit, split_for_choice, within_limits
 from behaviorlens.steering.run import run_steer_train
 

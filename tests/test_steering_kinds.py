@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import behaviorlens.model as model_module
+from behaviorlens.edits import Readout
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.steering import Edit, steer
 from behaviorlens.steering.apply import knockout
 from behaviorlens.steering.bake import edited_module
-from behaviorlens.edits import Readout
 
 SEQS = [[5, 6, 7, 8, 9, 10, 11, 12, 33, 34, 35], [5, 6, 7, 8, 9, 10, 11, 12, 36, 37], [5, 6, 7, 8, 9, 10, 11, 12, 38]]
 

@@ -36,7 +36,7 @@ from . import forward as F
 from .attribution import EdgeScores, sides
 from .graph import Graph
 
-CONVENTIONS = ("counterfactual", "mean", "resample")
+CIRCUIT_ABLATIONS = ("counterfactual", "mean", "resample")
 FRACTIONS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -120,8 +120,8 @@ class Evaluator:
     metric of every pair under any circuit mask costs one masked split forward per batch."""
 
     def __init__(self, model, cset: ContrastSet, convention: str = "counterfactual", pair_batch: int = 8) -> None:
-        if convention not in CONVENTIONS:
-            raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(CONVENTIONS)}")
+        if convention not in CIRCUIT_ABLATIONS:
+            raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(CIRCUIT_ABLATIONS)}")
         if len(cset) < (2 if convention == "resample" else 1):
             raise BehaviorLensError(f"set {cset.name!r} has {len(cset)} pairs: too few to evaluate a circuit")
         self.model, self.g = model, Graph.of(model)

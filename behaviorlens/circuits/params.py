@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..params import kwargs, param
-from .faithfulness import CONVENTIONS
-from .run import METHODS, run_circuit
+from .faithfulness import CIRCUIT_ABLATIONS
+from .run import EDGE_METHODS, run_circuit
 
 
 @dataclass
@@ -18,10 +18,10 @@ class CircuitParams:
                                    "families)", metavar="FAMILY")
     n_pairs: int = param(16, "use the first N pairs (half choose, half score)", name="pairs")
     test_pairs: int = param(16, "pairs of each --test family")
-    method: str = param("eap", "edge attribution: EAP or EAP-IG", choices=METHODS)
+    method: str = param("eap", "edge attribution: EAP or EAP-IG", choices=EDGE_METHODS)
     steps: int = param(4, "EAP-IG interpolation steps")
     convention: str = param("counterfactual", "what an edge outside the circuit carries (default: the pair's "
-                            "negative side)", name="ablation", choices=CONVENTIONS)
+                            "negative side)", name="ablation", choices=CIRCUIT_ABLATIONS)
     keep: float = param(0.8, "choose the smallest circuit keeping this share of the behavior (default 0.8)")
     exact_edges: int = param(40, "check attribution by exact patching of the N top and N random edges")
     acdc_candidates: int = param(0, "also prune the top N edges greedily (ACDC) and compare (one forward per "

@@ -31,7 +31,7 @@ from .plots import circuit_graph, composition_plot, faithfulness_curve, head_fig
 if TYPE_CHECKING:
     from .params import CircuitParams
 
-METHODS = ("eap", "eap-ig")
+EDGE_METHODS = ("eap", "eap-ig")
 
 
 @dataclass
@@ -121,10 +121,10 @@ def run_circuit(model, cset: ContrastSet, tests: Sequence[ContrastSet] = (), out
     ``acdc_candidates > 0`` also prunes that many top edges with ACDC on the selection pairs and
     scores the result on the held-out pairs beside the top-k attribution circuit of its size.
     """
-    if method not in METHODS:
-        raise BehaviorLensError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
-    if convention not in Fa.CONVENTIONS:
-        raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(Fa.CONVENTIONS)}")
+    if method not in EDGE_METHODS:
+        raise BehaviorLensError(f"unknown attribution method {method!r}; use one of {', '.join(EDGE_METHODS)}")
+    if convention not in Fa.CIRCUIT_ABLATIONS:
+        raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(Fa.CIRCUIT_ABLATIONS)}")
     if not 0 < keep <= 1:
         raise BehaviorLensError(f"keep must be in (0, 1], got {keep}")
     cset.require_aligned("circuit discovery")

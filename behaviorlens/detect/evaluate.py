@@ -20,7 +20,7 @@ import pandas as pd
 from ..errors import BehaviorLensError
 from ..probing.sweep import auroc, bootstrap_auroc
 from .detector import Detector
-from .examples import Examples, read_states, wording_features
+from .examples import Examples, answer_wording_features, read_states
 
 MISTAKE_MAX = 0.65
 TARGETS = {"auroc_at_least": 0.8, "mistake_auroc_at_most": MISTAKE_MAX, "control_gap_at_least": 0.15}
@@ -35,7 +35,7 @@ def score_examples(model: Any, detector: Detector, examples: Examples, batch_siz
         raise BehaviorLensError(f"the detector reads position {detector.position!r}, which "
                                 f"{', '.join(sorted(examples.table['family'].unique()))} lack")
     X = read_states(model, examples, [detector.layer], [detector.position], batch_size)[detector.position][:, 0]
-    words, _ = wording_features(model, examples, detector.vocab)
+    words, _ = answer_wording_features(model, examples, detector.vocab)
     out = examples.table.copy()
     out["score"] = detector.probe.score(X)
     out["shuffled_score"] = detector.shuffled.score(X)

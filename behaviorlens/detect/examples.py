@@ -184,7 +184,7 @@ def read_states(model: Any, examples: Examples, layers: Sequence[int], positions
     return out
 
 
-def wording_features(model: Any, examples: Examples, vocab: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def answer_wording_features(model: Any, examples: Examples, vocab: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the words alone hold: bag-of-tokens counts of each sequence over ``vocab`` (default:
     every token the examples use) and the mean input embedding of the answer's tokens. Returns
     the features and the vocabulary."""

@@ -8,7 +8,7 @@ from typing import Any
 from ..params import Step, kwargs, param
 from .examples import POSITIONS
 from .labels import MARGIN
-from .train import METHODS
+from .train import DETECTOR_METHODS
 
 METHOD_CHOICES = ("mean_diff", "logistic", "pca")
 
@@ -31,7 +31,7 @@ class DetectTrainParams(DetectLabelParams):
 
     layers: list[int] | None = param(None, "default: every other layer")
     positions: tuple[str, ...] = param(POSITIONS, "where the detector reads", choices=POSITIONS)
-    methods: tuple[str, ...] = param(METHODS, "probe methods", choices=METHOD_CHOICES)
+    methods: tuple[str, ...] = param(DETECTOR_METHODS, "probe methods", choices=METHOD_CHOICES)
     folds: int = param(5, "cross-validation folds")
     chat: bool = param(True, "set the detector's threshold on ordinary chat (--no-chat: skip it)")
 

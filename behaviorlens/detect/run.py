@@ -35,7 +35,7 @@ from .labels import (
 )
 from .params import DetectParams
 from .plots import plot_scores, plot_sweep
-from .train import METHODS, train_detector
+from .train import DETECTOR_METHODS, train_detector
 
 LABEL_MODES = ("metric", "text", "instructed")
 
@@ -92,7 +92,7 @@ def _note(line: str) -> None:
 
 def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, instructed: Sequence[ContrastSet] = (),
                      margin: float = MARGIN, labels: str = "metric", layers: Sequence[int] | None = None,
-                     positions: Sequence[str] = POSITIONS, methods: Sequence[str] = METHODS, folds: int = 5,
+                     positions: Sequence[str] = POSITIONS, methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5,
                      seed: int = 0, chat: bool = True, batch_size: int = 16, folder: str | Path | None = None) -> dict:
     """Label ``sets`` (and ``instructed`` pairs), train the detector, write it to ``out`` and its
     tables, plot and ``summary.json`` to ``folder`` (default: ``out`` with suffix ``.train``)."""

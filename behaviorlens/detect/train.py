@@ -39,10 +39,10 @@ from ..probing.sweep import (
 )
 from ..probing.validity import nested_best, wording_baseline
 from .detector import Detector, Linear
-from .examples import POSITIONS, SITE, Examples, read_states, wording_features
+from .examples import POSITIONS, SITE, Examples, answer_wording_features, read_states
 
 CHOOSABLE = ("answer", "last")  # positions every transcript has
-METHODS = ("mean_diff", "logistic")
+DETECTOR_METHODS = ("mean_diff", "logistic")
 CHAT_FPR = 0.01
 
 
@@ -103,7 +103,7 @@ def chat_threshold(scores: np.ndarray, fpr: float = CHAT_FPR) -> float:
 
 def train_detector(model: Any, train: Examples, contrast: Examples | None = None, chat: Examples | None = None,
                    layers: Sequence[int] | None = None, positions: Sequence[str] = POSITIONS,
-                   methods: Sequence[str] = METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
+                   methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
                    batch_size: int = 16) -> TrainResult:
     """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored).
 
@@ -131,7 +131,7 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
     probe = fit_probe(acts, SITE, layer, position, method, seed=seed)
     shuffled = make_probe(method, seed=seed).fit(X, shuffled_labels(y, groups, seed), groups)
 
-    wording, vocab = wording_features(model, lh)
+    wording, vocab = answer_wording_features(model, lh)
     wording_table = wording_baseline(wording, y, groups, methods, folds, seed)
     top = wording_table.sort_values("auroc", ascending=False, kind="stable").iloc[0]
     wording_probe = make_probe(str(top["method"]), seed=seed).fit(wording[str(top["representation"])], y, groups)

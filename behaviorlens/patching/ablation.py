@@ -35,7 +35,7 @@ from ..interventions.kinds import SetSite
 from ..interventions.trace import site_values
 from ..scoring import behavior_metric, needs_whole, plan
 
-CONVENTIONS = ("zero", "mean", "resample")
+ABLATIONS = ("zero", "mean", "resample")
 SITES = ("head", "attn", "mlp")
 
 
@@ -72,8 +72,8 @@ def ablation_scan(model: Any, contrast_set: Any, site: str = "head", convention:
                   layers: Sequence[int] | None = None, seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """One row per component: ``value`` (the drop, see the module doc) with its bootstrap CI over
     pairs, and the mean metric with the component ablated."""
-    if convention not in CONVENTIONS:
-        raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    if convention not in ABLATIONS:
+        raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(ABLATIONS)}")
     if site not in SITES:
         raise BehaviorLensError(f"ablation scans knock out {', '.join(SITES)}, not {site!r}")
     if len(contrast_set) < 2:

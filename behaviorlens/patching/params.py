@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..params import Step, param
-from .ablation import CONVENTIONS
+from .ablation import ABLATIONS
 from .attribution import DEFAULT_STEPS
 
 SITE_CHOICES = ("resid_pre", "resid_post", "attn", "mlp", "head")
@@ -22,7 +22,7 @@ class PatchParams:
                         "or layer component (attn, mlp) in turn", choices=METHOD_CHOICES, step=False)
     convention: str = param("mean", "with --method ablation: what replaces the component (default: mean over "
                             "the negative side; resample: a random other pair's)", name="ablation",
-                            choices=CONVENTIONS, step=False)
+                            choices=ABLATIONS, step=False)
     direction: str = param("denoise", "denoise: patch the clean run into the corrupt one; noise: the reverse",
                            choices=("denoise", "noise"))
     clean: str = param("positive", "which side of the pairs is clean (default: positive)",

@@ -32,7 +32,7 @@ from .results import (
     PatchResult,
 )
 
-METHODS = ("exact", "attribution")  # run_patch; ablation scans run through run_ablation
+PATCH_METHODS = ("exact", "attribution")  # run_patch; ablation scans run through run_ablation
 LAYERS_PER_CACHE_FILE = 5
 
 
@@ -63,8 +63,8 @@ def run_patch(
     resampled) and, for residual sites, ``arrival_layer``: the first layer whose last-token cell
     holds 80% of the largest last-token value. ``summary.json`` is written last.
     """
-    if method not in METHODS:
-        raise BehaviorLensError(f"unknown patching method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in PATCH_METHODS:
+        raise BehaviorLensError(f"unknown patching method {method!r}; use one of {', '.join(PATCH_METHODS)}")
     contrast_set.require_aligned("activation patching")
     if n_pairs is not None:
         if n_pairs < 1:

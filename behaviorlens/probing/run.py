@@ -16,7 +16,7 @@ from ..prompts.contrast import ContrastSet
 from .activations import collect, position_span
 from .generalization import collect_sets, matrix_from_activations
 from .plots import plot_auroc_by_layer, plot_head_heatmap, plot_transfer
-from .sweep import METHODS, best_row, probe_sweep
+from .sweep import PROBE_METHODS, best_row, probe_sweep
 from .validity import mark_wording, nested_best, wording_baseline, wording_features
 
 SUMMARY_JSON = "summary.json"
@@ -28,7 +28,7 @@ def run_probe(
     test_sets: Mapping[str, ContrastSet] | None = None,
     sites: Sequence[str] = ("resid_post",),
     positions: Sequence[str] = ("last",),
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = PROBE_METHODS,
     out_dir: str | Path = "probe",
     batch_size: int = 16,
     folds: int = 5,

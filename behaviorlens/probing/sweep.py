@@ -22,7 +22,7 @@ from ..errors import BehaviorLensError
 from .activations import Activations
 from .probes import Probe, make_probe
 
-METHODS = ("mean_diff", "logistic", "pca")
+PROBE_METHODS = ("mean_diff", "logistic", "pca")
 
 
 def pair_folds(pair_ids: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -157,7 +157,7 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], desc: str = "",
 
 def probe_sweep(
     activations: Activations,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = PROBE_METHODS,
     folds: int = 5,
     seed: int = 0,
     sites: Sequence[str] | None = None,

@@ -87,8 +87,8 @@ from .detectors import (
     detector_quality,
     gate_quality,
     remembered_states,
-    train_detector,
-    train_gate,
+    train_pressure_gate,
+    train_token_detector,
     valence_slot,
 )
 from .evaluate import null_figures, observe, pressure_figures, random_control, require_behavior
@@ -209,7 +209,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
     if ({"knockout", "narrowed knockout"} & set(groups) or gating) and fit.has_neutral:
         say("training the pressure-token detector")
-        detector, table = train_detector(model, fit, default_layers(s.n_layers, first), seed)
+        detector, table = train_token_detector(model, fit, default_layers(s.n_layers, first), seed)
         extra["detector"], extra["detector_cv"] = detector, table
         later = heads[heads.layer > detector.layer]
         if len(later):
@@ -274,7 +274,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                                                    read_at="last", method="mean_diff", **meta), why))
     if "gated" in groups and fit.has_neutral:
         say("training the pressure gate")
-        gate, table = train_gate(model, fit, default_layers(s.n_layers, first), seed)
+        gate, table = train_pressure_gate(model, fit, default_layers(s.n_layers, first), seed)
         extra["gate"], extra["gate_cv"] = gate, table
         why = f"gated by a last-token probe at layer {gate.layer} (CV AUROC {table.cv_auroc.max():.3f})"
         out += [("gated", e, why) for e in _gated(model, fit, heads, extra, gate, meta)]

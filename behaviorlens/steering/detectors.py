@@ -1,12 +1,12 @@
 """Probes that decide where an edit acts, trained on a family's pairs and used without them.
 
-- :func:`train_detector`: a per-token probe of the residual stream that flags the tokens
+- :func:`train_token_detector`: a per-token probe of the residual stream that flags the tokens
   carrying the pressure (the valence slot's tokens of both pressured sides, and claims about
   the same answers in other wordings spliced into the same prompts (:func:`reworded_claims`),
   against every other token, the no-pressure prompts and ordinary user turns), closing gaps of
   up to ``DETECTOR_GAP`` tokens inside a flagged span. A knockout blocks attention to the tokens
   it flags, so at inference it needs no slot annotations.
-- :func:`train_gate`: a probe of the last token that fires when the prompt carries pressure
+- :func:`train_pressure_gate`: a probe of the last token that fires when the prompt carries pressure
   (either pressured side against the neutral side); a gated edit acts only where it fires.
 
 Each picks its layer among ``layers`` by cross-validated AUROC over pairs on the training
@@ -236,7 +236,7 @@ def _pressure_tokens(cset: Any) -> tuple[list, list[np.ndarray], list[np.ndarray
     return sequences, labels, groups
 
 
-def train_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
+def train_token_detector(model: Any, fit: Any, layers: Sequence[int], seed: int = 0,
                    negatives: Sequence[Sequence[int]] | None = None,
                    wordings: Sequence[str] | None = None) -> tuple[Readout, pd.DataFrame]:
     """A per-token probe flagging the pressure's tokens (see the module doc); the CV table.
@@ -281,7 +281,7 @@ def _first_occurrences(sequences: Sequence[Sequence[int]], labels: Sequence[np.n
     return out
 
 
-def train_gate(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -> tuple[Readout, pd.DataFrame]:
+def train_pressure_gate(model: Any, fit: Any, layers: Sequence[int], seed: int = 0) -> tuple[Readout, pd.DataFrame]:
     """A last-token probe: pressured prompts (1) against no-pressure prompts (0); the CV table."""
     sequences, labels, groups = [], [], []
     for side in _sides(fit):

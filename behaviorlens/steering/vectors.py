@@ -10,7 +10,7 @@ import torch
 from ..edits import Edit
 from ..errors import BehaviorLensError
 
-METHODS = ("mean_diff", "pca", "probe")
+VECTOR_METHODS = ("mean_diff", "pca", "probe")
 
 
 def train_vector(
@@ -28,8 +28,8 @@ def train_vector(
     projected on it. ``probe``: a logistic probe's direction (:mod:`behaviorlens.probing`), scaled the same
     way. Adding the vector pushes toward the behavior; a negative strength pushes away.
     """
-    if method not in METHODS:
-        raise BehaviorLensError(f"unknown steering method {method!r}; methods are {', '.join(METHODS)}")
+    if method not in VECTOR_METHODS:
+        raise BehaviorLensError(f"unknown steering method {method!r}; methods are {', '.join(VECTOR_METHODS)}")
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers:
         raise BehaviorLensError("train_vector needs at least one layer")
