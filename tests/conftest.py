@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers as T
 
+from behaviorlens.prompts import PromptFamily
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -97,3 +99,40 @@ def default_model():
     from behaviorlens import load_model
 
     return load_model()
+
+
+def tiny_family(**extra) -> PromptFamily:
+    """Three rows of different lengths (so batches are left-padded), a two-token valence slot."""
+    data = {
+        "name": "tiny",
+        "chat": False,
+        "user": "w5 w6 {{ a }} w7 {{ s }} w8 w9",
+        "valence": {"s": {"positive": "w40 w42", "negative": "w41 w43"}},
+        "answers": {"matching": " w50", "not_matching": " w51"},
+        "rows": [{"a": "w60"}, {"a": "w61 w62"}, {"a": "w63 w64 w65"}],
+    }
+    data.update(extra)
+    return PromptFamily.from_dict(data)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread on a shared machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def probe_family(name: str = "tiny", pos: str = "w50 w52", neg: str = "w51 w53", n: int = 6,
+                filler: str = "w6") -> PromptFamily:
+    """A named plain-text family for probes; rows differ in length (``pre`` has 1..3 words) so batches pad."""
+    pre = ["w30", "w31 w32", "w33 w34 w35", "w36 w37", "w38", "w39 w40 w41 w42"]
+    return PromptFamily.from_dict({
+        "name": name,
+        "chat": False,
+        "user": "w5 {{ pre }} " + filler + " {{ s }} w7 w8",
+        "valence": {"s": {"positive": pos, "negative": neg}},
+        "answers": {"matching": " w60", "not_matching": " w61"},
+        "rows": [{"pre": pre[i % len(pre)] + f" w{70 + i}"} for i in range(n)],
+    })

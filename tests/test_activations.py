@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import probe_family, tiny_model
 
 from behaviorlens import BehaviorLensError
 from behaviorlens.probing import activations as A
 from behaviorlens.probing import collect
 from behaviorlens.probing.activations import Activations
-from behaviorlens.prompts import PromptFamily
 
 SITES = ("resid_pre", "resid_post", "attn", "mlp", "head")
 POSITIONS = ("last", "s", "s:mean", "answer")
-
-
-def tiny_family(name: str = "tiny", pos: str = "w50 w52", neg: str = "w51 w53", n: int = 6,
-                filler: str = "w6") -> PromptFamily:
-    """A plain-text family; rows differ in length (``pre`` has 1..3 words) so batches pad."""
-    pre = ["w30", "w31 w32", "w33 w34 w35", "w36 w37", "w38", "w39 w40 w41 w42"]
-    return PromptFamily.from_dict({
-        "name": name,
-        "chat": False,
-        "user": "w5 {{ pre }} " + filler + " {{ s }} w7 w8",
-        "valence": {"s": {"positive": pos, "negative": neg}},
-        "answers": {"matching": " w60", "not_matching": " w61"},
-        "rows": [{"pre": pre[i % len(pre)] + f" w{70 + i}"} for i in range(n)],
-    })
 
 
 def hook_reference(model, cset, sites, positions, layers):
@@ -75,7 +60,7 @@ def hook_reference(model, cset, sites, positions, layers):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_collect_equals_unpadded_torch_hooks(family):
     model = tiny_model(family)
-    cset = tiny_family(n=5).render(model.tokenizer)
+    cset = probe_family(n=5).render(model.tokenizer)
     assert len({len(p.tokens["positive"]) for p in cset}) > 1  # batches really are padded
     acts = collect(model, cset, sites=SITES, positions=POSITIONS, batch_size=2, progress=False)
     ref = hook_reference(model, cset, SITES, POSITIONS, range(model.sites.n_layers))
@@ -112,7 +97,7 @@ def _interrupt_after_first(k):
 
 def test_interrupted_collection_resumes(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    cset = tiny_family(n=6).render(model.tokenizer)
+    cset = probe_family(n=6).render(model.tokenizer)
     kw = {"sites": ("resid_post", "head"), "positions": ("last", "s:mean"), "batch_size": 2, "progress": False}
     fresh = collect(model, cset, **kw)
 
@@ -141,13 +126,13 @@ def test_interrupted_collection_resumes(tmp_path, monkeypatch):
 
 def test_changed_settings_recompute(tmp_path):
     model = tiny_model("llama")
-    cset = tiny_family(n=4).render(model.tokenizer)
+    cset = probe_family(n=4).render(model.tokenizer)
     collect(model, cset, positions=("last",), batch_size=2, out_dir=tmp_path, progress=False)
     with pytest.warns(UserWarning, match="positions"):
         got = collect(model, cset, positions=("s",), batch_size=2, out_dir=tmp_path, progress=False)
     want = collect(model, cset, positions=("s",), batch_size=2, progress=False)
     torch.testing.assert_close(got.get("resid_post", "s"), want.get("resid_post", "s"))
-    other = tiny_family(n=4, pos="w54 w55").render(model.tokenizer)  # same settings, new tokens
+    other = probe_family(n=4, pos="w54 w55").render(model.tokenizer)  # same settings, new tokens
     with pytest.warns(UserWarning, match="fingerprint"):
         got = collect(model, other, positions=("s",), batch_size=2, out_dir=tmp_path, progress=False)
     want = collect(model, other, positions=("s",), batch_size=2, progress=False)
@@ -156,7 +141,7 @@ def test_changed_settings_recompute(tmp_path):
 
 def test_bad_requests_raise_clear_errors():
     model = tiny_model("llama")
-    cset = tiny_family(n=2).render(model.tokenizer)
+    cset = probe_family(n=2).render(model.tokenizer)
     with pytest.raises(BehaviorLensError, match="no position named 'nope'"):
         collect(model, cset, positions=("nope",), progress=False)
     with pytest.raises(BehaviorLensError, match="unknown site"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from test_exact_patching import tiny_family
+from conftest import tiny_family, tiny_model
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.patching import attribution_patch, patch, verify_top_k

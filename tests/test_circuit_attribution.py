@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from test_circuit_graph import one_thread  # noqa: F401
-from test_exact_patching import tiny_family
+from conftest import tiny_family, tiny_model
 
 from behaviorlens.circuits.attribution import edge_attribution, sides
 from behaviorlens.circuits.exact import agreement, exact_edges

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_exact_patching import tiny_family
+from conftest import tiny_family, tiny_model
 
 from behaviorlens.circuits import forward as F
 from behaviorlens.circuits.attribution import sides
 from behaviorlens.circuits.graph import Graph
 from behaviorlens.errors import BehaviorLensError
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,6 @@ import torch
 import transformers as T
 import yaml
 from conftest import VOCAB, tiny_tokenizer
-from test_circuit_graph import one_thread  # noqa: F401
 
 from behaviorlens.analysis.report import write_report
 from behaviorlens.circuits import Circuit, Graph, composition_table, edge_attribution, exact_edges

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_exact_patching import tiny_family
+from conftest import tiny_family
 
 from behaviorlens.circuits.params import CircuitParams
 from behaviorlens.cli import build_parser, main

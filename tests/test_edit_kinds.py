@@ -8,8 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_exact_patching import tiny_family
+from conftest import tiny_family, tiny_model
 
 from behaviorlens.edits import KINDS, Edit, Readout, kind_of
 from behaviorlens.edits.kind import EditKind

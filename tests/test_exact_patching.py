@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_family, tiny_model
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.patching import patch, patch_one_at_a_time, patch_whole
 from behaviorlens.patching.hooks import Overwrite, reading
-from behaviorlens.prompts import PromptFamily, load_family
+from behaviorlens.prompts import load_family
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2"]
-
-
-def tiny_family(**extra) -> PromptFamily:
-    """Three rows of different lengths (so batches are left-padded), a two-token valence slot."""
-    data = {
-        "name": "tiny",
-        "chat": False,
-        "user": "w5 w6 {{ a }} w7 {{ s }} w8 w9",
-        "valence": {"s": {"positive": "w40 w42", "negative": "w41 w43"}},
-        "answers": {"matching": " w50", "not_matching": " w51"},
-        "rows": [{"a": "w60"}, {"a": "w61 w62"}, {"a": "w63 w64 w65"}],
-    }
-    data.update(extra)
-    return PromptFamily.from_dict(data)
 
 
 def assert_same(fast, slow, tol=1e-4):

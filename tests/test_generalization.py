@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_model
+from conftest import probe_family, tiny_model
 from sklearn.metrics import roc_auc_score
-from test_activations import tiny_family
 
 from behaviorlens.probing import collect, fit_probe, generalization, transfer_matrix
 
 
 def test_generalization_equals_manual_fit_and_score():
     model = tiny_model("llama")
-    a = tiny_family("a", n=6).render(model.tokenizer)
-    b = tiny_family("b", n=6, filler="w9").render(model.tokenizer)  # same valence words
-    c = tiny_family("c", n=6, pos="w80 w81", neg="w82 w83").render(model.tokenizer)
+    a = probe_family("a", n=6).render(model.tokenizer)
+    b = probe_family("b", n=6, filler="w9").render(model.tokenizer)  # same valence words
+    c = probe_family("c", n=6, pos="w80 w81", neg="w82 w83").render(model.tokenizer)
     table = generalization(model, a, {"b": b, "c": c}, site="resid_post", layer=2, position="last",
                            method="mean_diff", batch_size=4)
     assert list(table["test"]) == ["b", "c"] and not table["cross_validated"].any()
@@ -31,9 +30,9 @@ def test_generalization_equals_manual_fit_and_score():
 def test_transfer_matrix_covers_every_ordered_pair(tmp_path):
     model = tiny_model("llama")
     sets = {
-        "a": tiny_family("a", n=6).render(model.tokenizer),
-        "b": tiny_family("b", n=6, filler="w9").render(model.tokenizer),
-        "c": tiny_family("c", n=6, pos="w80 w81", neg="w82 w83").render(model.tokenizer),
+        "a": probe_family("a", n=6).render(model.tokenizer),
+        "b": probe_family("b", n=6, filler="w9").render(model.tokenizer),
+        "c": probe_family("c", n=6, pos="w80 w81", neg="w82 w83").render(model.tokenizer),
     }
     m = transfer_matrix(model, sets, site="resid_post", layer=1, position="s:mean", method="pca",
                         folds=3, out_dir=tmp_path)

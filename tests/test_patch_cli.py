@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from test_exact_patching import tiny_family
+from conftest import tiny_family
 
 import behaviorlens.patching.run as run_module
 from behaviorlens.cli import main

@@ -7,8 +7,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_model
-from test_activations import tiny_family
+from conftest import probe_family, tiny_model
 
 from behaviorlens.cli import main
 from behaviorlens.probing import activations as A
@@ -23,7 +22,7 @@ def saved(tmp_path_factory):
     model.hf.save_pretrained(root / "model")
     model.tokenizer.save_pretrained(root / "model")
     for name, kw in {"fam_a": {}, "fam_b": {"filler": "w9"}}.items():
-        fam = tiny_family(name, n=6, **kw)
+        fam = probe_family(name, n=6, **kw)
         data = {k: getattr(fam, k) for k in ("name", "chat", "user", "valence", "answers", "rows")}
         (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
     return root
@@ -69,7 +68,7 @@ def test_cli_reports_user_errors(saved, tmp_path, capsys):
 
 def test_rerun_resumes_from_cached_activations(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    cset = tiny_family("fam_a", n=6).render(model.tokenizer)
+    cset = probe_family("fam_a", n=6).render(model.tokenizer)
     first = run_probe(model, cset, {}, methods=("mean_diff",), folds=3, out_dir=tmp_path, batch_size=2,
                       progress=False)
 
@@ -86,7 +85,7 @@ def test_transfer_falls_back_to_a_position_every_family_has(tmp_path):
     from behaviorlens.prompts import PromptFamily
 
     model = tiny_model("llama")
-    train = tiny_family("fam_a", n=6).render(model.tokenizer)
+    train = probe_family("fam_a", n=6).render(model.tokenizer)
     other = PromptFamily.from_dict({
         "name": "fam_t", "chat": False, "user": "w5 w6 {{ t }} w7 w8 w{{ i }}",
         "valence": {"t": {"positive": "w50 w52", "negative": "w51 w53"}},

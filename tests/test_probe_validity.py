@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model
-from test_activations import tiny_family
+from conftest import probe_family, tiny_model
 
 from behaviorlens.probing import run_probe
 from behaviorlens.probing.activations import Activations
@@ -15,7 +14,7 @@ from behaviorlens.probing.validity import nested_best
 def test_sides_that_differ_only_in_wording_are_explained_by_the_wording(tmp_path):
     """Each side is one fixed word: any probe reads it perfectly, and so does the wording alone."""
     model = tiny_model("llama")
-    cset = tiny_family("words", pos="w40", neg="w43", n=12).render(model.tokenizer)
+    cset = probe_family("words", pos="w40", neg="w43", n=12).render(model.tokenizer)
     summary = run_probe(model, cset, {}, methods=("mean_diff", "logistic"), folds=3, out_dir=tmp_path,
                         batch_size=6, progress=False)
     assert summary["best_auroc"] > 0.9

@@ -11,9 +11,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_family, tiny_model
 from steering_helpers import planted_model, planted_set, tiny_side_effects
-from test_exact_patching import tiny_family
 
 from behaviorlens import remote
 from behaviorlens.edits import Edit, Readout

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_family
 from steering_helpers import planted_model, planted_set, tiny_side_effects
-from test_exact_patching import tiny_family
 
 from behaviorlens.edits import Readout
 from behaviorlens.measure import measure
