@@ -3,6 +3,7 @@ candidate is listed, the choice's tables are written."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from steering_helpers import planted_model, planted_set, tiny_side_effects
@@ -13,7 +14,7 @@ from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
 from behaviorlens.patching.results import PatchEvidence
 from behaviorlens.steering import steer
-from behaviorlens.steering.choose import choose_edit, split_for_choice, within_limits
+from behaviorlens.steering.choose import choose_edit, refit_spread, split_for_choice, within_limits
 from behaviorlens.steering.run import run_steer_train
 
 
@@ -123,3 +124,10 @@ def test_a_knockouts_other_words_control_is_reported_not_a_limit():
     table = _limits_table(random_pressure_removed_fraction=-1.5)
     assert bool(within_limits(table, 0.05, 0.02).iloc[0])
     assert kind_of("knockout").random_control_label == "as many other words blocked in these heads"
+
+
+def test_a_refit_that_builds_fewer_candidates_says_so_instead_of_failing(planted):
+    model, cset, evidence, side = planted
+    spread = refit_spread(model, cset, evidence, "vector", 7, 0, 1, groups=["vector"])
+    assert len(spread) == 1 and np.isnan(spread.pressure_removed_fraction.iloc[0])
+    assert spread.edit.iloc[0].startswith("no vector candidate number 8 on this split (2 built)")

@@ -115,6 +115,7 @@ CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL l
 GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
           "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant")
 INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
+GATES_BUILT_FROM = {"gated": ("narrowed knockout",), "frame-gated": ("narrowed knockout",)}  # gated copies of these
 FRAMED = {"frame-gated", "trained invariant"}  # groups that learn the fit part of the side effects
 FRAME_FAMILIES = ("capitals_opinion", "restated_claim", "earlier_turn_claim", "system_claim", "pushback",
                   "pushback_cited")  # development families whose pressured prompts the frame gate also learns
@@ -559,7 +560,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     table["chosen"] = table["candidate"] == best.candidate
     edit = edits[int(best.candidate)]
     index = [i for g, e, _ in built if g == best.group for i in [id(e)]].index(id(edit))
-    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits, frame)
+    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits, frame, groups)
     spread = pd.concat([pd.DataFrame([{"seed": seed, "pressure_removed_fraction": best.pressure_removed_fraction,
                                        "judging_pairs": len(held), "edit": edit.describe()}]), spread],
                        ignore_index=True)
@@ -587,14 +588,23 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
 
 
 def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str, index: int, seed: int,
-                 refits: int, frame: FramePrompts | None = None) -> pd.DataFrame:
+                 refits: int, frame: FramePrompts | None = None, groups: Sequence[str] = ()) -> pd.DataFrame:
     """The ``index``-th candidate of ``group`` rebuilt on the fit split of seeds ``seed + 1``, ...
-    and judged (pressure removed) on that split's judging pairs."""
+    and judged (pressure removed) on that split's judging pairs. The groups a gated group gates
+    (those of ``groups`` in :data:`GATES_BUILT_FROM`) are built too, so its candidates line up; a
+    split whose build has no such candidate (a gate read later than the heads it would gate)
+    gets a row saying so, with no figure."""
+    needs = [g for g in GATES_BUILT_FROM.get(group, ()) if g in groups]
     rows = []
     for k in range(1, refits + 1):
         fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
-        built, _ = build_candidates(model, fit, evidence, [group], seed + k, frame=frame)
-        edit = [e for g, e, _ in built if g == group][index]
+        built, _ = build_candidates(model, fit, evidence, [group, *needs], seed + k, frame=frame)
+        mine = [e for g, e, _ in built if g == group]
+        if index >= len(mine):
+            rows.append({"seed": seed + k, "pressure_removed_fraction": float("nan"), "judging_pairs": len(held),
+                         "edit": f"no {group} candidate number {index + 1} on this split ({len(mine)} built)"})
+            continue
+        edit = mine[index]
         unedited = observe(model, held, None).metrics
         figures = pressure_figures(unedited, observe(model, held, None, edit=edit).metrics)
         rows.append({"seed": seed + k, "pressure_removed_fraction": figures["pressure_removed_fraction"],
