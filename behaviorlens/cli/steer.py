@@ -108,18 +108,12 @@ def _generate(args: argparse.Namespace) -> None:
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of ``--prompts-file``: an open-ended dataset file (``.json`` or ``.jsonl``: CAA's
     ``test_dataset_open_ended.json``), or plain text, one prompt a line (blank lines skipped)."""
-    from ..prompts.sources import open_ended_prompts
+    from ..prompts.sources import open_ended_prompts, read_text
 
     path = Path(path)
     if path.suffix.lower() in (".json", ".jsonl"):
         return open_ended_prompts(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise BehaviorLensError(f"cannot read {path}: {err.strerror}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise BehaviorLensError(f"{path}: no prompts (one a line)")
     return prompts

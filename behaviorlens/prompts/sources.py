@@ -85,15 +85,21 @@ def _expand(path: str, where: str) -> str:
     return expanded
 
 
-def dataset_format(path: str | Path) -> str:
-    """The format of a dataset file, recognised from its first record."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a file that cannot be read is one line naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise BehaviorLensError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise BehaviorLensError(f"cannot read {path}: {err.strerror}") from None
+
+
+def dataset_format(path: str | Path) -> str:
+    """The format of a dataset file, recognised from its first record."""
+    path = Path(path)
+    text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
         raise BehaviorLensError(f"{path}: empty dataset")
