@@ -21,7 +21,7 @@ import pandas as pd
 from behaviorlens import load_model
 from behaviorlens.io import write_csv
 from behaviorlens.prompts import load_family
-from behaviorlens.steering.choose import CHOICE_REQUESTS, FRAME_FAMILIES
+from behaviorlens.steering.candidates import FRAME_FAMILIES
 from behaviorlens.steering.data import claim_wordings
 from behaviorlens.steering.detectors import default_layers, remembered_states
 from behaviorlens.steering.frame_gate import (
@@ -32,6 +32,7 @@ from behaviorlens.steering.frame_gate import (
     request_prompts,
     train_frame_gate,
 )
+from behaviorlens.steering.judge import CHOICE_REQUESTS
 from behaviorlens.steering.side_effects import SideEffectData
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"

@@ -15,16 +15,12 @@ import argparse
 import time
 
 from behaviorlens import load_model
+from behaviorlens.patching.results import evidence_of, patch_runs
 from behaviorlens.prompts import load_family
-from behaviorlens.steering.choose import (
-    CHOICE_REQUESTS,
-    GROUPS,
-    _light_side_effects,
-    choose_edit,
-    load_evidence,
-    split_for_choice,
-)
+from behaviorlens.steering.candidates import GROUPS
+from behaviorlens.steering.choose import choose_edit, split_for_choice
 from behaviorlens.steering.evaluate import observe
+from behaviorlens.steering.judge import CHOICE_REQUESTS, light_side_effects
 from behaviorlens.steering.side_effects import SideEffectData
 
 
@@ -37,14 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model()
     cset = load_family(args.family).render(model.tokenizer)
-    evidence = load_evidence(args.from_patching)
+    evidence = evidence_of(patch_runs(args.from_patching))
     start = time.perf_counter()
     data = SideEffectData(model, "select", requests=CHOICE_REQUESTS)
     prepare = time.perf_counter() - start
     _, held, _ = split_for_choice(cset, evidence.rows)
     start = time.perf_counter()
     observe(model, held, None)
-    _light_side_effects(model, data, None)
+    light_side_effects(model, data, None)
     unedited = time.perf_counter() - start
     start = time.perf_counter()
     choice = choose_edit(model, cset, evidence, groups=args.candidates, side_effects=data, refits=args.refits,

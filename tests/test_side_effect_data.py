@@ -247,7 +247,7 @@ def test_the_three_parts_of_every_set_are_disjoint_and_cover_it(rendered):
 
 
 def test_select_and_report_keep_the_sizes_their_limits_and_figures_need(rendered):
-    from behaviorlens.steering.choose import CHOICE_REQUESTS
+    from behaviorlens.steering.judge import CHOICE_REQUESTS
 
     parts = _parts(rendered)
     for part in PARTS:  # every style in every part: 21 rows each, so one row is under 5 points

@@ -20,7 +20,7 @@ from behaviorlens.steering.baselines import (
     is_redaction,
     null_broken,
 )
-from behaviorlens.steering.choose import within_limits
+from behaviorlens.steering.judge import within_limits
 from behaviorlens.steering.side_effects import context_figures
 
 

@@ -14,7 +14,8 @@ from behaviorlens.measure import side_metrics
 from behaviorlens.patching import patch
 from behaviorlens.patching.results import PatchEvidence
 from behaviorlens.steering import steer
-from behaviorlens.steering.choose import choose_edit, refit_spread, split_for_choice, within_limits
+from behaviorlens.steering.choose import choose_edit, refit_spread, split_for_choice
+from behaviorlens.steering.judge import within_limits
 from behaviorlens.steering.run import run_steer_train
 
 

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..params import Schema, Step, param
-from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX
+from .candidates import GROUPS
+from .judge import ACCURACY_DROP_MAX, KL_MAX
 
 
 @dataclass

@@ -17,8 +17,10 @@ from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from ..patching.results import PatchEvidence, evidence_of, patch_runs
 from .apply import steer
-from .choose import ACCURACY_DROP_MAX, GROUPS, KL_MAX, choose_edit
+from .candidates import GROUPS
+from .choose import choose_edit
 from .evaluate import evaluate_steering
+from .judge import ACCURACY_DROP_MAX, KL_MAX
 from .plots import dose_response, pareto
 from .vectors import train_vector
 

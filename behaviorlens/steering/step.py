@@ -13,7 +13,7 @@ from ..io import write_csv
 from ..params import kwargs
 from ..patching.results import PatchStepResult
 from ..probing.run import ProbeResult
-from .choose import CHOICE_REQUESTS
+from .judge import CHOICE_REQUESTS
 from .params import SideEffects, SteerParams
 from .run import generate_examples, run_steer_eval, run_steer_train
 from .side_effects import SideEffectData

@@ -1,0 +1,291 @@
+"""The candidate edits a choice is made among, built from the evidence on the fit pairs.
+
+Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are candidates too):
+
+- ``head ablation``: mean-ablation of the top-k heads by patching at the last position;
+- ``per-head steering``: the top heads' mean output on no-pressure prompts minus on pressured
+  prompts, at the answer positions, added (x1, x2);
+- ``knockout``: attention from the answer positions to the tokens a per-token probe flags as
+  carrying the pressure, blocked in the top heads, in every head of the top head's layer and of
+  the windows of 3 and 5 layers around it, and in every head of the band of layers the top
+  heads span;
+- ``narrowed knockout``: the same, in only the 3, 6 or 12 heads of the 5-layer window whose
+  knockout alone removes the most of the wrong claim's pull minus the right claim's help on the
+  fit pairs (:func:`deference_not_use`): heads that carry deference rather than the reading of
+  a claim;
+- ``subspace``: rank 1-8 interchange subspaces at the layer where the behavior reaches the last
+  token, clamped to their no-pressure mean;
+- ``head fine-tuning``: the top heads' output projections, trained with a recall anchor;
+- ``vector`` and ``direction ablation``: the last token's mean-difference vector at that layer
+  (x1, x4) and the ablation of its direction;
+- ``gated``: head ablation, vector, per-head steering, the 5-layer and the narrowed knockouts
+  acting only where a last-token probe says the prompt carries pressure;
+- ``frame-gated``: the same, and the knockouts of the 5-layer window and of every layer after
+  the gate blocking the flagged tokens from every position after them, acting only where the
+  question's frame gate (:mod:`.frame_gate`) says the question is about the world rather than
+  about the user's own text. It learns the fit pairs, the development families' pressured and
+  no-pressure prompts, and the ``fit`` part of context use, claim recall and ordinary requests;
+  ``frame_gate.csv`` scores it on the judging pairs and the ``select`` part beside a wording-only
+  baseline;
+- ``trained invariant``: a rank-4 low-rank edit of the answer position at that layer, trained
+  to give pressured prompts the no-pressure answer while holding the ``fit`` part's context use,
+  claim recall and requests (:func:`.training.train_lowrank`), at invariance weights 0, 1 and 4:
+  the front of pressure removed against what the user tells the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from ..analysis.metrics import ratio_of_means
+from ..edits import Edit
+from ..errors import BehaviorLensError
+from ..patching.results import PatchEvidence
+from ..prompts.contrast import NEUTRAL, SIDES
+from ..scoring import behavior_metric, needs_whole
+from .apply import head_means, steer
+from .data import claim_wordings
+from .detectors import default_layers, train_pressure_gate, train_token_detector
+from .evaluate import observe
+from .frame_gate import NO_PRESSURE, PRESSURED, FramePrompts, family_prompts, train_frame_gate
+from .training import finetune_heads, train_lowrank, train_subspace
+from .vectors import train_vector
+
+KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top head's layer
+NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
+GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
+          "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant")
+INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
+GATES_BUILT_FROM = {"gated": ("narrowed knockout",), "frame-gated": ("narrowed knockout",)}  # gated copies of these
+FRAMED = {"frame-gated", "trained invariant"}  # groups that learn the fit part of the side effects
+FRAME_FAMILIES = ("capitals_opinion", "restated_claim", "earlier_turn_claim", "system_claim", "pushback",
+                  "pushback_cited")  # development families whose pressured prompts the frame gate also learns
+LOCAL_ONLY = {  # groups whose building has no trace path, and why
+    "subspace": "its interchange training replays blocks from a layer on local weights",
+    "head fine-tuning": "it trains weight differences by backpropagating through local weights",
+    "trained invariant": "it backpropagates through blocks replayed on local weights",
+}
+
+
+def _scaled(edit: Edit, factor: float, label: str) -> Edit:
+    """A copy of a vector or per-head steering edit with its vectors multiplied."""
+    return Edit(**{**edit.__dict__, "vectors": {k: factor * v for k, v in edit.vectors.items()},
+                   "head_values": {k: factor * v for k, v in edit.head_values.items()},
+                   "method": f"{edit.method} x{label}", "notes": dict(edit.notes)})
+
+
+def head_dict(heads: pd.DataFrame) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for _, r in heads.iterrows():
+        out.setdefault(int(r.layer), []).append(int(r["head"]))
+    return out
+
+
+def named_heads(heads: pd.DataFrame) -> str:
+    return ", ".join(f"L{int(r.layer)}H{int(r['head'])} ({r.metric:.2f})" for _, r in heads.iterrows())
+
+
+def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequence[str] = GROUPS,
+                     seed: int = 0, log: Any = None, frame: FramePrompts | None = None,
+                     frame_leave_out: Sequence[str] = ()) -> tuple[list[tuple[str, Edit, str]], dict]:
+    """(group, edit, evidence) of every candidate, and the detector and gates with their CV tables.
+    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`frame_negatives`);
+    ``frame_leave_out``: kinds of them it does not learn."""
+    s = model.sites
+    out: list[tuple[str, Edit, str]] = []
+    extra: dict[str, Any] = {}
+    say = log or (lambda msg: None)
+    heads = evidence.heads()
+    layer = evidence.arrival_layer()
+    meta = dict(model=model.name, family=fit.name, d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim)
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise BehaviorLensError(f"unknown candidate group {unknown[0]!r}; groups are {', '.join(GROUPS)}")
+    if model.traced:
+        for group in [g for g in groups if g in LOCAL_ONLY]:
+            warnings.warn(f"{group} candidates are not built on a remote model: {LOCAL_ONLY[group]}", stacklevel=2)
+        groups = [g for g in groups if g not in LOCAL_ONLY]
+    if "head ablation" in groups and len(heads):
+        means = head_means(model, fit, range(s.n_layers))
+        for k in (1, 3, 10):
+            if k <= len(heads):
+                top = heads.head(k)
+                edit = Edit(kind="heads", heads=head_dict(top), head_values=means, head_mode="mean",
+                            method="mean ablation", **meta)
+                out.append(("head ablation", edit, f"top {k} heads at the last position by patching: {named_heads(top)}"))
+    gating = {"gated", "frame-gated"} & set(groups)
+    if ("per-head steering" in groups or gating) and len(heads):
+        layers = sorted({int(x) for x in heads.head(10).layer})
+        neutral = head_means(model, fit, layers, position="last", sides=[NEUTRAL])
+        positive = head_means(model, fit, layers, position="last", sides=["positive"])
+        diff = {layer_: neutral[layer_] - positive[layer_] for layer_ in layers}
+        for k in (3, 10):
+            if k <= len(heads) or k == 3:
+                top = heads.head(k)
+                hd = head_dict(top)
+                per_head = Edit(kind="heads", heads=hd, head_values={layer_: diff[layer_] for layer_ in hd},
+                            head_mode="add", positions="generated", method="head mean difference", **meta)
+                why = f"top {len(top)} heads by patching: {named_heads(top)}; no-pressure minus pressured mean output"
+                extra.setdefault("head_steering", per_head)
+                if "per-head steering" in groups:
+                    out.append(("per-head steering", _scaled(per_head, 2.0, "2"), why))
+    # a detector or gate reads the residual leaving a layer before the first head it controls,
+    # so it reads layer >= 0 and the heads it controls sit at layer >= 1
+    first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
+    if ({"knockout", "narrowed knockout"} & set(groups) or gating) and fit.has_neutral:
+        say("training the pressure-token detector")
+        detector, table = train_token_detector(model, fit, default_layers(s.n_layers, first), seed)
+        extra["detector"], extra["detector_cv"] = detector, table
+        later = heads[heads.layer > detector.layer]
+        if len(later):
+            top_layer = int(later.layer.iloc[0])
+            band = range(int(later.head(5).layer.min()), int(later.head(5).layer.max()) + 1)
+            windows = [range(max(detector.layer + 1, top_layer - w), min(s.n_layers, top_layer + w + 1))
+                       for w in KNOCKOUT_WINDOWS]
+            sets = {f"top 3 heads ({named_heads(later.head(3))})": head_dict(later.head(3))}
+            for layers in [*windows, band]:
+                name = (f"every head of layer {layers.start}" if len(layers) == 1 else
+                        f"every head of layers {layers.start}-{layers.stop - 1}")
+                sets.setdefault(name, {layer_: list(range(s.n_heads)) for layer_ in layers})
+            extra["knockout_window"] = {layer_: list(range(s.n_heads)) for layer_ in windows[-1]}
+            if "knockout" in groups:
+                for why, hd in sets.items():
+                    edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
+                                method=f"detector at layer {detector.layer}", **meta)
+                    out.append(("knockout", edit, f"{why}; tokens flagged by a per-token probe at layer "
+                                                  f"{detector.layer} (CV AUROC {table.cv_auroc.max():.3f})"))
+            if "narrowed knockout" in groups:
+                say("scoring single-head knockouts: deference against use of a right claim")
+                window = windows[-1]
+                single = deference_not_use(model, fit, detector, {layer_: list(range(s.n_heads)) for layer_ in window})
+                extra["single_head_knockouts"] = single
+                ranked = single[single.deference > 0].sort_values("deference_minus_use", ascending=False)
+                for k in NARROW_HEADS:
+                    if len(ranked) >= k:
+                        top = ranked.head(k)
+                        hd = head_dict(top)
+                        extra.setdefault("narrowed", []).append(hd)
+                        edit = Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
+                                    method=f"detector at layer {detector.layer}", **meta)
+                        named = ", ".join(f"L{int(r.layer)}H{int(r['head'])}" for _, r in top.iterrows())
+                        out.append(("narrowed knockout", edit,
+                                    f"the {k} heads of layers {window.start}-{window.stop - 1} whose knockout "
+                                    f"removes the most of the wrong claim's pull minus the right claim's help "
+                                    f"on the fit pairs ({named})"))
+    if "subspace" in groups and layer is not None and fit.has_neutral and not needs_whole(fit.pairs):
+        for rank in (1, 2, 4, 8):
+            say(f"training the rank-{rank} subspace at layer {layer}")
+            edit = train_subspace(model, fit, layer, rank, steps=60, seed=seed)
+            out.append(("subspace", edit, f"the last token holds the behavior from layer {layer}; "
+                                          f"the interchange removes {edit.notes['fit_interchange']:.0%} "
+                                          "of the pull on the training pairs"))
+    if "head fine-tuning" in groups and len(heads) >= 3 and fit.has_neutral and not needs_whole(fit.pairs):
+        top = heads.head(3)
+        say("fine-tuning the top heads")
+        edit = finetune_heads(model, fit, head_dict(top), seed=seed)
+        changed = ", ".join(f"{k} {v['relative']:.1%}" for k, v in edit.notes["changed"].items())
+        out.append(("head fine-tuning", edit, f"top 3 heads by patching ({named_heads(top)}); output columns "
+                                              f"changed by {changed}"))
+    if layer is not None and ({"vector", "direction ablation"} & set(groups) or gating):
+        vec = train_vector(model, fit, [layer], "mean_diff", position="last")
+        why = f"the last token holds >= 80% of the behavior from layer {layer}"
+        against = Edit(kind="vector", vectors={layer: -vec.vectors[layer]}, read_at="last",
+                       method="mean_diff against", notes={"intent": "reduce"}, **meta)
+        extra["vector"] = against
+        if "vector" in groups:
+            out += [("vector", _scaled(against, f, f"{f:g}"), why) for f in (1.0, 4.0)]
+        if "direction ablation" in groups:
+            out.append(("direction ablation", Edit(kind="ablate_direction", vectors={layer: vec.direction},
+                                                   read_at="last", method="mean_diff", **meta), why))
+    if "gated" in groups and fit.has_neutral:
+        say("training the pressure gate")
+        gate, table = train_pressure_gate(model, fit, default_layers(s.n_layers, first), seed)
+        extra["gate"], extra["gate_cv"] = gate, table
+        why = f"gated by a last-token probe at layer {gate.layer} (CV AUROC {table.cv_auroc.max():.3f})"
+        out += [("gated", e, why) for e in _gated(model, fit, heads, extra, gate, meta)]
+    if "frame-gated" in groups and fit.has_neutral and frame is not None:
+        say("training the frame gate")
+        prompts = family_prompts(fit, frame.copy(), claim_wordings(), model.tokenizer, seed)
+        gate, table = train_frame_gate(model, prompts, default_layers(s.n_layers, first), seed, frame_leave_out)
+        extra["frame_gate"], extra["frame_gate_cv"], extra["frame_prompts"] = gate, table, prompts
+        why = (f"gated by the question's frame: a last-token probe at layer {gate.layer} (CV AUROC "
+               f"{table.cv_auroc.max():.3f}) of pressured prompts against context use, claim recall, no-pressure "
+               f"prompts and ordinary requests (fit parts only)")
+        out += [("frame-gated", e, why) for e in _gated(model, fit, heads, extra, gate, meta, every_position=True)]
+    if "trained invariant" in groups and layer is not None and frame is not None and fit.has_neutral \
+            and not needs_whole(fit.pairs):
+        keep = [seq for seq, kind in zip(frame.sequences, frame.kinds)
+                if kind not in (PRESSURED, NO_PRESSURE, *frame_leave_out)]
+        for weight in INVARIANCE_WEIGHTS:
+            say(f"training the rank-4 edit at layer {layer}, invariance weight {weight:g}")
+            edit = train_lowrank(model, fit, layer, 4, keep, weight, seed=seed)
+            out.append(("trained invariant", edit, (
+                f"a rank-4 edit of the answer position at layer {layer} (where the behavior reaches the last "
+                f"token), trained to give the pressured prompts the no-pressure answer distribution while "
+                f"holding {len(keep)} context-use, claim-recall and request prompts (fit part) at weight "
+                f"{weight:g}: it removes {edit.notes['fit_pressure_removed']:.0%} of the pull on the fit pairs "
+                f"and leaves KL {edit.notes['fit_invariance_kl']:.3f} on those prompts")))
+    if not out:
+        raise BehaviorLensError("the patching result has no head or residual cells at the last token to build edits from")
+    return out, extra
+
+
+def _gated(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, gate: Any, meta: dict,
+           every_position: bool = False) -> list[Edit]:
+    """Gated versions of the built edits that act after the gate's layer: head ablation of the
+    top 10 later heads, per-head steering x2, the vector x4, the 5-layer knockout and (with
+    ``every_position``) that knockout and the one of every later layer blocking the flagged
+    tokens from every position after them, and the narrowed knockouts."""
+    s = model.sites
+    out = []
+    later = heads[heads.layer > gate.layer]
+    if len(later) >= 10:
+        out.append(Edit(kind="heads", heads=head_dict(later.head(10)), head_values=head_means(model, fit, range(s.n_layers)),
+                        head_mode="mean", method="mean ablation", gate=gate, **meta))
+    if "head_steering" in extra and min(extra["head_steering"].heads) > gate.layer:
+        out.append(Edit(**{**_scaled(extra["head_steering"], 2.0, "2").__dict__, "gate": gate}))
+    if "vector" in extra and min(extra["vector"].vectors) >= gate.layer:
+        out.append(Edit(**{**_scaled(extra["vector"], 4.0, "4").__dict__, "gate": gate}))
+    detector = extra.get("detector")
+    if detector is None:
+        return out
+    knock = {"method": f"detector at layer {detector.layer}", "detector": detector, "gate": gate, **meta}
+    sets = [extra.get("knockout_window", {})] + list(extra.get("narrowed", []))
+    for hd in sets:
+        if hd and min(hd) > max(gate.layer, detector.layer):
+            out.append(Edit(kind="knockout", heads=hd, positions="generated", **knock))
+    if every_position:
+        after = max(gate.layer, detector.layer) + 1
+        for hd in (extra.get("knockout_window", {}), {layer: list(range(s.n_heads)) for layer in range(after, s.n_layers)}):
+            if hd and min(hd) >= after:
+                out.append(Edit(kind="knockout", heads=hd, positions="all", **knock))
+    return out
+
+
+def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list[int]],
+                      pairs: int = 12) -> pd.DataFrame:
+    """Per head, knocked out alone from the detected tokens on (up to ``pairs``) fit pairs: the
+    share of the wrong claim's pull it removes (``deference``), of the right claim's help
+    (``use``: the counter-pressure removed) and their difference. A head that carries deference
+    but not the reading of a claim removes the first and keeps the second."""
+    sample = fit.subset(range(min(pairs, len(fit))))
+    unedited = observe(model, sample, None).metrics
+    pull, help_ = unedited["positive"] - unedited[NEUTRAL], unedited["negative"] - unedited[NEUTRAL]
+    rows = []
+    for layer, hs in heads.items():
+        for h in hs:
+            edit = Edit(kind="knockout", heads={layer: [h]}, detector=detector, positions="generated",
+                        model=model.name, d_model=model.sites.d_model, n_heads=model.sites.n_heads,
+                        head_dim=model.sites.head_dim)
+            with steer(model, edit):
+                edited = {side: behavior_metric(model, sample.pairs, side).numpy() for side in SIDES}
+            rows.append({"layer": layer, "head": h,
+                         "deference": ratio_of_means(unedited["positive"] - edited["positive"], pull),
+                         "use": ratio_of_means(unedited["negative"] - edited["negative"], help_)})
+    table = pd.DataFrame(rows)
+    table["deference_minus_use"] = table.deference - table.use
+    return table
