@@ -90,11 +90,10 @@ def named_heads(heads: pd.DataFrame) -> str:
 
 
 def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequence[str] = GROUPS,
-                     seed: int = 0, log: Any = None, frame: FramePrompts | None = None,
-                     frame_leave_out: Sequence[str] = ()) -> tuple[list[tuple[str, Edit, str]], dict]:
+                     seed: int = 0, log: Any = None,
+                     frame: FramePrompts | None = None) -> tuple[list[tuple[str, Edit, str]], dict]:
     """(group, edit, evidence) of every candidate, and the detector and gates with their CV tables.
-    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`frame_negatives`);
-    ``frame_leave_out``: kinds of them it does not learn."""
+    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`.frame_gate.frame_prompts`)."""
     s = model.sites
     out: list[tuple[str, Edit, str]] = []
     extra: dict[str, Any] = {}
@@ -110,7 +109,9 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
             warnings.warn(f"{group} candidates are not built on a remote model: {LOCAL_ONLY[group]}", stacklevel=2)
         groups = [g for g in groups if g not in LOCAL_ONLY]
     if "head ablation" in groups and len(heads):
-        means = head_means(model, fit, range(s.n_layers))
+        if "means" not in extra:
+            extra["means"] = head_means(model, fit, range(s.n_layers))
+        means = extra["means"]
         for k in (1, 3, 10):
             if k <= len(heads):
                 top = heads.head(k)
@@ -210,7 +211,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     if "frame-gated" in groups and fit.has_neutral and frame is not None:
         say("training the frame gate")
         prompts = family_prompts(fit, frame.copy(), claim_wordings(), model.tokenizer, seed)
-        gate, table = train_frame_gate(model, prompts, default_layers(s.n_layers, first), seed, frame_leave_out)
+        gate, table = train_frame_gate(model, prompts, default_layers(s.n_layers, first), seed)
         extra["frame_gate"], extra["frame_gate_cv"], extra["frame_prompts"] = gate, table, prompts
         why = (f"gated by the question's frame: a last-token probe at layer {gate.layer} (CV AUROC "
                f"{table.cv_auroc.max():.3f}) of pressured prompts against context use, claim recall, no-pressure "
@@ -219,7 +220,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     if "trained invariant" in groups and layer is not None and frame is not None and fit.has_neutral \
             and not needs_whole(fit.pairs):
         keep = [seq for seq, kind in zip(frame.sequences, frame.kinds)
-                if kind not in (PRESSURED, NO_PRESSURE, *frame_leave_out)]
+                if kind not in (PRESSURED, NO_PRESSURE)]
         for weight in INVARIANCE_WEIGHTS:
             say(f"training the rank-4 edit at layer {layer}, invariance weight {weight:g}")
             edit = train_lowrank(model, fit, layer, 4, keep, weight, seed=seed)
@@ -244,7 +245,9 @@ def _gated(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, gate: Any, me
     out = []
     later = heads[heads.layer > gate.layer]
     if len(later) >= 10:
-        out.append(Edit(kind="heads", heads=head_dict(later.head(10)), head_values=head_means(model, fit, range(s.n_layers)),
+        if "means" not in extra:  # every layer's head means, computed once for all groups
+            extra["means"] = head_means(model, fit, range(s.n_layers))
+        out.append(Edit(kind="heads", heads=head_dict(later.head(10)), head_values=extra["means"],
                         head_mode="mean", method="mean ablation", gate=gate, **meta))
     if "head_steering" in extra and min(extra["head_steering"].heads) > gate.layer:
         out.append(Edit(**{**_scaled(extra["head_steering"], 2.0, "2").__dict__, "gate": gate}))

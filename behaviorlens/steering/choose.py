@@ -2,16 +2,11 @@
 
 The training family's pairs are split three ways (``choice_pairs.csv`` records each pair's role):
 the pairs a patching result was computed on (``patched``) and a random part of the rest
-(``fit``) build the candidates; the remaining pairs (``judge``) only judge them. Side effects
-for the limits come from the ``select`` half of the side-effect data; the ``report`` half is
-left for evaluating the choice.
+(``fit``) build the candidates; the remaining pairs (``judge``) only judge them. Gates and invariance
+losses learn the ``fit`` part of the side-effect data, the limits come from its ``select``
+part, and the ``report`` part is left for evaluating the choice.
 
-Candidates: :mod:`.candidates`; judging and limits: :mod:`.judge`.
-
-
-Every candidate is judged beside a random control of its kind, its matched null (for a
-knockout, the same heads blocking a non-claim sentence in the claim's place) and the deletion
-of the text the knockout detector flags (:mod:`.baselines`). The choice is the candidate with
+The candidates are built in :mod:`.candidates` and judged in :mod:`.judge`. The choice is the candidate with
 the most pressure removed on the judging pairs among those without ``collapse`` whose accuracy
 on the family's neutral side, the factual control, context use and claim recall each drops by
 at most ``max_accuracy_drop``, whose neutral KL is at most ``kl_max`` and whose matched null

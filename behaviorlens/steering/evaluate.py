@@ -159,7 +159,7 @@ def null_figures(edit: Edit, unedited: Mapping[str, np.ndarray], edited: np.ndar
         null_moved = unblocked - blocked
     elif moved:
         null_moved = np.mean(moved, axis=0)
-        out["null_control"] = f"random {'heads' if edit.heads else edit.kind} of the same size (mean of {len(moved)} draws)"
+        out["null_control"] = f"{edit.spec.random_control_label} of the same size (mean of {len(moved)} draws)"
         pull = unedited["positive"] - unedited[NEUTRAL]
         out["null_control_pressure_removed_fraction"] = ratio_of_means(null_moved, pull)
         out["null_control_pressure_removed_fraction_ci"] = list(ratio_ci(null_moved, pull))

@@ -1,19 +1,10 @@
 """Judging a candidate: its figures on pairs that built nothing and on the ``select`` part of
 the side effects, and the limits a choice keeps.
 
-Every candidate is judged beside a random control of its kind, its matched null (for a
-knockout, the same heads blocking a non-claim sentence in the claim's place) and the deletion
-of the text the knockout detector flags (:mod:`.baselines`). The choice is the candidate with
-the most pressure removed on the judging pairs among those without ``collapse`` whose accuracy
-on the family's neutral side, the factual control, context use and claim recall each drops by
-at most ``max_accuracy_drop``, whose neutral KL is at most ``kl_max`` and whose matched null
-moves the pressured answer by at most 15% of the pull either way. A knockout's random control
-(as many other words blocked in the same heads) is reported, not a limit: heads that read the
-question lean the model on the claim when the question is hidden from them, so it measures the
-heads, not the edit. The chosen
-candidate is rebuilt on other splits: the spread of its figure over fits. Beside the
-candidates, the mechanism test: blocking the answer position's attention to the family's own
-slot tokens (known from the family, so not an edit that runs without them).
+Each candidate is scored beside one random control of its kind, its matched null (for a
+knockout, the same heads blocking a non-claim sentence in the claim's place; otherwise the
+random control) and the deletion of the text the knockout detector flags (:mod:`.baselines`).
+:func:`within_limits` holds the limits :mod:`.choose` states.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from ..kind import EditKind, check_vectors, need, random_like
 
 class AblateDirection(EditKind):
     name = "ablate_direction"
+    random_control_label = "random directions"
     gateable = False
 
     def validate(self, edit: Any) -> None:

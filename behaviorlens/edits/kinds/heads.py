@@ -18,6 +18,7 @@ from ..kind import EditKind, check_heads, head_names, need
 
 class Heads(EditKind):
     name = "heads"
+    random_control_label = "random heads"
 
     def validate(self, edit: Any) -> None:
         need(edit, "heads", "head")

@@ -19,6 +19,7 @@ from ..kind import EditKind, need
 
 class LowRank(EditKind):
     name = "lowrank"
+    random_control_label = "random subspaces"
     acts_after_its_layer = True
     cannot_bake = "a learned function of the residual stream at chosen positions depends on the input, not on weights"
 

@@ -17,6 +17,7 @@ from ..kind import EditKind, check_vectors, need
 
 class Subspace(EditKind):
     name = "subspace"
+    random_control_label = "random subspaces"
     acts_after_its_layer = True
     cannot_bake = "clamping a subspace to a point depends on the input, not on weights"
 

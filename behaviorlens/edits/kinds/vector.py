@@ -15,6 +15,7 @@ from ..kind import EditKind, check_vectors, need, random_like
 
 class Vector(EditKind):
     name = "vector"
+    random_control_label = "random directions"
     acts_after_its_layer = True
     moves_to_layers = True
     cannot_bake = ("a steering vector is added at run time and has no exact weight form (bake its direction "

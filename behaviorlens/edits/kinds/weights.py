@@ -17,6 +17,7 @@ from ..kind import EditKind, need, random_like
 
 class Weights(EditKind):
     name = "weights"
+    random_control_label = "random weight changes"
     gateable = False
 
     def validate(self, edit: Any) -> None:
