@@ -128,9 +128,10 @@ _PROMPT_PART: ContextVar[str | None] = ContextVar("prompt_part", default=None)
 
 @contextmanager
 def prompt_part(part: str) -> Iterator[None]:
-    """Forwards run inside are one part of a prompt split at a shared prefix: ``"prefix"`` (run
-    once, cached) or ``"suffix"`` (the rest of each prompt, after the cached prefix). Edits
-    that act on answer positions act in the suffix only."""
+    """Forwards run inside are one part of a prompt: ``"prefix"`` (a shared prefix, run once and
+    cached), ``"suffix"`` (the rest of each prompt, after the cached prefix) or ``"reused"``
+    (the columns an edit changes, after the unedited model's kept keys and values:
+    :mod:`behaviorlens.kv_cache`). Edits that act on answer positions act after the prefix only."""
     token = _PROMPT_PART.set(part)
     try:
         yield

@@ -18,6 +18,7 @@ import random
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,7 @@ from .patching.run import patch_step
 from .probing.params import ProbeParams
 from .probing.run import run_probe
 from .prompts.sources import check_source, render_source, source_from
+from .remote import counting_requests
 from .remote import mode as remote_mode
 from .steering.params import SteerParams
 from .steering.step import steer_step
@@ -276,8 +278,11 @@ class Runner:
                     record["predictions"] = self.exp.predictions
                 write_json(folder / "step.json", record | {"finished": False})
                 start = time.perf_counter()
-                step_summary = getattr(self, f"_{step}")(folder, self.exp.steps[step])
+                with counting_requests() if self.remote else nullcontext() as sent:
+                    step_summary = getattr(self, f"_{step}")(folder, self.exp.steps[step])
                 step_summary["seconds"] = round(time.perf_counter() - start, 1)
+                if sent is not None:  # what the step sent to NDIF (or its simulation)
+                    step_summary |= {"remote_requests": sent.requests, "remote_bytes": sent.bytes}
                 write_json(folder / "summary.json", step_summary)
                 write_json(folder / "step.json", record | {"finished": True, "seconds": step_summary["seconds"]})
             summary[step] = json.loads((folder / "summary.json").read_text())

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .batching import Batch, pad, prompt_part, shared_prefix
+from . import kv_cache
+from .batching import Batch, pad
 from .errors import BehaviorLensError
 from .sites import SiteMap
 
@@ -34,7 +35,6 @@ DEFAULT_CACHE_NAME = "smollm2-135m-instruct-f32"
 CACHE_ENV = "BEHAVIORLENS_CACHE"
 MANIFEST = "behaviorlens-manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PREFIX_MIN = 8  # a shared prefix shorter than this is not worth a cached run
 
 
 def cache_root() -> Path:
@@ -142,33 +142,14 @@ class Model:
         skip = width - out.shape[1]
         return out[rows.to(out.device), (columns - skip).to(out.device)].float()
 
-    @torch.inference_mode()
     def score_logits(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 logits at (sequence, token position) reads: [reads, vocab], in inference mode.
-
-        When the sequences share a prefix (a chat template's system turn), it runs once and its
-        keys and values serve every sequence; edits see it as a prompt part
-        (:func:`behaviorlens.batching.prompt_part`). Same numbers as one padded batch.
-        """
-        prefix = shared_prefix(sequences) if len(sequences) > 1 else 0
-        if prefix < PREFIX_MIN or not self._caches_prefix or self.traced:
+        Locally, a shared prefix runs once and an edit may start from the unedited model's kept
+        keys and values (:mod:`behaviorlens.kv_cache`); same numbers as one padded batch."""
+        if self.traced or not self._caches_prefix:
             batch = self.batch(sequences)
             return self.logits_at(batch, rows, positions + batch.offsets[rows])
-        with prompt_part("prefix"):
-            out = self.hf(input_ids=torch.tensor([list(sequences[0][:prefix])], device=self.device), use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(len(sequences))
-        suffix = self.batch([list(s[prefix:]) for s in sequences])
-        mask = torch.cat([torch.ones(len(sequences), prefix, dtype=suffix.attention_mask.dtype,
-                                     device=self.device), suffix.attention_mask], 1)
-        cols = positions - prefix + suffix.offsets[rows]
-        width = suffix.input_ids.shape[1]
-        keep = width - int(cols.min())
-        kwargs = {"logits_to_keep": keep} if self._keeps_logits and keep < width else {}
-        with prompt_part("suffix"):
-            out = self.hf(input_ids=suffix.input_ids, attention_mask=mask, position_ids=suffix.position_ids + prefix,
-                          use_cache=True, **{self._cache_argument: cache}, **kwargs).logits
-        return out[rows.to(out.device), (cols - (width - out.shape[1])).to(out.device)].float()
+        return kv_cache.score_logits(self, sequences, rows, positions)
 
     @property
     def _cache_argument(self) -> str | None:

@@ -15,6 +15,9 @@ here exactly as it would on NDIF.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BehaviorLensError
@@ -110,3 +113,33 @@ def refuse(model: Any, what: str, why: str) -> None:
     """One line, when ``model`` runs remotely, for a step that has no trace path."""
     if getattr(model, "remote", None) is not None:
         raise BehaviorLensError(f"{what} cannot run remotely ({model.remote}): {why}; run it on a local model")
+
+
+@dataclass
+class RequestCount:
+    """The requests nnsight serialized (one per trace or session sent) and their bytes."""
+
+    requests: int = 0
+    bytes: int = 0
+
+
+@contextmanager
+def counting_requests() -> Iterator[RequestCount]:
+    """Counts every request nnsight serializes while the block runs (NDIF, or its simulation)."""
+    from nnsight.schema.request import RequestModel
+
+    count = RequestCount()
+    original = RequestModel.__dict__["serialize"]
+    serialize = RequestModel.serialize
+
+    def counting(cls: Any, *args: Any, **kwargs: Any) -> bytes:
+        blob = serialize(*args, **kwargs)
+        count.requests += 1
+        count.bytes += len(blob)
+        return blob
+
+    RequestModel.serialize = classmethod(counting)
+    try:
+        yield count
+    finally:
+        RequestModel.serialize = original

@@ -31,32 +31,8 @@ from behaviorlens.patching.ablation import ablation_scan
 from behaviorlens.patching.attribution import attribution_patch
 from behaviorlens.probing.activations import collect
 from behaviorlens.prompts import load_family
+from behaviorlens.remote import counting_requests
 from behaviorlens.steering import steer
-
-
-class Payloads:
-    """Counts the requests nnsight serializes and their bytes."""
-
-    def __init__(self) -> None:
-        from nnsight.schema.request import RequestModel
-
-        self.cls, self.original = RequestModel, RequestModel.serialize
-        self.count, self.bytes = 0, 0
-
-    def __enter__(self) -> "Payloads":
-        original = self.original
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            blob = original(*args, **kwargs)
-            self.count += 1
-            self.bytes += len(blob)
-            return blob
-
-        self.cls.serialize = staticmethod(counting)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cls.serialize = self.original
 
 
 def figures(result: Any) -> torch.Tensor:
@@ -117,16 +93,16 @@ def main() -> None:
         t0 = time.perf_counter()
         fast = fn(model)
         t_fast = time.perf_counter() - t0
-        with Payloads() as sent:
+        with counting_requests() as sent:
             t0 = time.perf_counter()
             slow = fn(traced)
             t_trace = time.perf_counter() - t0
         diff = float((figures(fast) - figures(slow)).abs().max())
         rows.append({"stage": name, "local_s": t_fast, "traced_s": t_trace, "ratio": t_trace / t_fast,
-                     "local_in_bare_forwards": t_fast / bare, "max_abs_diff": diff, "requests": sent.count,
-                     "payload_kb": sent.bytes / 1024, "kb_per_request": sent.bytes / 1024 / max(sent.count, 1)})
+                     "local_in_bare_forwards": t_fast / bare, "max_abs_diff": diff, "requests": sent.requests,
+                     "payload_kb": sent.bytes / 1024, "kb_per_request": sent.bytes / 1024 / max(sent.requests, 1)})
         print(f"{name}: local {t_fast:.2f} s, traced {t_trace:.2f} s ({t_trace / t_fast:.1f}x), "
-              f"diff {diff:.1e}, {sent.count} requests, {sent.bytes / 1024:.0f} KB", flush=True)
+              f"diff {diff:.1e}, {sent.requests} requests, {sent.bytes / 1024:.0f} KB", flush=True)
     table = pd.DataFrame(rows)
     print(f"\nmodel {model.name}, {torch.get_num_threads()} threads, {args.pairs} pairs of {args.family}; "
           f"bare forward of 4 prompts: {bare * 1000:.0f} ms")

@@ -218,3 +218,20 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
         assert smallest_px >= body_px - 0.05, (img["alt"], smallest_px, body_px)
         checked.add(img["alt"])
     assert {"choice / pareto", "resid / heatmap", "heads / heatmap heads"} <= checked  # the Pareto plot, the heatmaps
+
+
+def test_a_remote_run_records_the_requests_and_bytes_each_step_sent(experiment_file, tmp_path):
+    raw = yaml.safe_load(experiment_file.read_text())
+    raw["steps"] = {"measure": raw["steps"]["measure"]}
+    raw.pop("predictions")
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump(raw))
+    raw["model"]["remote"] = "local"
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(yaml.safe_dump(raw))
+    _run(remote, tmp_path / "remote")
+    _run(local, tmp_path / "local")
+    sent = json.loads((tmp_path / "remote" / "measure" / "summary.json").read_text())
+    assert sent["remote_requests"] > 0 and sent["remote_bytes"] > 1000 * sent["remote_requests"]
+    assert "remote_requests" not in json.loads((tmp_path / "local" / "measure" / "summary.json").read_text())
+

@@ -199,3 +199,18 @@ def test_default_model_measure_and_knockout(default_model, counted):
         frames_equal(fast.table, slow.table, ["metric"])
         assert (fast.table["metric"] - plain_fast.table["metric"]).abs().max() > 1e-2
     assert counted
+
+
+def test_counting_requests_counts_each_traced_forward_and_puts_nnsight_back():
+    from nnsight.schema.request import RequestModel
+
+    before = RequestModel.__dict__["serialize"]
+    m = traced(tiny_model("llama"))
+    batch = m.batch([[5, 6, 7], [8, 9]])
+    with remote.counting_requests() as sent:
+        first = m.logits(batch)
+        m.logits(batch)
+    assert sent.requests == 2 and sent.bytes > 1000
+    assert RequestModel.__dict__["serialize"] is before
+    torch.testing.assert_close(m.logits(batch), first)  # nnsight still serializes after the count
+    assert sent.requests == 2

@@ -132,3 +132,18 @@ def test_a_refit_that_builds_fewer_candidates_says_so_instead_of_failing(planted
     spread = refit_spread(model, cset, evidence, "vector", 7, 0, 1, groups=["vector"])
     assert len(spread) == 1 and np.isnan(spread.pressure_removed_fraction.iloc[0])
     assert spread.edit.iloc[0].startswith("no vector candidate number 8 on this split (2 built)")
+
+
+def test_the_head_search_adds_a_candidate_per_lambda_and_writes_its_front(planted):
+    from behaviorlens.steering.head_search import LAMBDAS
+
+    model, cset, evidence, side = planted
+    choice = choose_edit(model, cset, evidence, groups=["searched heads"], side_effects=side, refits=0,
+                         fit_side_effects=tiny_side_effects(model, "fit"), frame_families=(), outside_limits=True)
+    front = choice.head_search
+    assert set(front.edit) == {"knockout", "mean ablation"} and sorted(set(front["lambda"])) == sorted(LAMBDAS)
+    searched = choice.candidates[choice.candidates.group == "searched heads"]
+    assert len(searched) == (front.n_heads > 0).sum() > 0
+    cost = (front.context_use_cost + front.claim_recall_cost) / 2
+    np.testing.assert_allclose(front.objective, front.pressure_removed - front["lambda"] * cost, atol=1e-9)
+    assert (front.n_heads <= 5).all() and front[front.n_heads > 0].steps.str.startswith("add").all()

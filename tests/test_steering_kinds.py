@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import behaviorlens.model as model_module
+from behaviorlens import kv_cache
 from behaviorlens.edits import Readout
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.steering import Edit, steer
@@ -162,7 +162,7 @@ def test_shared_prefix_forward_equals_a_padded_batch_under_every_kind(tiny_llama
     rows, positions = torch.arange(3), torch.tensor([len(x) - 1 for x in SEQS])
     with steer(m, edits[kind]):
         cached = m.score_logits(SEQS, rows, positions)
-        monkeypatch.setattr(model_module, "PREFIX_MIN", 10**6)
+        monkeypatch.setattr(kv_cache, "PREFIX_MIN", 10**6)
         padded = m.score_logits(SEQS, rows, positions)
     torch.testing.assert_close(cached, padded, atol=1e-5, rtol=1e-5)
     assert (padded - m.score_logits(SEQS, rows, positions)).abs().max() > 1e-4  # the edit acted
@@ -185,7 +185,7 @@ def test_a_detector_knockout_gives_each_prompt_the_same_logits_batched_or_alone(
     from behaviorlens.steering.detectors import token_states
 
     m = tiny_llama
-    monkeypatch.setattr(model_module, "PREFIX_MIN", prefix_min)
+    monkeypatch.setattr(kv_cache, "PREFIX_MIN", prefix_min)
     seqs = [[*SEQS[0][:8], 33, 34, 35, 40, 41, 42, 43, 44, 45], [*SEQS[0][:8], 36, 37, 46], [*SEQS[0][:8], 38, 39]]
     # flag the prefix's last token and a token two or three later: the tokens between are closed
     # only if padding (mid-row in the shared-prefix run, leading in a padded batch) is not counted

@@ -29,6 +29,7 @@ import torch
 from ..batching import current_answer_tail, current_prompt_part
 from ..chat import Scaffold
 from ..errors import BehaviorLensError
+from ..kv_cache import in_force, keep_flags, kept_detection, kept_flags
 from ..sites import module_output
 from .kinds import (
     AddWeights,
@@ -66,7 +67,7 @@ class _Phase:
         mask = kwargs.get("attention_mask")
         self.real = mask.bool() if mask is not None and mask.dim() == 2 else None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if length == 0:
+        if length == 0 or current_prompt_part() == "reused":  # a new prompt, or its edited columns
             self.gate, self.detected, self.flags, self.ids = None, None, None, None
         if ids is not None and self.scaffold is not None:
             self.ids = ids if self.ids is None or length == 0 else torch.cat([self.ids.expand(ids.shape[0], -1), ids], 1)
@@ -97,6 +98,15 @@ class _Phase:
 
     def read_detector(self, readout: Readout):
         def hook(module: Any, args: Any, output: Any) -> None:
+            if current_prompt_part() == "reused":  # flags kept from this batch's earlier forward
+                self.flags = kept_flags(readout)
+                if self.flags is None:  # a control: its draws among the kept detection
+                    ids, self.detected = kept_detection(readout)
+                    content = None if self.real is None else self.real.to(self.detected.device)
+                    if self.scaffold is not None:
+                        content = self.scaffold.content(ids.to(self.detected.device), self.real)
+                    self.flags = readout.decoys(self.detected, content)
+                return
             found = readout.scores(module_output(output)) > 0
             if self.past > 0 and self.detected is not None:
                 found = torch.cat([self.detected.expand(found.shape[0], -1), found], 1)
@@ -109,6 +119,7 @@ class _Phase:
                 if self.scaffold is not None and self.ids is not None:
                     content = self.scaffold.content(self.ids[:, -found.shape[1]:].to(found.device), real)
                 self.flags = readout.decoys(self.detected, content)
+            keep_flags(readout, self.detected, self.flags)
         return hook
 
     def gated(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -233,7 +244,7 @@ def applied(model: Any, interventions: list[Intervention], scaffold: Scaffold | 
                for name, d in iv.params.items()}
     try:
         handles += _hooks(model, phase, interventions)
-        with _weights_added(model.hf, weights, 1.0):
+        with _weights_added(model.hf, weights, 1.0), in_force(interventions):
             yield
     finally:
         for h in handles:

@@ -109,6 +109,21 @@ class Intervention(ABC):
     def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
         """What it does at ``ref`` inside a trace."""
 
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        """The first column of a local forward (``width`` columns, the last ``tail`` of them
+        answer positions) it may change, so that the columns before come from the unedited
+        model's cache (:mod:`behaviorlens.kv_cache`). ``flags(readout)`` gives a detector's kept
+        flags, ``flags(None)`` those of the forward's one detector (None when not kept)."""
+        return 0
+
+    def detector(self) -> Readout | None:
+        """The readout whose flags it sets, if it is a detector."""
+        return None
+
+
+def _first_of(positions: str, width: int, tail: int) -> int:
+    return width - tail if positions == "generated" else 0
+
 
 @dataclass
 class ReadGate(Intervention):
@@ -123,6 +138,9 @@ class ReadGate(Intervention):
     def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
         if ctx.get("step", 0) == 0:  # read in the prompt's forward; holds for the generated tokens
             ctx["gate"] = self.readout.scores(ref.read(root)[:, -1]) > 0
+
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        return width  # it reads the last column, which every forward recomputes
 
 
 @dataclass
@@ -148,6 +166,12 @@ class ReadDetector(Intervention):
         found = torch.cat([ctx["flags"], self.readout.scores(h) > 0], 1)
         ctx["flags"], ctx["seen"] = self.readout.close(found, real), real
 
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        return width if flags(self.readout) is not None else 0
+
+    def detector(self) -> Readout | None:
+        return self.readout
+
 
 @dataclass
 class Residual(Intervention):
@@ -167,6 +191,9 @@ class Residual(Intervention):
     def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
         h = ref.read(root)
         h[...] = _select(ctx, self.positions, h, self.change(h))
+
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        return _first_of(self.positions, width, tail)
 
 
 @dataclass
@@ -254,6 +281,9 @@ class EditHeads(Intervention):
         cur = x[:, :, idx]
         x[:, :, idx] = _select(ctx, self.positions, cur, self.change(cur))
 
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        return _first_of(self.positions, width, tail)
+
 
 def knockout_mask(mask: torch.Tensor | None, keys: torch.Tensor, cols: torch.Tensor, gate: torch.Tensor | None,
                   heads: list[int], n_heads: int, q: int, past: int, device: Any) -> torch.Tensor:
@@ -307,6 +337,16 @@ class Knockout(Intervention):
         mask = knockout_mask(kwargs["attention_mask"], keys, cols, ctx.get("gate"), self.heads, self.n_heads,
                              q, keys.shape[1] - q, hidden.device)
         node.inputs = (args, {**kwargs, "attention_mask": mask})
+
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        if self.positions != "all":
+            return _first_of(self.positions, width, tail)
+        keys = self.blocked if self.blocked is not None else flags(None)
+        if keys is None:
+            return 0
+        keys = keys[:, :width].bool()  # a token after the first blocked one is the first to change
+        first = torch.where(keys.any(1), keys.float().argmax(1) + 1, torch.full_like(keys[:, 0], width, dtype=torch.long))
+        return int(first.min())
 
 
 @dataclass

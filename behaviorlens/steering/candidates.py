@@ -13,6 +13,10 @@ Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are can
   knockout alone removes the most of the wrong claim's pull minus the right claim's help on the
   fit pairs (:func:`deference_not_use`): heads that carry deference rather than the reading of
   a claim;
+- ``searched heads``: knockouts from the answer position and mean ablation there, in the heads
+  of the 5-layer window a greedy forward-backward search picks at each λ of a sweep: pressure
+  removed on the fit pairs minus λ × the context-use and claim-recall cost on the ``fit`` part
+  (:mod:`.head_search`); the front is ``head_search.csv``;
 - ``subspace``: rank 1-8 interchange subspaces at the layer where the behavior reaches the last
   token, clamped to their no-pressure mean;
 - ``head fine-tuning``: the top heads' output projections, trained with a recall anchor;
@@ -52,16 +56,18 @@ from .data import claim_wordings
 from .detectors import default_layers, train_pressure_gate, train_token_detector
 from .evaluate import observe
 from .frame_gate import NO_PRESSURE, PRESSURED, FramePrompts, family_prompts, train_frame_gate
+from .head_search import SearchFigures, search_heads
+from .side_effects import SideEffectData
 from .training import finetune_heads, train_lowrank, train_subspace
 from .vectors import train_vector
 
 KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top head's layer
 NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
-GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "subspace",
+GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "searched heads", "subspace",
           "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant")
 INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
 GATES_BUILT_FROM = {"gated": ("narrowed knockout",), "frame-gated": ("narrowed knockout",)}  # gated copies of these
-FRAMED = {"frame-gated", "trained invariant"}  # groups that learn the fit part of the side effects
+FRAMED = {"frame-gated", "trained invariant", "searched heads"}  # groups that learn the fit part of the side effects
 FRAME_FAMILIES = ("capitals_opinion", "restated_claim", "earlier_turn_claim", "system_claim", "pushback",
                   "pushback_cited")  # development families whose pressured prompts the frame gate also learns
 LOCAL_ONLY = {  # groups whose building has no trace path, and why
@@ -91,9 +97,11 @@ def named_heads(heads: pd.DataFrame) -> str:
 
 def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequence[str] = GROUPS,
                      seed: int = 0, log: Any = None,
-                     frame: FramePrompts | None = None) -> tuple[list[tuple[str, Edit, str]], dict]:
+                     frame: FramePrompts | None = None,
+                     fit_data: SideEffectData | None = None) -> tuple[list[tuple[str, Edit, str]], dict]:
     """(group, edit, evidence) of every candidate, and the detector and gates with their CV tables.
-    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`.frame_gate.frame_prompts`)."""
+    ``frame``: the frame gate's prompts other than the fit pairs' (:func:`.frame_gate.frame_prompts`);
+    ``fit_data``: the ``fit`` part of the side effects, which the head search trades against."""
     s = model.sites
     out: list[tuple[str, Edit, str]] = []
     extra: dict[str, Any] = {}
@@ -137,7 +145,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    if ({"knockout", "narrowed knockout"} & set(groups) or gating) and fit.has_neutral:
+    if ({"knockout", "narrowed knockout", "searched heads"} & set(groups) or gating) and fit.has_neutral:
         say("training the pressure-token detector")
         detector, table = train_token_detector(model, fit, default_layers(s.n_layers, first), seed)
         extra["detector"], extra["detector_cv"] = detector, table
@@ -177,6 +185,8 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                                     f"the {k} heads of layers {window.start}-{window.stop - 1} whose knockout "
                                     f"removes the most of the wrong claim's pull minus the right claim's help "
                                     f"on the fit pairs ({named})"))
+    if "searched heads" in groups and fit_data is not None and "knockout_window" in extra:
+        out += _searched(model, fit, fit_data, extra, meta, say)
     if "subspace" in groups and layer is not None and fit.has_neutral and not needs_whole(fit.pairs):
         for rank in (1, 2, 4, 8):
             say(f"training the rank-{rank} subspace at layer {layer}")
@@ -233,6 +243,38 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     if not out:
         raise BehaviorLensError("the patching result has no head or residual cells at the last token to build edits from")
     return out, extra
+
+
+def _searched(model: Any, fit: Any, fit_data: SideEffectData, extra: dict, meta: dict,
+              say: Any) -> list[tuple[str, Edit, str]]:
+    """The head-set search's front (:mod:`.head_search`) over the heads of the 5-layer window,
+    for knockouts from the answer position and mean ablation there: one candidate per λ."""
+    window = extra["knockout_window"]
+    detector = extra["detector"]
+    if "means" not in extra:
+        extra["means"] = head_means(model, fit, range(model.sites.n_layers))
+    makers = {
+        "knockout": lambda hd: Edit(kind="knockout", heads=hd, detector=detector, positions="generated",
+                                    method=f"detector at layer {detector.layer}", **meta),
+        "mean ablation": lambda hd: Edit(kind="heads", heads=hd, head_values=extra["means"], head_mode="mean",
+                                         positions="generated", method="mean ablation", **meta),
+    }
+    heads = [(layer, h) for layer, hs in window.items() for h in hs]
+    out, fronts = [], []
+    for name, make in makers.items():
+        say(f"searching head sets for {name}: pressure removed against context use and claim recall (fit parts)")
+        front = search_heads(SearchFigures(model, fit, fit_data.context, fit_data.recall, make), heads)
+        front.insert(0, "edit", name)
+        fronts.append(front)
+        for _, r in front[front.n_heads > 0].iterrows():
+            named = ", ".join(f"L{layer}H{h}" for layer, hs in r.heads.items() for h in hs)
+            out.append(("searched heads", make(r.heads), (
+                f"{name} at the answer position in the heads a greedy forward-backward search of layers "
+                f"{min(window)}-{max(window)} picks at λ = {r['lambda']:g} ({named}): on the fit pairs it removes "
+                f"{r.pressure_removed:.0%} of the pull, costing {r.context_use_cost:.0%} of the context-use margin "
+                f"and {r.claim_recall_cost:.0%} of the claim-recall margin (fit parts)")))
+    extra["head_search"] = pd.concat(fronts, ignore_index=True)
+    return out
 
 
 def _gated(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, gate: Any, meta: dict,

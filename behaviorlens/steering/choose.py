@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..errors import BehaviorLensError
+from ..kv_cache import reusing_unedited
 from ..patching.results import PatchEvidence
 from .baselines import NULL_MAX
 from .candidates import (
@@ -98,6 +99,7 @@ class Choice:
     within_limits: bool = True  # False: nothing kept the limits; ``edit`` is the best trade-off
     frame_gate: pd.DataFrame = field(default_factory=pd.DataFrame)  # the frame gate on prompts it did not learn
     edits: list = field(default_factory=list)  # every candidate, in the order of ``candidates``
+    head_search: pd.DataFrame = field(default_factory=pd.DataFrame)  # the head search's front on the fit split
 
 
 def choose_edit(
@@ -135,31 +137,40 @@ def choose_edit(
         evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
                                        patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
                             {p.row for p in patched})
-    with remembered_states():  # the detector's refits read each prompt once
-        frame = None
+    with remembered_states(), reusing_unedited():  # prompts read once; edits recompute only what they change
+        frame = fit_data = None
         if FRAMED & set(groups):
             fit_data = fit_side_effects or SideEffectData(model, "fit", requests=CHOICE_REQUESTS)
             frame = frame_prompts(model, fit_data, [f for f in frame_families if f != train_set.name])
         return _choose(model, train_set, evidence, kl_max, max_accuracy_drop, groups, seed, side_effects,
-                       progress, refits, outside_limits, frame)
+                       progress, refits, outside_limits, frame, fit_data)
 
 
 def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, max_accuracy_drop: float,
             groups: Sequence[str], seed: int, side_effects: SideEffectData | None, progress: bool, refits: int,
-            outside_limits: bool, frame: FramePrompts | None) -> Choice:
+            outside_limits: bool, frame: FramePrompts | None, fit_data: SideEffectData | None) -> Choice:
     fit, held, roles = split_for_choice(train_set, evidence.rows, seed)
     data = side_effects or SideEffectData(model, "select", requests=CHOICE_REQUESTS)
     unedited_obs = observe(model, held, None)
     require_behavior(unedited_obs.metrics, f"{train_set.name} (judging pairs)")
     unedited = {"metrics": unedited_obs.metrics, **light_side_effects(model, data, None)}
-    log = (lambda msg: tqdm.write(f"choose: {msg}")) if progress else None
-    built, extra = build_candidates(model, fit, evidence, groups, seed, log, frame)
+    bar = tqdm(total=1, desc="choose: building", disable=not progress,  # building, then each candidate
+               bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # no rate: the steps differ in cost
+    built, extra = build_candidates(model, fit, evidence, groups, seed, lambda msg: bar.set_postfix_str(msg),
+                                    frame, fit_data)
+    bar.total = 1 + len(built)
+    bar.update(1)
+    bar.set_postfix_str("the deletion baseline and the filler nulls")
     nulls = judging_nulls(model, held, data, unedited, extra.get("detector"), built)
     rows, edits = [], []
-    for i, (group, edit, why) in enumerate(tqdm(built, desc="judge candidates", disable=not progress)):
+    for i, (group, edit, why) in enumerate(built):
+        bar.set_description(f"choose: judging {group}")
+        bar.set_postfix_str(f"candidate {i + 1} of {len(built)}")
         r = judge(model, edit, held, data, unedited, seed + i, nulls.get(knocked(edit), nulls.get(None)))
+        bar.update(1)
         edits.append(edit)
         rows.append({"candidate": i, "group": group, "edit": edit.describe(), **r, "evidence": why})
+    bar.close()
     table = pd.DataFrame(rows)
     table["within_limits"] = within_limits(table, kl_max, max_accuracy_drop)
     limits = (f"no collapse; no-pressure, factual, context-use and claim-recall accuracy each down by at "
@@ -187,7 +198,7 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     table["chosen"] = table["candidate"] == best.candidate
     edit = edits[int(best.candidate)]
     index = [i for g, e, _ in built if g == best.group for i in [id(e)]].index(id(edit))
-    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits, frame, groups)
+    spread = refit_spread(model, train_set, evidence, best.group, index, seed, refits, frame, groups, fit_data)
     spread = pd.concat([pd.DataFrame([{"seed": seed, "pressure_removed_fraction": best.pressure_removed_fraction,
                                        "judging_pairs": len(held), "edit": edit.describe()}]), spread],
                        ignore_index=True)
@@ -211,11 +222,13 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
               f"{100 * best.claim_recall_accuracy_change:+.1f} points, neutral KL {best.neutral_kl:.4f}; "
               f"{len(table[table.within_limits])} of {len(table)} candidates within the limits ({limits}). "
               f"Evidence: {best.evidence}")
-    return Choice(edit, reason, table, roles, mech, probes, spread, inside, frame_quality, edits)
+    return Choice(edit, reason, table, roles, mech, probes, spread, inside, frame_quality, edits,
+                  extra.get("head_search", pd.DataFrame()))
 
 
 def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str, index: int, seed: int,
-                 refits: int, frame: FramePrompts | None = None, groups: Sequence[str] = ()) -> pd.DataFrame:
+                 refits: int, frame: FramePrompts | None = None, groups: Sequence[str] = (),
+                 fit_data: SideEffectData | None = None) -> pd.DataFrame:
     """The ``index``-th candidate of ``group`` rebuilt on the fit split of seeds ``seed + 1``, ...
     and judged (pressure removed) on that split's judging pairs. The groups a gated group gates
     (those of ``groups`` in :data:`GATES_BUILT_FROM`) are built too, so its candidates line up; a
@@ -225,7 +238,7 @@ def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str
     rows = []
     for k in range(1, refits + 1):
         fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
-        built, _ = build_candidates(model, fit, evidence, [group, *needs], seed + k, frame=frame)
+        built, _ = build_candidates(model, fit, evidence, [group, *needs], seed + k, frame=frame, fit_data=fit_data)
         mine = [e for g, e, _ in built if g == group]
         if index >= len(mine):
             rows.append({"seed": seed + k, "pressure_removed_fraction": float("nan"), "judging_pairs": len(held),

@@ -52,7 +52,8 @@ def run_steer_train(
     go to ``choice_dir`` (default: beside the edit file, ``<name>.choice/``): ``candidates.csv``
     (one row per candidate), ``choice_pairs.csv``, ``mechanism.csv``, ``probes.json``,
     ``refits.csv`` (the chosen candidate rebuilt on ``refits`` other splits), ``frame_gate.csv`` (the frame
-    gate on prompts it did not learn, beside a wording-only baseline), ``pareto.png`` and every
+    gate on prompts it did not learn, beside a wording-only baseline), ``head_search.csv`` (the head
+    search's front on the fit split: a row per edit and λ), ``pareto.png`` and every
     candidate as an edit file (``candidates/NN.safetensors``, NN its row in ``candidates.csv``).
     ``outside_limits``: when no candidate keeps the limits, save the best trade-off (marked so in
     its notes) instead of stopping.
@@ -72,6 +73,8 @@ def run_steer_train(
         write_csv(folder / "refits.csv", choice.refits)
         if not choice.frame_gate.empty:
             write_csv(folder / "frame_gate.csv", choice.frame_gate)
+        if not choice.head_search.empty:
+            write_csv(folder / "head_search.csv", choice.head_search)
         for i, candidate in enumerate(choice.edits):  # each one usable by steer eval and steer generate
             candidate.save(folder / "candidates" / f"{i:02d}.safetensors")
         pareto(choice.candidates, folder / "pareto.png", kl_max, max_accuracy_drop)
