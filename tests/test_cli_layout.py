@@ -61,6 +61,19 @@ def test_no_stage_imports_the_command_line():
     assert not any("importlib" in _imports(p) for p in cli.glob("*.py"))
 
 
+def test_importing_the_package_loads_no_stage_until_one_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, behaviorlens; before = sorted(m for m in sys.modules if m.startswith('behaviorlens.')); "
+            "behaviorlens.run_experiment; print(before); print(sorted(m for m in sys.modules if m.startswith('behaviorlens.')))")
+    before, after = (ast.literal_eval(line) for line in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                           check=True).stdout.splitlines())
+    stages = ("steering", "patching", "probing", "circuits", "detect", "experiment")
+    assert not [m for m in before if m.split(".")[1] in stages]
+    assert {f"behaviorlens.{s}" for s in stages} <= set(after)  # the experiment brings every stage on first use
+
+
 def test_console_script_is_the_cli_main():
     text = (PACKAGE.parent / "pyproject.toml").read_text()
     assert 'behaviorlens = "behaviorlens.cli:main"' in text
