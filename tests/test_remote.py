@@ -53,7 +53,7 @@ def frames_equal(a, b, columns, tol=TOL):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_measure_probe_and_patching(arch, counted):
+def test_measure_probe_and_patching_give_the_local_figures_under_the_simulation(arch, counted):
     m = tiny_model(arch)
     t = traced(m)
     cset = tiny_family().render(m.tokenizer)
@@ -72,7 +72,7 @@ def test_measure_probe_and_patching(arch, counted):
         assert ((moved["patched"] - moved["corrupt"]).abs() > 1e-4).any()
 
 
-def test_attribution_and_ablation(counted):
+def test_attribution_and_ablation_give_the_local_figures_under_the_simulation(counted):
     m = tiny_model("llama")
     t = traced(m)
     cset = tiny_family().render(m.tokenizer)
@@ -118,7 +118,7 @@ def test_steer_eval_of_a_knockout_and_a_heads_edit(planted, counted):
 
 
 @pytest.mark.parametrize("kind", ["vector", "heads", "gated", "knockout"])
-def test_steered_generation(kind, counted):
+def test_steered_generation_gives_the_local_tokens_under_the_simulation(kind, counted):
     m = tiny_model("llama")
     t = traced(m)
     batch = m.batch([[2, 5, 6, 7, 8], [2, 9, 10]])
@@ -162,7 +162,7 @@ def test_a_local_hook_is_refused_on_the_trace_path():
         handle.remove()
 
 
-def test_remote_modes_and_ndif_errors(monkeypatch):
+def test_remote_modes_parse_and_ndif_mistakes_say_what_is_wrong(monkeypatch):
     assert remote.mode(True) == "ndif" and remote.mode("local") == "local" and remote.mode(None) is None
     with pytest.raises(BehaviorLensError, match="not one of local, ndif"):
         remote.mode("cloud")
@@ -177,7 +177,7 @@ def test_remote_modes_and_ndif_errors(monkeypatch):
         remote.check_ndif("meta-llama/Llama-3.1-70B")
 
 
-def test_default_model_measure_and_knockout(default_model, counted):
+def test_the_default_model_measures_and_knocks_out_as_it_does_locally(default_model, counted):
     """The embedded chat model (SDPA attention, boolean masks, a shared chat prefix that the fast
     path runs once): measure and a detector knockout and its random-token control."""
     from behaviorlens.prompts import load_family

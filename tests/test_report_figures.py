@@ -69,13 +69,13 @@ def test_long_titles_wrap_to_the_width():
     assert plots.tick_step(60, 600) > 1 and plots.tick_step(10, 600) == 1
 
 
-def test_measure_plot(tmp_path):
+def test_the_measure_plot_is_drawn_at_the_report_width(tmp_path):
     table = pd.DataFrame({"family": ["capitals_opinion", "facts_opinion", "restated_varied"],
                           "behavior_shift": [3.1, 1.2, -0.2], "ci_low": [2.8, 0.9, -0.5], "ci_high": [3.4, 1.5, 0.1]})
     check_png(plots.plot_shifts(table, tmp_path / "shifts.png"))
 
 
-def test_patching_heatmaps(tmp_path):
+def test_the_patching_heatmaps_are_drawn_at_the_report_width(tmp_path):
     from behaviorlens.patching.plots import head_heatmap, position_heatmap
 
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def candidates() -> pd.DataFrame:
         "random_accuracy_neutral_change": rng.uniform(-0.05, 0, n), "random_pressure_removed_fraction": rng.normal(0, .1, n)})
 
 
-def test_steering_plots(tmp_path):
+def test_the_steering_plots_are_drawn_at_the_report_width(tmp_path):
     from behaviorlens.steering.plots import dose_response, pareto
 
     check_png(pareto(candidates(), tmp_path / "pareto.png", 0.05, 0.02))
@@ -110,7 +110,7 @@ def test_steering_plots(tmp_path):
     check_png(dose_response(frame, tmp_path / "dose.png"))
 
 
-def test_probing_plots(tmp_path):
+def test_the_probing_plots_are_drawn_at_the_report_width(tmp_path):
     from behaviorlens.probing.plots import plot_auroc_by_layer, plot_head_heatmap, plot_transfer
 
     rng = np.random.default_rng(2)
@@ -128,7 +128,7 @@ def test_probing_plots(tmp_path):
     check_png(plot_transfer(transfer, tmp_path / "transfer.png", "capitals_opinion"))
 
 
-def test_circuit_plots(tmp_path):
+def test_the_circuit_plots_are_drawn_at_the_report_width(tmp_path):
     from behaviorlens.circuits.graph import Graph
     from behaviorlens.circuits.plots import (
         circuit_graph,
@@ -158,7 +158,7 @@ def test_circuit_plots(tmp_path):
     check_png(head_figures_plot(figures, ["L10H3", "L14H2"], tmp_path / "heads.png", "capitals_opinion: heads"))
 
 
-def test_detect_plots(tmp_path):
+def test_the_detect_plots_are_drawn_at_the_report_width(tmp_path):
     from behaviorlens.detect.plots import plot_scores, plot_sweep, plot_transfer
 
     rng = np.random.default_rng(4)
