@@ -6,14 +6,16 @@ context use) and then ``choose_edit`` with the given candidate groups, and print
 Target (issue 22): ``steer train`` with every candidate in at most 8 minutes on 2 cores.
 
     .venv/bin/python bench/steer_train_cost.py --from-patching results/sycophancy/patch/heads \
-        results/sycophancy/patch/resid [--candidates knockout "narrowed knockout"]
+        results/sycophancy/patch/resid [--candidates knockout "narrowed knockout"] [--without-reuse] [--table T.csv]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
+import behaviorlens.steering.choose as choose_module
 from behaviorlens import load_model
 from behaviorlens.patching.results import evidence_of, patch_runs
 from behaviorlens.prompts import load_family
@@ -30,7 +32,13 @@ def main() -> None:
     ap.add_argument("--from-patching", nargs="+", required=True, metavar="DIR")
     ap.add_argument("--candidates", nargs="+", default=list(GROUPS))
     ap.add_argument("--refits", type=int, default=2)
+    ap.add_argument("--without-reuse", action="store_true",
+                    help="edited forwards recompute every column (the cost before kv_cache); --table writes the "
+                         "candidate table to compare the two runs' figures")
+    ap.add_argument("--table", help="write the candidate table here (CSV)")
     args = ap.parse_args()
+    if args.without_reuse:
+        choose_module.reusing_unedited = nullcontext
     model = load_model()
     cset = load_family(args.family).render(model.tokenizer)
     evidence = evidence_of(patch_runs(args.from_patching))
@@ -46,6 +54,8 @@ def main() -> None:
     choice = choose_edit(model, cset, evidence, groups=args.candidates, side_effects=data, refits=args.refits,
                          outside_limits=True)
     total = time.perf_counter() - start
+    if args.table:
+        choice.candidates.to_csv(args.table, index=False)
     print(f"side-effect data (greedy continuations, tokenizing): {prepare:.1f} s")
     print(f"one unedited pass (judging pairs + select half of side effects): {unedited:.1f} s")
     print(f"choose_edit, {len(choice.candidates)} candidates of {len(args.candidates)} groups, {args.refits} refits: "
