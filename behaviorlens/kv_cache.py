@@ -221,15 +221,12 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tenso
                 out = hf(input_ids=ids[:1, :start], position_ids=pos[:1, :start], use_cache=True)
             cache = getattr(out, "cache", None) or out.past_key_values
             cache.batch_repeat_interleave(ids.shape[0])
-    width = ids.shape[1] - start
-    local = cols - start
-    last = width - int(local.min())
-    kwargs = {"logits_to_keep": last} if model._keeps_logits and last < width else {}
+    kwargs, local = model.unembedded(ids.shape[1] - start, cols - start)
     if cache is not None:
-        kwargs[model._cache_argument] = cache
+        kwargs[model.cache_argument] = cache
     with prompt_part(part) if part else nullcontext(), _running(kept):
         out = hf(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
                  use_cache=bool(cache is not None or keep), **kwargs)
     logits = out.logits
-    result = logits[rows.to(logits.device), (local - (width - logits.shape[1])).to(logits.device)].float()
+    result = logits[rows.to(logits.device), local.to(logits.device)].float()
     return result, (getattr(out, "cache", None) or out.past_key_values) if keep else None

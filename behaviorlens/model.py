@@ -135,12 +135,18 @@ class Model:
             from .interventions.trace import traced_logits
 
             return traced_logits(self, batch, rows, columns, grad)
-        keep = width - int(columns.min())
-        kwargs = {"logits_to_keep": keep} if self._keeps_logits and keep < width else {}
+        kwargs, columns = self.unembedded(width, columns)
         with torch.inference_mode(not grad):
             out = self.hf(**batch.inputs(), use_cache=False, **kwargs).logits
-        skip = width - out.shape[1]
-        return out[rows.to(out.device), (columns - skip).to(out.device)].float()
+        return out[rows.to(out.device), columns.to(out.device)].float()
+
+    def unembedded(self, width: int, columns: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The forward keyword that sends only the columns from the first one read (of ``width``)
+        through the unembedding, where the model takes it, and the read columns in its output."""
+        keep = width - int(columns.min())
+        if self.keeps_logits and keep < width:
+            return {"logits_to_keep": keep}, columns - (width - keep)
+        return {}, columns
 
     def score_logits(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 logits at (sequence, token position) reads: [reads, vocab], in inference mode.
@@ -152,7 +158,7 @@ class Model:
         return kv_cache.score_logits(self, sequences, rows, positions)
 
     @property
-    def _cache_argument(self) -> str | None:
+    def cache_argument(self) -> str | None:
         """The forward's key/value cache argument (``cache`` in newer transformers)."""
         import inspect
 
@@ -165,10 +171,10 @@ class Model:
         import inspect
 
         params = inspect.signature(self.hf.forward).parameters
-        return self._cache_argument is not None and "position_ids" in params
+        return self.cache_argument is not None and "position_ids" in params
 
     @property
-    def _keeps_logits(self) -> bool:
+    def keeps_logits(self) -> bool:
         """Whether the model's forward can unembed only the last column (``logits_to_keep``)."""
         import inspect
 

@@ -54,11 +54,8 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     ctx["reads"] = {}
     forward = {"use_cache": False}
     if rows is not None:  # only the columns from the first one read go through the unembedding
-        width = batch.input_ids.shape[1]
-        keep = width - int(columns.min())
-        if model._keeps_logits and keep < width:
-            forward["logits_to_keep"] = keep
-            columns = columns - (width - keep)
+        keep, columns = model.unembedded(batch.input_ids.shape[1], columns)
+        forward |= keep
     with torch.inference_mode(not grad), lm.trace(inputs, **forward, **model.trace_kwargs()):
         run(lm, interventions, ctx)
         acts = nnsight.save([ctx["reads"][i] for i in range(len(read_refs))])
@@ -89,12 +86,8 @@ def traced_gradients(model: Any, batch: Batch, rows: torch.Tensor, columns: torc
     first = model.sites.ref("resid_pre", 0)
     tensors, n_prompts, whole = scoring.tensors(), scoring.n_prompts, scoring.whole
     inputs = batch.inputs()
-    width = batch.input_ids.shape[1]
-    keep = width - int(columns.min())
-    forward = {"use_cache": False}
-    if model._keeps_logits and keep < width:  # only the columns read go through the unembedding
-        forward["logits_to_keep"] = keep
-        columns = columns - (width - keep)
+    keep, columns = model.unembedded(batch.input_ids.shape[1], columns)  # only the columns read are unembedded
+    forward = {"use_cache": False, **keep}
     with torch.inference_mode(False), torch.enable_grad(), lm.trace(inputs, **forward, **model.trace_kwargs()):
         if start is not None:
             first.module(lm).input = start.clone().requires_grad_(True)
