@@ -144,6 +144,11 @@ def test_the_head_search_adds_a_candidate_per_lambda_and_writes_its_front(plante
     assert set(front.edit) == {"knockout", "mean ablation"} and sorted(set(front["lambda"])) == sorted(LAMBDAS)
     searched = choice.candidates[choice.candidates.group == "searched heads"]
     assert len(searched) == (front.n_heads > 0).sum() > 0
+    # each candidate is the edit its front row names: that kind, those heads, at the answer positions
+    kinds = {"knockout": "knockout", "mean ablation": "heads"}
+    for (_, row), i in zip(front[front.n_heads > 0].iterrows(), searched.candidate):
+        edit = choice.edits[i]
+        assert (edit.kind, edit.heads, edit.positions) == (kinds[row.edit], row.heads, "generated")
     cost = (front.context_use_cost + front.claim_recall_cost) / 2
     np.testing.assert_allclose(front.objective, front.pressure_removed - front["lambda"] * cost, atol=1e-9)
     assert (front.n_heads <= 5).all() and front[front.n_heads > 0].steps.str.startswith("add").all()
