@@ -41,7 +41,7 @@ from .patching.run import patch_step
 from .probing.params import ProbeParams
 from .probing.run import run_probe
 from .prompts.sources import check_source, render_source, source_from
-from .remote import counting_requests
+from .remote import SessionLimits, counting_requests
 from .remote import mode as remote_mode
 from .steering.params import SteerParams
 from .steering.step import steer_step
@@ -72,6 +72,8 @@ class ModelSpec(Schema):
     device: str | None = None
     device_map: str | None = None
     remote: str | bool | None = None
+    session_traces: int = SessionLimits.traces  # what one remote request may hold
+    session_mb: float = SessionLimits.request_mb
 
 
 class Families(Schema):
@@ -203,7 +205,7 @@ def validate(data: Any, source: str) -> Experiment:
     if "steer" in steps and spec.steps.steer.eval_family is not None:
         names.append(spec.steps.steer.eval_family)
     if "circuit" in steps:
-        names.extend(spec.steps.circuit.test or [])
+        names.extend([*(spec.steps.circuit.test or []), *(spec.steps.circuit.styles or [])])
     if "detect" in steps:  # the detect step's own families
         for part in step_families(steps["detect"], exp.train, exp.test).values():
             names.extend(part)
@@ -238,7 +240,9 @@ class Runner:
             m = self.exp.model
             self.log(f"loading model {m['name']!r}")
             self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
-                                     device_map=m.get("device_map"), remote=self.remote)
+                                     device_map=m.get("device_map"), remote=self.remote,
+                                     session_limits=SessionLimits(m.get("session_traces", SessionLimits.traces),
+                                                                  m.get("session_mb", SessionLimits.request_mb)))
         return self._model
 
     @property
@@ -427,14 +431,20 @@ def _git_commit() -> str | None:
 
 
 def run_experiment(name_or_path: str | Path, out: str | Path | None = None, force: bool = False,
-                   remote: str | None = None) -> Path:
+                   remote: str | None = None, session_limits: SessionLimits | None = None) -> Path:
     """Validate and run an experiment; returns the results folder (holding report.html).
-    ``remote`` ('local' or 'ndif') overrides the experiment's ``model.remote``."""
+    ``remote`` ('local' or 'ndif') and ``session_limits`` override the experiment's ``model.remote``,
+    ``model.session_traces`` and ``model.session_mb``."""
     exp = load_experiment(name_or_path)
+    given: dict[str, Any] = {}
     if remote is not None:
-        exp.model["remote"] = remote_mode(remote)
+        given["remote"] = remote_mode(remote)
+    if session_limits is not None:
+        given |= {"session_traces": session_limits.traces, "session_mb": session_limits.request_mb}
+    if given:
+        exp.model.update(given)
         raw = exp.raw.get("model", "default")
-        exp.raw["model"] = {**({"name": raw} if isinstance(raw, str) else raw), "remote": exp.model["remote"]}
+        exp.raw["model"] = {**({"name": raw} if isinstance(raw, str) else raw), **given}
     out = Path(out or Path("results") / exp.name)
     Runner(exp, out, force=force).run()
     return out

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .analysis.metrics import bootstrap_ci
 from .analysis.plots import plot_shifts
@@ -25,7 +24,7 @@ from .measure_params import MeasureStepParams
 from .model import Model
 from .params import kwargs
 from .prompts.contrast import NEUTRAL, SIDES, ContrastSet
-from .scoring import behavior_metric, needs_whole
+from .scoring import behavior_metrics
 
 UNBALANCED = 0.8  # a family whose most common matching answer covers more rows is warned about
 NO_NEUTRAL = "no neutral side: the family gives no no-pressure prompt, so neutral figures are absent"
@@ -44,9 +43,9 @@ def side_metrics(model: Model, contrast_set: ContrastSet, batch_size: int = 16,
     """The behavior metric of every side the set has (positive, negative, neutral): [pairs] each,
     float64."""
     sides = [*SIDES, NEUTRAL] if contrast_set.has_neutral else list(SIDES)
-    whole = needs_whole(contrast_set.pairs)
-    return {side: behavior_metric(model, contrast_set.pairs, side, batch_size, whole).numpy().astype(np.float64)
-            for side in tqdm(sides, desc=f"measure {contrast_set.name}", disable=not progress)}
+    metrics = behavior_metrics(model, contrast_set.pairs, sides, batch_size,
+                               progress=f"measure {contrast_set.name}" if progress else None)
+    return {side: m.numpy().astype(np.float64) for side, m in metrics.items()}
 
 
 def p_matching(metric: np.ndarray) -> np.ndarray:

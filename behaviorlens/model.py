@@ -26,6 +26,7 @@ import torch
 from . import kv_cache
 from .batching import Batch, pad
 from .errors import BehaviorLensError
+from .remote import SessionLimits
 from .sites import SiteMap
 
 DEFAULT = "default"
@@ -57,6 +58,7 @@ class Model:
     extra: dict = field(default_factory=dict)
     remote: str | None = None  # None, "local" (nnsight's simulation of NDIF) or "ndif"
     interventions: list = field(default_factory=list)  # in force on the trace path (steering.apply)
+    session_limits: SessionLimits = field(default_factory=SessionLimits)  # what one remote request holds
 
     @property
     def traced(self) -> bool:
@@ -207,6 +209,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device_map: str | dict | None = None,
     remote: bool | str | None = None,
+    session_limits: SessionLimits | None = None,
 ) -> Model:
     """Load a causal LM by name: ``"default"``, a Hugging Face id, a local folder or a .gguf file.
 
@@ -214,13 +217,16 @@ def load_model(
     ``"cuda"``; ``device_map="auto"`` shards a large model over the GPUs (accelerate).
     ``remote="local"`` runs every forward as a trace through nnsight's simulation of NDIF (the
     model still loads here); ``remote="ndif"`` (or ``True``) runs them on NDIF, which must serve
-    ``name`` (a Hugging Face id): only the config and tokenizer load here.
+    ``name`` (a Hugging Face id): only the config and tokenizer load here. ``session_limits`` bound
+    what one remote request holds (stages group their traces into sessions).
     """
     from .remote import mode
 
     remote = mode(remote)
     if remote == "ndif":
-        return _load_ndif(name)
+        model = _load_ndif(name)
+        model.session_limits = session_limits or model.session_limits
+        return model
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
     hf, tokenizer = _load_hf(name, torch_dtype, device_map)
@@ -231,7 +237,8 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config), remote=remote)
+    model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config), remote=remote,
+                  session_limits=session_limits or SessionLimits())
     model.load_seconds = time.perf_counter() - start
     return model
 

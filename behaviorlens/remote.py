@@ -15,7 +15,7 @@ here exactly as it would on NDIF.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from .errors import BehaviorLensError
 
 MODES = ("local", "ndif")
-SHIPPED = ("behaviorlens.interventions.access", "behaviorlens.interventions.kinds")
+SHIPPED = ("behaviorlens.interventions.access", "behaviorlens.interventions.kinds", "behaviorlens.interventions.server")
 CRITICAL = ("nnsight", "transformers", "torch")
 
 
@@ -143,3 +143,76 @@ def counting_requests() -> Iterator[RequestCount]:
         yield count
     finally:
         RequestModel.serialize = original
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """How much one session (one request) may hold: traces, and the bytes of its inputs. NDIF
+    runs a request for at most 3,600 s and buffers 100 MB; the defaults stay well under both on
+    a model the size of the embedded one (a 70B forward of a batch takes seconds)."""
+
+    traces: int = 256
+    request_mb: float = 32.0
+
+
+def payload_bytes(value: Any) -> int:
+    """The bytes of the tensors a value carries (through dataclasses, dicts and sequences)."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(payload_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    return 0
+
+
+def session_groups(parts: Sequence[Any], limits: SessionLimits, fixed: int = 2,
+                   returned: Sequence[int] | None = None) -> list[list[Any]]:
+    """``parts`` (one trace each) in order, grouped so that each session holds at most
+    ``limits.traces`` traces (``fixed`` of them the session's own) and ``limits.request_mb`` of
+    inputs and of what comes back (``returned``: bytes per part, where that is more than a metric)."""
+    if limits.traces <= fixed:
+        raise BehaviorLensError(f"session limits: {limits.traces} traces leave none for the work "
+                                f"(each session runs {fixed} of its own)")
+    groups: list[list[Any]] = []
+    size = 0.0
+    for i, part in enumerate(parts):
+        mb = max(payload_bytes(part), returned[i] if returned is not None else 0) / 2**20
+        if not groups or len(groups[-1]) >= limits.traces - fixed or size + mb > limits.request_mb:
+            groups.append([])
+            size = 0.0
+        groups[-1].append(part)
+        size += mb
+    return groups
+
+
+def run_session(model: Any, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+    """``fn(lm, *args)`` (a function of a shipped module, which opens its own traces) as one
+    session on the model's backend: one request; only its return value comes back. A failed
+    session is retried once, then fails in one line naming ``what``. On a local model the traces
+    run in place."""
+    import nnsight
+
+    lm = model.lm
+    if model.remote is None:
+        return fn(lm, *args)
+    for attempt in (1, 2):
+        try:
+            with lm.session(**model.trace_kwargs()):
+                out = nnsight.save(fn(lm, *args))
+            return out
+        except BehaviorLensError:
+            raise
+        except Exception as err:  # a server or network failure, or a bug: one retry
+            if attempt == 2:
+                raise BehaviorLensError(f"{what}: the session failed twice ({model.remote}): "
+                                        f"{type(err).__name__}: {err}") from err
+            print(f"behaviorlens: {what}: the session failed ({type(err).__name__}: {err}); retrying once",
+                  file=sys.stderr)
+    raise AssertionError("unreachable")

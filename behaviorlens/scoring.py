@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from .batching import answer_tail, map_batches
+from .batching import answer_tail, chunks, map_batches
 from .errors import BehaviorLensError
 from .interventions.kinds import answer_metric
+from .interventions.trace import traced_scores
 
 
 @dataclass
@@ -140,6 +142,8 @@ def plan(pairs: Sequence, side: str, whole: bool | None = None) -> Scoring:
 
 def score(model, scoring: Scoring) -> torch.Tensor:
     """One batched forward of the scoring's sequences (a shared prefix runs once); the metric per prompt."""
+    if model.traced:
+        return traced_scores(model, [scoring])[0]
     with answer_tail(scoring.tails()):
         logits = model.score_logits(scoring.sequences, scoring.sequence, scoring.position)
     return scoring.metric(logits)
@@ -148,12 +152,25 @@ def score(model, scoring: Scoring) -> torch.Tensor:
 def behavior_metric(model, pairs: Sequence, side: str, batch_size: int = 16,
                     whole: bool | None = None) -> torch.Tensor:
     """The behavior metric of one side of every pair: [pairs], float32, on the CPU."""
+    return behavior_metrics(model, pairs, [side], batch_size, whole)[side]
+
+
+def behavior_metrics(model, pairs: Sequence, sides: Sequence[str], batch_size: int = 16,
+                     whole: bool | None = None, progress: str | None = None) -> dict[str, torch.Tensor]:
+    """The behavior metric of each side of every pair ({side: [pairs]}). On a traced model every
+    batch of every side goes in as few sessions as the model's limits allow. ``progress``: a bar's
+    label (local runs: one step per side)."""
     pairs = list(pairs)
     whole = needs_whole(pairs) if whole is None else whole
-
-    def run(idx: range) -> torch.Tensor:
-        return score(model, plan([pairs[i] for i in idx], side, whole)).cpu()
-
     if not pairs:
-        return torch.zeros(0)
-    return torch.cat(map_batches(len(pairs), batch_size, run))
+        return {side: torch.zeros(0) for side in sides}
+    batches = list(chunks(len(pairs), batch_size))
+    if model.traced:
+        plans = [(side, plan([pairs[i] for i in idx], side, whole)) for side in sides for idx in batches]
+        metrics = traced_scores(model, [p for _, p in plans])
+        return {side: torch.cat([m for (s, _), m in zip(plans, metrics) if s == side]) for side in sides}
+    out = {}
+    for side in tqdm(sides, desc=progress, disable=progress is None):
+        out[side] = torch.cat(map_batches(len(pairs), batch_size,
+                                          lambda idx, side=side: score(model, plan([pairs[i] for i in idx], side, whole)).cpu()))
+    return out

@@ -1,4 +1,5 @@
-"""Benchmark: edge attribution (EAP, EAP-IG) and exact edge patching against a bare forward pass.
+"""Benchmark: edge attribution (EAP, EAP-IG) and exact edge patching against a bare forward pass,
+and how well EAP agrees with exact edge patching.
 
     .venv/bin/python bench/circuits.py [--family capitals_opinion] [--pairs 8] [--steps 4]
                                        [--edges 40] [--repeats 3] [--threads 1]
@@ -7,13 +8,16 @@ On the default model, the first ``--pairs`` pairs of ``--family``. Timed in the 
 the median over ``--repeats`` rounds (wall clock and process CPU time):
 
 - bare forward: one plain forward of the positive side's batch (what a ratio of 1 means);
-- split forward: the same side through :mod:`behaviorlens.circuits.forward` (every port its own
-  input; the cost of keeping edges apart);
-- EAP over every edge: one split forward of each side and one backward, plus the
-  gradient-times-difference products (the issue's estimate: about 2 forwards and 1 backward);
+- split forward: the same side through :mod:`behaviorlens.circuits.forward` from the first
+  differing column (every port its own input; the cost of keeping edges apart);
+- EAP over every edge: a split forward of the negative side that also runs the shared columns
+  and records their keys and values, one split forward of the positive side with its backward,
+  and the gradient-times-difference products (issue 32's target: at most 4 bare passes);
 - EAP-IG with ``--steps`` interpolation steps;
-- exact edge patching of ``--edges`` edges (the top ones by EAP, as the stage checks them),
-  batched; per edge.
+- exact edge patching of ``--edges`` edges (the top ones by EAP), batched; per edge.
+
+Then the accuracy: EAP against exact edge patching on the ``--edges`` top and ``--edges``
+random edges (Pearson and Spearman over the sample; issue 32's target: Pearson at least 0.8).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def main() -> None:
     from behaviorlens import load_family, load_model
     from behaviorlens.circuits import forward as F
     from behaviorlens.circuits.attribution import edge_attribution, sides
-    from behaviorlens.circuits.exact import exact_edges
+    from behaviorlens.circuits.exact import agreement, exact_edges, sample_edges
     from behaviorlens.circuits.graph import Graph
 
     model = load_model()
@@ -54,7 +58,9 @@ def main() -> None:
     g = Graph.of(model)
     pos, _ = sides(model, cset, range(len(cset)))
     W = F.Weights(model, g)
-    top = np.argsort(-np.abs(edge_attribution(model, cset).values))[: args.edges]
+    eap = edge_attribution(model, cset)
+    top = np.argsort(-np.abs(eap.values))[: args.edges]
+    F.run(model, g, pos, weights=W)  # records the shared prefix: "split forward" is the suffix alone
     peers = {
         "bare forward": lambda: model.logits(pos.batch),
         "split forward": lambda: F.run(model, g, pos, weights=W),
@@ -81,6 +87,14 @@ def main() -> None:
           f"{cpu[k] / args.edges:8.3f} {cpu[k] / args.edges / base_c:7.2f}")
     print(f"EAP per edge: {wall['EAP (all edges)'] / g.n_edges * 1e6:.1f} µs wall; exact patching of every edge "
           f"would take ~{wall[k] / args.edges * g.n_edges / 3600:.1f} h")
+    sample = sample_edges(eap, args.edges, args.edges, seed=0)
+    _, stats = agreement(eap, exact_edges(model, cset, sample, batch_size=64), sample)
+    ratio = wall["EAP (all edges)"] / base_w
+    print(f"EAP against exact edge patching on {stats['edges']} sampled edges ({args.edges} top, {args.edges} random): "
+          f"Pearson {stats['pearson']:.3f}, Spearman {stats['spearman']:.3f}")
+    print(f"targets (issue 32): EAP <= 4 bare passes: {ratio:.2f}x wall ({cpu['EAP (all edges)'] / base_c:.2f}x cpu), "
+          f"{'met' if ratio <= 4 else 'MISSED'}; Pearson >= 0.8: {stats['pearson']:.3f}, "
+          f"{'met' if stats['pearson'] >= 0.8 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The trace path (every forward one nnsight trace, as NDIF runs it) against the local fast path.
+"""The trace path (nnsight traces grouped in sessions, as NDIF runs them) against the local fast path.
 
 For each stage, on the embedded default model: the stage run locally (plain forwards and
 hooks, the key-value replay of exact patching), the same stage on a traced model under
 nnsight's simulation of NDIF (``remote="local"``: each request serialized, deserialized with
 the project hidden, run here), their ratio, the largest difference between their figures, and
 the size of the requests: how many traces, and the bytes nnsight serialized for them
-(uncompressed; what a remote run uploads per stage). A bare forward of the stage's first batch is
+(uncompressed; what a remote run uploads per stage: one request per session or lone trace). A bare forward of the stage's first batch is
 timed in the same run as the unit.
 
     .venv/bin/python bench/remote.py [--pairs 8] [--family capitals_opinion] [--out DIR]
@@ -77,6 +77,8 @@ def main() -> None:
             collect(m, cset, ["resid_post"], ["last"], progress=False).get("resid_post", "last")],
         "exact patch resid_pre (last position)": lambda m: patch(m, cset, "resid_pre", positions=["last"],
                                                                     progress=False),
+        "exact patch resid_pre (all positions: the demo's cells)": lambda m: patch(m, cset, "resid_pre",
+                                                                                 progress=False),
         "exact patch head (last)": lambda m: patch(m, cset.subset([0, 1]), "head", layers=[4, 5, 6], progress=False),
         "attribution resid_pre": lambda m: attribution_patch(m, cset, "resid_pre", steps=1, progress=False),
         "ablation scan mlp (mean)": lambda m: ablation_scan(m, cset, "mlp", "mean", layers=[2, 10, 20]),

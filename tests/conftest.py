@@ -136,3 +136,35 @@ def probe_family(name: str = "tiny", pos: str = "w50 w52", neg: str = "w51 w53",
         "answers": {"matching": " w60", "not_matching": " w61"},
         "rows": [{"pre": pre[i % len(pre)] + f" w{70 + i}"} for i in range(n)],
     })
+
+
+def blank_llama(d: int, noise: float = 0.6, seed: int = 0) -> tuple[T.PreTrainedModel, torch.Tensor]:
+    """The canvas planted circuits are drawn on: a 3-layer llama (eager attention, 4 heads, 2
+    key/value heads) whose attention and MLP write nothing, and whose embedding is e0 plus noise
+    in dimensions 32 and up; returns the model and the identity (``e[i]``: dimension i)."""
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(hidden_size=d, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=VOCAB)
+    config._attn_implementation = "eager"
+    hf = T.AutoModelForCausalLM.from_config(config).eval()
+    e = torch.eye(d)
+    with torch.no_grad():
+        emb = hf.model.embed_tokens.weight
+        emb.zero_()
+        emb[:, 32:] = noise * torch.randn(VOCAB, 32)  # noise no head reads
+        emb += e[0]
+        for layer in hf.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).weight.zero_()
+    return hf, e
+
+
+def wrapped(hf: T.PreTrainedModel, name: str):
+    """A planted model as behaviorlens holds one, with the tiny tokenizer."""
+    from behaviorlens.model import Model, _wrap
+    from behaviorlens.sites import SiteMap
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return Model(name=name, lm=_wrap(hf, tokenizer), tokenizer=tokenizer, sites=SiteMap.from_config(hf.config))

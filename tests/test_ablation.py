@@ -80,7 +80,7 @@ def test_three_conventions_match_a_hand_computation(tiny_llama):
         assert row.metric_ablated == pytest.approx(sum(ablated) / 2, abs=1e-4)
 
 
-def test_cli_ablation_scan(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_patch_method_ablation_writes_the_scan_and_its_heatmap(tiny_llama, tmp_path, monkeypatch, capsys):
     from behaviorlens.cli import options
 
     path = tmp_path / "fam.yaml"

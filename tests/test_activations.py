@@ -90,28 +90,32 @@ class Stop(Exception):
     pass
 
 
-def _interrupt_after_first(k):
-    if k == 0:
-        raise Stop
-
-
 def test_interrupted_collection_resumes(tmp_path, monkeypatch):
     model = tiny_model("llama")
     cset = probe_family(n=6).render(model.tokenizer)
     kw = {"sites": ("resid_post", "head"), "positions": ("last", "s:mean"), "batch_size": 2, "progress": False}
     fresh = collect(model, cset, **kw)
 
+    real = A._read_batches
+    reads = []
+
+    def stop_after_the_first(model, plans, name):  # the run dies while reading the second batch
+        if reads:
+            raise Stop
+        reads.append(1)
+        return real(model, plans, name)
+
+    monkeypatch.setattr(A, "_read_batches", stop_after_the_first)
     with pytest.raises(Stop):
-        collect(model, cset, out_dir=tmp_path, on_shard=_interrupt_after_first, **kw)
+        collect(model, cset, out_dir=tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors"]
     with pytest.raises(BehaviorLensError, match="unfinished"):
         Activations.load(tmp_path)
 
     calls = []
-    real = A._run_batch
-    monkeypatch.setattr(A, "_run_batch", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(A, "_read_batches", lambda m, plans, name: calls.append(len(plans)) or real(m, plans, name))
     resumed = collect(model, cset, out_dir=tmp_path, **kw)
-    assert calls == [2, 4]  # only the two missing batches ran (first pair index of each)
+    assert calls == [1, 1]  # only the two missing batches ran
     loaded = Activations.load(tmp_path)
     for result in (resumed, loaded):
         assert result.layers == fresh.layers

@@ -47,7 +47,7 @@ def test_nonlinear_case_differs_and_steps_converge(tiny_llama):
     assert errors[16] < 0.02 < errors[1]
 
 
-def test_heads_and_noising(tiny_llama):
+def test_attribution_of_heads_covers_every_cell_and_names_its_ig_steps(tiny_llama):
     cs = tiny_family().render(tiny_llama.tokenizer)
     est = attribution_patch(tiny_llama, cs, "head", steps=2, direction="noise", progress=False)
     f = est.frame

@@ -88,7 +88,7 @@ def test_pad_rejects_an_empty_list():
         pad([], PAD)
 
 
-def test_chunks():
+def test_chunks_cover_every_index_once_in_order():
     assert [list(r) for r in chunks(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
     assert [list(r) for r in chunks(6, 3)] == [[0, 1, 2], [3, 4, 5]]
     assert [list(r) for r in chunks(2, 5)] == [[0, 1]]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_family, tiny_model
 
-from behaviorlens.circuits.attribution import edge_attribution, sides
+from behaviorlens.circuits import forward as F
+from behaviorlens.circuits.attribution import edge_attribution, edge_products, sides
 from behaviorlens.circuits.exact import agreement, exact_edges
 from behaviorlens.circuits.graph import Graph
 from behaviorlens.patching.hooks import reading
@@ -67,7 +68,7 @@ def test_exact_edge_patching_matches_torch_hooks(tiny_llama):
             patched = pos.scoring.metric(m.logits_at(batch, pos.scoring.sequence, cols))
         finally:
             handle.remove()
-        reference = (pos.hf_metric - patched).numpy()
+        reference = (F.model_metric(m, pos) - patched).numpy()
         assert np.abs(reference).max() > 1e-4, (up, port)
         assert np.allclose(ours, reference, atol=1e-5), (up, port, ours, reference)
 
@@ -81,3 +82,20 @@ def test_copies_and_single_runs_agree(tiny_llama):
     alone = np.stack([exact_edges(m, cs, [e], batch_size=1, pair_batch=1).effect[e] for e in edges])
     assert np.allclose(together, alone, atol=1e-5)
     assert np.abs(together).max() > 1e-3
+
+
+def test_edge_products_are_the_dense_products_at_every_edge():
+    g = Graph(3, 4, 2)
+    gen = torch.Generator().manual_seed(0)
+    diff, grads = torch.randn(g.n_up, 3, 5, 8, generator=gen), torch.randn(g.n_ports, 3, 5, 8, generator=gen)
+    ups, ports = g.edge_index
+    dense = torch.einsum("ursd,prsd->upr", diff, grads)[torch.as_tensor(ups), torch.as_tensor(ports)]
+    assert torch.allclose(edge_products(g, diff, grads), dense, atol=1e-4)
+
+
+def test_attribution_leaves_the_weights_as_it_found_them(tiny_llama):
+    m = tiny_llama
+    before = [p.requires_grad for p in m.hf.parameters()]
+    edge_attribution(m, tiny_family().render(m.tokenizer))
+    assert [p.requires_grad for p in m.hf.parameters()] == before and any(before)
+    assert all(p.grad is None for p in m.hf.parameters())

@@ -36,10 +36,10 @@ def test_split_forward_equals_model(arch):
     g = Graph.of(m)
     pos, neg = sides(m, cs, range(len(cs)))
     plain = F.run(m, g, pos, keep_outputs=True)
-    assert torch.allclose(plain.metric, pos.hf_metric, atol=1e-5)
+    assert torch.allclose(plain.metric, F.model_metric(m, pos), atol=1e-5)
     assert plain.metric.abs().max() > 1e-3
     other = F.run(m, g, neg, keep_outputs=True)
-    assert torch.allclose(other.metric, neg.hf_metric, atol=1e-5)
+    assert torch.allclose(other.metric, F.model_metric(m, neg), atol=1e-5)
     # every edge kept = the plain run; every edge given the negative side's value = the negative run
     keep = F.run(m, g, pos, mask=torch.ones(g.n_up, g.n_ports), replace=other.outputs)
     none = F.run(m, g, pos, mask=torch.zeros(g.n_up, g.n_ports), replace=other.outputs)
@@ -53,3 +53,24 @@ def test_unsplit_families_say_why(arch):
     m = tiny_model(arch)
     with pytest.raises(BehaviorLensError, match=f"the {m.sites.arch.family} family has none"):
         F.Weights(m, Graph.of(m))
+
+
+def test_the_first_split_forward_records_the_model_s_own_keys_and_values(tiny_llama):
+    """No forward of the model prepares a side: the first split forward of either side runs the
+    columns both sides share and keeps their keys and values, which the model's own attention computes."""
+    m = tiny_llama
+    cs = tiny_family().render(m.tokenizer)
+    g = Graph.of(m)
+    pos, neg = sides(m, cs, range(len(cs)))
+    assert neg.prefix is pos.prefix and not pos.prefix.recorded and pos.start > 0
+    F.run(m, g, neg)
+    assert pos.prefix.recorded
+    with torch.inference_mode(), m.sites.capture_layer_calls(m.hf) as calls:
+        m.hf(**pos.batch.inputs(), use_cache=False)
+    real = pos.batch.attention_mask[:, :pos.start].bool()  # padding columns attend nowhere in the model
+    for L in range(g.n_layers):
+        for ours, theirs in ((pos.prefix.keys[L], calls.keys_values.keys[L]),
+                             (pos.prefix.values[L], calls.keys_values.values[L])):
+            theirs = theirs[:, :, :pos.start].transpose(1, 2)
+            assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+    assert torch.allclose(F.run(m, g, pos).metric, F.model_metric(m, pos), atol=1e-5)  # a later run reads them

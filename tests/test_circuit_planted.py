@@ -21,9 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import transformers as T
 import yaml
-from conftest import VOCAB, tiny_tokenizer
+from conftest import blank_llama, wrapped
 
 from behaviorlens.analysis.report import write_report
 from behaviorlens.circuits import Circuit, Graph, composition_table, edge_attribution, exact_edges
@@ -35,10 +34,9 @@ from behaviorlens.circuits.params import CircuitParams
 from behaviorlens.circuits.run import circuit_step, run_circuit
 from behaviorlens.cli import main
 from behaviorlens.errors import BehaviorLensError
-from behaviorlens.model import Model, _wrap
+from behaviorlens.model import Model
 from behaviorlens.params import from_step
 from behaviorlens.prompts import PromptFamily
-from behaviorlens.sites import SiteMap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,24 +59,12 @@ def planted_family() -> PromptFamily:
 
 
 def planted_model(seed: int = 0, qk: float = 1.0, write: float = 1.0, noise: float = 0.6) -> Model:
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=VOCAB)
-    config._attn_implementation = "eager"
-    hf = T.AutoModelForCausalLM.from_config(config).eval()
-    e = torch.eye(D)
+    hf, e = blank_llama(D, noise, seed)
     with torch.no_grad():
         emb = hf.model.embed_tokens.weight
-        emb.zero_()
-        emb[:, 32:] = noise * torch.randn(VOCAB, 32)  # noise no head reads
-        emb += e[0]
         emb[40] += 2 * e[1]
         emb[41] += 2 * e[2]
         emb[5] += 2 * e[4]
-        for layer in hf.model.layers:
-            layer.mlp.down_proj.weight.zero_()
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.self_attn, name).weight.zero_()
         a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
         # layer 0: kv head 0 (heads 0, 1) and kv head 1 (heads 2, 3) read e1; uniform attention
         for g in (0, 1):
@@ -92,9 +78,7 @@ def planted_model(seed: int = 0, qk: float = 1.0, write: float = 1.0, noise: flo
         a1.o_proj.weight[:, 0] = 3 * e[5]
         hf.lm_head.weight.zero_()
         hf.lm_head.weight[50] = -3 * e[5]
-    tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = "left"
-    return Model(name="planted", lm=_wrap(hf, tokenizer), tokenizer=tokenizer, sites=SiteMap.from_config(config))
+    return wrapped(hf, "planted")
 
 
 CHAIN = ["input->L0KV0.v", f"{A}->L1KV0.k", f"{B}->logits"]

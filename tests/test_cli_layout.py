@@ -89,21 +89,28 @@ def test_remote_option():
         parse(["info", "--remote", "nowhere"])
 
 
-def test_model_from_args_passes_remote_on(monkeypatch):
+def test_model_from_args_passes_remote_and_session_limits_on(monkeypatch):
+    from behaviorlens.remote import SessionLimits
+
     seen = {}
     monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
     args = build_parser().parse_args(["info", "--model", "x", "--remote", "local", "--dtype", "bfloat16"])
     assert cli_options.model_from_args(args) == "m"
-    assert seen == {"name": "x", "device": None, "dtype": "bfloat16", "device_map": None, "remote": "local"}
+    assert seen == {"name": "x", "device": None, "dtype": "bfloat16", "device_map": None, "remote": "local",
+                    "session_limits": None}
+    args = build_parser().parse_args(["info", "--remote", "local", "--session-traces", "8"])
+    cli_options.model_from_args(args)
+    assert seen["session_limits"] == SessionLimits(traces=8, request_mb=SessionLimits.request_mb)
 
 
 @pytest.mark.parametrize("value, expected", [("local", "local"), ("ndif", "ndif"), (True, "ndif"), (False, None)])
 def test_experiment_remote_is_passed_to_load_model(monkeypatch, tmp_path, value, expected):
     seen = {}
     monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(kw) or "m")
-    exp = validate({"model": {"name": "default", "remote": value}, "families": {"train": "capitals_opinion"},
-                    "steps": {"measure": {}}}, "e.yaml")
+    exp = validate({"model": {"name": "default", "remote": value, "session_traces": "12"},
+                    "families": {"train": "capitals_opinion"}, "steps": {"measure": {}}}, "e.yaml")
     assert Runner(exp, tmp_path, log=lambda s: None).model == "m" and seen["remote"] == expected
+    assert seen["session_limits"].traces == 12  # converted to its type by the schema
 
 
 def test_experiment_remote_value_is_checked():

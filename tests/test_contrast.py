@@ -19,7 +19,7 @@ def make_set(name="a", n=10, start=30):
     }).render(tiny_tokenizer())
 
 
-def test_jsonl_round_trip(tmp_path):
+def test_a_contrast_set_survives_a_jsonl_round_trip(tmp_path):
     cset = make_set()
     path = tmp_path / "pairs.jsonl"
     cset.to_jsonl(path)
@@ -59,7 +59,7 @@ def test_split_seeded_disjoint_by_row():
         cset.split(1.0)
 
 
-def test_concat_filter_subset():
+def test_sets_concatenate_filter_and_subset_keeping_their_pairs():
     a, b = make_set("a", 3), make_set("b", 2, start=60)
     both = ContrastSet.concat([a, b])
     assert both.name == "a+b" and len(both) == 5 and both.behavior == "test"

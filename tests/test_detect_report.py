@@ -33,3 +33,26 @@ def test_the_report_shows_the_detector_beside_its_controls_and_the_transfer_heat
     assert "0.91 [0.8, 0.97]" in html and "0.88 [0.7, 1]" in html  # the AUROC and the mistake check with CIs
     assert "failed" in html and "transfer matrix" in html
     assert html.count("data:image/png;base64") >= 2  # the scores plot and the heatmap
+
+
+def test_the_report_leads_with_lies_against_mistakes_and_shows_the_lens_picture(tmp_path):
+    from behaviorlens.detect.plots import plot_confidence, plot_lens_trace
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "default"}, "experiment": {"name": "t"}}))
+    step = tmp_path / "detect"
+    (step / "eval").mkdir(parents=True)
+    summary = {"detector": "override AND falsity", "families": ["a"], "auroc": 0.9, "auroc_ci": [0.8, 0.95],
+               "n_lie": 9, "n_honest": 20, "n_mistake": 31, "lie_vs_mistake_auroc": 0.81,
+               "lie_vs_mistake_auroc_ci": [0.7, 0.9], "falsity_lie_vs_mistake_auroc": 0.42,
+               "falsity_lie_vs_mistake_auroc_ci": [0.3, 0.55], "lie_vs_mistake_gap": 0.39, "mistake_auroc": 0.5,
+               "mistake_auroc_ci": [0.4, 0.6], "mistake_check": True}
+    (step / "summary.json").write_text(json.dumps(summary))
+    trace = pd.DataFrame([{"label": lab, "family": "a", "row": i, "given": " x", "alternative": " y", "layer": layer,
+                           "logp_given": -layer * 0.1, "logp_alternative": -1.0, "lens": "logit"}
+                          for i, lab in enumerate(["lie", "honest", "mistake"]) for layer in range(4)])
+    plot_lens_trace(trace, step / "eval" / "lens_trace.png")
+    plot_confidence(pd.DataFrame({"confidence_unpressured": [0.6, 0.7, 0.95]}), step / "eval" / "mistake_confidence.png")
+    html = write_report(tmp_path).read_text()
+    finding = html[html.index("Lies against honest mistakes"):]
+    assert finding.index("0.81 [0.7, 0.9]") < finding.index("0.42 [0.3, 0.55]") < finding.index("0.9 [0.8, 0.95]")
+    assert 'alt="lens_trace"' in html and 'alt="mistake_confidence"' in html

@@ -106,3 +106,12 @@ def test_builtin_experiments_validate(monkeypatch):
         exp = load_experiment(name)
         assert exp.steps and exp.train
     assert load_experiment("llama2_7b").model["device"] == "cuda"
+
+
+@pytest.mark.parametrize("key", ["test", "styles"])
+def test_an_unknown_circuit_family_is_refused_when_the_file_loads(tmp_path, key):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"families": {"train": "capitals_opinion"},
+                                    "steps": {"circuit": {key: ["nope_family"]}}}))
+    with pytest.raises(BehaviorLensError, match="unknown family 'nope_family'"):
+        load_experiment(path)

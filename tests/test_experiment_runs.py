@@ -220,9 +220,9 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
     assert {"choice / pareto", "resid / heatmap", "heads / heatmap heads"} <= checked  # the Pareto plot, the heatmaps
 
 
-def test_a_remote_run_records_the_requests_and_bytes_each_step_sent(experiment_file, tmp_path):
+def test_a_remote_run_records_what_each_step_sent_within_its_request_budget(experiment_file, tmp_path):
     raw = yaml.safe_load(experiment_file.read_text())
-    raw["steps"] = {"measure": raw["steps"]["measure"]}
+    raw["steps"] = {k: raw["steps"][k] for k in ("measure", "probe", "patch")}
     raw.pop("predictions")
     local = tmp_path / "local.yaml"
     local.write_text(yaml.safe_dump(raw))
@@ -231,7 +231,13 @@ def test_a_remote_run_records_the_requests_and_bytes_each_step_sent(experiment_f
     remote.write_text(yaml.safe_dump(raw))
     _run(remote, tmp_path / "remote")
     _run(local, tmp_path / "local")
-    sent = json.loads((tmp_path / "remote" / "measure" / "summary.json").read_text())
-    assert sent["remote_requests"] > 0 and sent["remote_bytes"] > 1000 * sent["remote_requests"]
+    sent = {step: json.loads((tmp_path / "remote" / step / "summary.json").read_text()) for step in raw["steps"]}
+    # The budget follows from the sessions: measure and probe send one request per family (every
+    # side's batches, every batch's reads); patch one per exact sweep of up to 16 layers and one
+    # for its whole-residual restore, for resid and heads, and attribution 5 (its two sides, the
+    # gradient trace, the exact check of its top cells, the restore).
+    assert {step: s["remote_requests"] for step, s in sent.items()} == {"measure": 2, "probe": 2, "patch": 9}
+    assert all(s["remote_bytes"] > 1000 * s["remote_requests"] for s in sent.values())
+    assert _tables(tmp_path / "remote").keys() == _tables(tmp_path / "local").keys()
     assert "remote_requests" not in json.loads((tmp_path / "local" / "measure" / "summary.json").read_text())
 

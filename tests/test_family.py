@@ -104,7 +104,7 @@ def test_bos_not_doubled_with_chat_template(default_model):
     assert tok(cset[0].text["positive"], add_special_tokens=False)["input_ids"] == ids
 
 
-def test_answer_before_slot():
+def test_an_answer_before_the_slot_is_read_at_its_own_position():
     fam = PromptFamily.from_dict(tiny_family(user="w5 w6 {{ s }} w7", answer_before="s"))
     p = fam.render(tiny_tokenizer())[0]
     assert p.position("positive", "answer") == 1 and p.position("positive", "last") == 3

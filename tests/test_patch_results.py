@@ -51,3 +51,15 @@ def test_top_k_stability_tells_a_steady_ranking_from_noise():
     noisy = result({layer: [(rng.normal(), 1.0) for _ in range(10)] for layer in range(8)})
     assert steady.top_k_stability(3) > 0.95
     assert noisy.top_k_stability(3) < 0.8
+
+
+def test_the_arrival_layer_is_the_first_to_hold_most_of_the_effect_and_none_when_no_cell_carries_it():
+    from behaviorlens.patching.results import PatchEvidence
+
+    def evidence(metrics):
+        return PatchEvidence(pd.DataFrame({"site": "resid_pre", "layer": range(len(metrics)), "head": None,
+                                           "from_end": 0, "metric": metrics}), set())
+
+    assert evidence([0.1, 0.5, 0.85, 1.0]).arrival_layer() == 1  # resid_pre 2 enters after layer 1
+    assert evidence([-0.5]).arrival_layer() is None
+    assert evidence([-0.5, float("nan")]).arrival_layer() is None

@@ -83,7 +83,7 @@ def test_pca_uses_pairs_and_orients_positive_up():
     assert roc_auc_score(y, probe.score(X)) > 0.97
 
 
-def test_probe_errors():
+def test_probe_mistakes_fail_in_one_line():
     with pytest.raises(BehaviorLensError, match="unknown probe method"):
         make_probe("svm")
     with pytest.raises(BehaviorLensError, match="before it was fit"):

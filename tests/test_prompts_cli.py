@@ -32,7 +32,7 @@ def write(tmp_path, text, name="fam.yaml"):
     return str(path)
 
 
-def test_families_table(capsys):
+def test_families_lists_every_built_in_family_with_its_rows(capsys):
     assert main(["families"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["name", "behavior", "rows"]

@@ -214,3 +214,65 @@ def test_counting_requests_counts_each_traced_forward_and_puts_nnsight_back():
     assert RequestModel.__dict__["serialize"] is before
     torch.testing.assert_close(m.logits(batch), first)  # nnsight still serializes after the count
     assert sent.requests == 2
+
+
+def test_patching_goes_in_one_session_per_chunk_and_any_session_size_gives_the_local_figures():
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    fast = patch(m, cset, "resid_pre", progress=False)
+    with remote.counting_requests() as whole:
+        slow = patch(t, cset, "resid_pre", progress=False)
+    frames_equal(fast.frame, slow.frame, ["patched", "effect"])
+    assert whole.requests == 1  # the family's pairs fit one chunk, its copies one session
+    t.session_limits = remote.SessionLimits(traces=3)  # one batch of copies per session
+    with remote.counting_requests() as split:
+        small = patch(t, cset, "resid_pre", batch_size=4, progress=False)
+    frames_equal(fast.frame, small.frame, ["patched", "effect"])
+    assert split.requests > 4
+
+
+def test_measure_and_collection_send_one_session_per_family_unless_the_limits_split_them():
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    with remote.counting_requests() as sent:
+        measure(t, cset, batch_size=2)
+    assert sent.requests == 1  # every batch of both sides in one session
+    local = collect(m, cset, ["resid_post"], ["last"], batch_size=2, progress=False)
+    with remote.counting_requests() as sent:
+        one = collect(t, cset, ["resid_post"], ["last"], batch_size=2, progress=False)
+    assert sent.requests == 1
+    t.session_limits = remote.SessionLimits(request_mb=1e-6)  # what comes back splits them: one batch each
+    with remote.counting_requests() as sent:
+        split = collect(t, cset, ["resid_post"], ["last"], batch_size=2, progress=False)
+    assert sent.requests == -(-len(cset) // 2)
+    for acts in (one, split):
+        assert torch.allclose(local.get("resid_post", "last"), acts.get("resid_post", "last"), atol=TOL)
+
+
+def test_a_failed_session_is_retried_once_then_fails_in_one_line_naming_the_work(monkeypatch, capsys):
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    expected = measure(m, cset).table["metric"]
+    lm_type = type(t.lm)
+    real = lm_type.session
+    failures = []
+
+    def flaky(self, *args, **kwargs):
+        if len(failures) < failing:
+            failures.append(1)
+            raise ConnectionError("the socket closed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lm_type, "session", flaky)
+    failing = 1
+    got = measure(t, cset).table["metric"]
+    assert (got - expected).abs().max() < TOL and failures == [1]
+    assert "the session failed (ConnectionError: the socket closed); retrying once" in capsys.readouterr().err
+    failing, failures[:] = 10, []
+    with pytest.raises(BehaviorLensError) as err:
+        measure(t, cset)
+    assert len(failures) == 2 and "scoring: the session failed twice (local): ConnectionError" in str(err.value)
+    assert "\n" not in str(err.value)

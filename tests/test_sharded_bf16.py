@@ -108,11 +108,11 @@ def _measure(model, cset) -> pd.DataFrame:
     return measure(model, cset).table
 
 
-def test_measure_sharded(models, f32, cset):
+def test_a_sharded_model_measures_as_the_unsharded_one(models, f32, cset):
     assert_near(_measure(models["sharded"], cset).metric, f32(_measure, cset).metric, SHARDED)
 
 
-def test_measure_bf16(models, f32, cset):
+def test_bfloat16_measures_within_five_percent_of_float32(models, f32, cset):
     """Metrics (logit differences, about 2 here) within 5% of their largest magnitude."""
     want = f32(_measure, cset).metric.to_numpy()
     assert_near(_measure(models["bf16"], cset).metric, want, 0.05 * scale(want))
@@ -131,7 +131,7 @@ def _probe(acts, layer: int = 2):
     return probe.direction, probe.score(X)
 
 
-def test_collect_and_probe_sharded(models, f32, cset):
+def test_a_sharded_model_collects_and_probes_as_the_unsharded_one(models, f32, cset):
     want, got = f32(_collect, cset), _collect(models["sharded"], cset)
     for key, x in want.data.items():
         assert got.data[key].dtype == torch.float32
@@ -141,7 +141,7 @@ def test_collect_and_probe_sharded(models, f32, cset):
     assert_near(sg, sw, SHARDED)
 
 
-def test_collect_and_probe_bf16(models, f32, cset):
+def test_bfloat16_collects_and_probes_near_float32(models, f32, cset):
     """Activations within 2% of their scale per (site, position); the probe's direction has
     cosine > 0.999 with the float32 one and its scores are within 2% of their scale."""
     want, got = f32(_collect, cset), _collect(models["bf16"], cset)
@@ -162,13 +162,13 @@ def _patch_frames(model, cs) -> pd.DataFrame:
     return pd.concat([resid, head]).sort_values(["site", "layer", "head", "position", "pair"])
 
 
-def test_exact_patching_sharded(models, f32, patch_set):
+def test_a_sharded_model_patches_as_the_unsharded_one(models, f32, patch_set):
     want, got = f32(_patch_frames, patch_set), _patch_frames(models["sharded"], patch_set)
     assert_near(got.patched, want.patched, SHARDED)
     assert_near(got.effect, want.effect, SHARDED)
 
 
-def test_exact_patching_bf16(models, f32, patch_set):
+def test_bfloat16_patches_within_five_percent_of_float32(models, f32, patch_set):
     """Patched metrics within 5% of the metric's scale, effects within 5% of the largest gap."""
     want, got = f32(_patch_frames, patch_set), _patch_frames(models["bf16"], patch_set)
     assert_near(got.patched, want.patched, 0.05 * scale(want.patched.to_numpy()))
@@ -181,12 +181,12 @@ def _attribution(model, cs) -> pd.DataFrame:
     return pd.concat([resid, head]).sort_values(["site", "layer", "head", "position", "pair"])
 
 
-def test_attribution_sharded(models, f32, patch_set):
+def test_a_sharded_model_attributes_as_the_unsharded_one(models, f32, patch_set):
     want, got = f32(_attribution, patch_set), _attribution(models["sharded"], patch_set)
     assert_near(got.effect, want.effect, SHARDED)
 
 
-def test_attribution_bf16(models, f32, patch_set):
+def test_bfloat16_attribution_correlates_with_float32(models, f32, patch_set):
     """Estimates within 5% of the largest float32 estimate, Pearson > 0.99 over cells."""
     want, got = f32(_attribution, patch_set), _attribution(models["bf16"], patch_set)
     w, g = want.effect.to_numpy(), got.effect.to_numpy()
@@ -199,13 +199,13 @@ def _ablation(model, cs) -> pd.DataFrame:
                       ablation_scan(model, cs, "mlp", "resample", layers=[0])])
 
 
-def test_ablation_sharded(models, f32, patch_set):
+def test_a_sharded_model_ablates_as_the_unsharded_one(models, f32, patch_set):
     want, got = f32(_ablation, patch_set), _ablation(models["sharded"], patch_set)
     assert_near(got.metric_ablated, want.metric_ablated, SHARDED)
     assert_near(got.value, want.value, SHARDED)
 
 
-def test_ablation_bf16(models, f32, patch_set):
+def test_bfloat16_ablation_correlates_with_float32(models, f32, patch_set):
     """Mean ablated metrics within 5% of the metric's scale, Pearson > 0.99 over components."""
     want, got = f32(_ablation, patch_set), _ablation(models["bf16"], patch_set)
     w, g = want.metric_ablated.to_numpy(), got.metric_ablated.to_numpy()
@@ -249,7 +249,7 @@ def _evaluate(model, cset, side, vector: Edit) -> dict[str, pd.DataFrame]:
     return out
 
 
-def test_steer_eval_sharded(models, f32, cset, side, vector):
+def test_a_sharded_model_scores_edits_as_the_unsharded_one(models, f32, cset, side, vector):
     want, got = f32(_evaluate, cset, side, vector), _evaluate(models["sharded"], cset, side, vector)
     for name, w in want.items():
         assert len(got[name]) == len(w) == 2 * len(cset)
@@ -259,7 +259,7 @@ def test_steer_eval_sharded(models, f32, cset, side, vector):
         assert moved > 1e-3, f"the {name} edit did nothing"
 
 
-def test_steer_eval_bf16(models, f32, cset, side, vector):
+def test_bfloat16_scores_edits_near_float32(models, f32, cset, side, vector):
     """Per-pair edited metrics within 5% of their largest magnitude; neutral KL and perplexity
     within 10% of their value."""
     want, got = f32(_evaluate, cset, side, vector), _evaluate(models["bf16"], cset, side, vector)
@@ -274,20 +274,20 @@ def _generate(model, cset, vector: Edit) -> pd.DataFrame:
     return generate_examples(model, vector, cset.subset(range(3)), strengths=(-4.0, 0.0, 4.0), max_new_tokens=6)
 
 
-def test_steered_generation_sharded(models, f32, cset, vector):
+def test_a_sharded_model_generates_the_unsharded_tokens_under_an_edit(models, f32, cset, vector):
     want = f32(_generate, cset, vector)
     pd.testing.assert_frame_equal(_generate(models["sharded"], cset, vector), want)
     steered = want[want.strength == 4.0].completion.to_numpy()
     assert (steered != want[want.strength == 0.0].completion.to_numpy()).any()
 
 
-def test_steered_generation_bf16(models, f32, cset, vector):
+def test_bfloat16_generates_the_float32_tokens_under_an_edit(models, f32, cset, vector):
     """Greedy bf16 continuations equal the float32 ones token for token (these nine have no
     near-tie within bf16's error; a tie would flip a token and show here)."""
     pd.testing.assert_frame_equal(_generate(models["bf16"], cset, vector), f32(_generate, cset, vector))
 
 
-def test_weights_edit_sharded(models):
+def test_a_weights_edit_acts_on_offloaded_layers_as_on_loaded_ones(models):
     """A weights edit on an offloaded layer acts as on the unsharded model."""
     from behaviorlens.steering import steer
 

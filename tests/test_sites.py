@@ -266,13 +266,13 @@ def test_errors_inside_a_trace(tiny_llama):
     check_edit(saved, torch.zeros(len(batch), model.sites.head_dim), "head -1")
 
 
-def test_unknown_architecture():
+def test_an_unknown_architecture_names_the_known_families():
     config = T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     with pytest.raises(BehaviorLensError, match=r"'bert'.*known families: .*llama"):
         SiteMap.from_config(config)
 
 
-def test_site_map_shapes(tiny):
+def test_the_site_map_finds_each_site_s_module_and_shape(tiny):
     sites = tiny.sites
     assert (sites.n_layers, sites.d_model, sites.n_heads, sites.head_dim) == (3, 64, 4, 16)
     assert len(sites.layers(tiny.hf)) == 3

@@ -12,7 +12,7 @@ from behaviorlens.steering import Edit, export_gguf, head_edit, train_vector
 from behaviorlens.steering.gguf_export import gguf_arch, read_gguf
 
 
-def test_vector_round_trip(tiny_llama, tmp_path):
+def test_a_vector_edit_survives_saving_and_loading(tiny_llama, tmp_path):
     cset = tiny_set(tiny_llama)
     edit = train_vector(tiny_llama, cset, [0, 2], method="mean_diff")
     edit.save(tmp_path / "v.safetensors")
@@ -24,7 +24,7 @@ def test_vector_round_trip(tiny_llama, tmp_path):
     assert back.norm == pytest.approx(edit.norm)
 
 
-def test_heads_round_trip(tiny_llama, tmp_path):
+def test_a_heads_edit_survives_saving_and_loading(tiny_llama, tmp_path):
     cset = tiny_set(tiny_llama)
     edit = head_edit(tiny_llama, {1: [0, 3]}, "mean", reference=cset)
     edit.save(tmp_path / "h.safetensors")
@@ -59,7 +59,7 @@ def test_width_mismatch_fails(tiny_llama, tmp_path):
         Edit.load(tmp_path / "w.safetensors", tiny_llama)
 
 
-def test_gguf_control_vector(tiny_llama, tmp_path):
+def test_a_vector_edit_exports_as_a_gguf_control_vector(tiny_llama, tmp_path):
     edit = train_vector(tiny_llama, tiny_set(tiny_llama), [1, 2])
     export_gguf(edit, tmp_path / "cv.gguf", strength=2.0)
     assert gguf_arch(tmp_path / "cv.gguf") == "controlvector"

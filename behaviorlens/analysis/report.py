@@ -324,8 +324,14 @@ def _detect(step: Path, s: dict) -> tuple[str, Path, list]:
     train = _json(step / "train" / "summary.json") or {}
     if "auroc" in s:
         check = {True: "passed", False: "failed", None: "no mistakes to check"}[s.get("mistake_check")]
-        finding = (f"A lie detector ({s['detector']}) trained on {', '.join(train.get('families', []))} "
-                   f"({train.get('n_lie')} lies, {train.get('n_honest')} honest answers) scores "
+        falsity = (f" (the answer-falsity probe it builds on, today's detector: {_ci(s, 'falsity_lie_vs_mistake_auroc')}"
+                   f"; gap {_num(s.get('lie_vs_mistake_gap'))}, at least 0.15 to pass)"
+                   if "falsity_lie_vs_mistake_auroc" in s else "")
+        finding = (f"Lies against honest mistakes: AUROC {_ci(s, 'lie_vs_mistake_auroc')} ({s['n_lie']} lies, "
+                   f"{s['n_mistake']} mistakes){falsity}. "
+                   f"A lie detector ({s['detector']}) trained on {', '.join(train.get('families', []))} "
+                   f"({train.get('n_lie')} lies, {train.get('n_honest')} honest answers, {train.get('n_mistake')} "
+                   f"mistakes) scores "
                    f"{', '.join(s.get('families', []))}, which it never saw: knowing falsehoods against honest "
                    f"answers under the same pressure AUROC {_ci(s, 'auroc')} ({s['n_lie']} lies, {s['n_honest']} "
                    f"honest); the claim-wrongness probe {_num(s.get('claim_auroc'))}, the words alone "
@@ -351,10 +357,16 @@ def _detect(step: Path, s: dict) -> tuple[str, Path, list]:
          else None),
         ("The examples it gets most wrong", _table(_csv(step / "eval" / "most_wrong.csv"))),
     ]
+    for png, title in (("lens_trace.png", "The lens picture: one example of each label, layer by layer"),
+                       ("mistake_confidence.png", "How sure the model was of each mistake without pressure")):
+        if (step / "eval" / png).is_file():
+            details.insert(1, (title, f'<img class="plot" src="{_image(step / "eval" / png)["src"]}" alt="{png[:-4]}">'))
     return finding, step / "eval" / "scores.png", details
 
 
 def _circuit(step: Path, s: dict) -> tuple[str, Path, list]:
+    if "styles" in s:
+        return _circuit_styles(step, s)
     tests = s.get("test_faithfulness") or {}
     on_tests = "; ".join(
         f"on {f} {_pct(v)} (random {_pct((s.get('test_random_faithfulness') or {}).get(f))}, complement "
@@ -384,6 +396,42 @@ def _circuit(step: Path, s: dict) -> tuple[str, Path, list]:
                                                           "ci_high": "CI high"})),
                ("Circuit, random circuits and complement", _table(_csv(step / "controls.csv")))]
     return finding, step / "circuit_graph.png", details
+
+
+def _circuit_styles(step: Path, s: dict) -> tuple[str, Path, list]:
+    """One circuit per family: the transfer matrix, the core against the union, one sentence per style."""
+    per = s.get("styles") or {}
+    core = "; ".join(f"{f} {_pct(d.get('core_faithfulness'))} (union {_pct(d.get('union_faithfulness'))})"
+                     for f, d in per.items())
+    finding = (f"One circuit per family ({', '.join(s.get('families', []))}; {s.get('method')} attribution, each "
+               f"chosen on half its pairs), each scored on every family's held-out pairs beside random circuits of "
+               f"its size. The core, the {s.get('core_edges')} edges ({100 * (s.get('core_fraction') or 0):.2f}% of "
+               f"{s.get('total_edges')}) every family's circuit holds, keeps: {core}.")
+    matrix = _csv(step / "transfer.csv")
+    cells = None
+    if matrix is not None:
+        m = matrix.assign(cell=[f"{_num(r.faithfulness, 2)} [{_num(r.ci_low, 2)}, {_num(r.ci_high, 2)}]; random "
+                                f"{_num(getattr(r, 'random_faithfulness', float('nan')), 2)}"
+                                for r in matrix.itertuples()])
+        cells = m.pivot_table(index="circuit", columns="family", values="cell", aggfunc="first", sort=False)
+        cells = cells.reset_index().rename(columns={"circuit": "circuit (rows) on family (columns)"})
+    core_union = None if matrix is None else matrix[matrix["circuit"].isin(["core", "union"])]
+    sentences = "".join(f"<li>{_escape(x)}</li>" for x in s.get("sentences", []))
+    graph = step / "core_graph.png"
+    details = [("One sentence per style", f"<ul>{sentences}</ul>" if sentences else None),
+               ("The transfer matrix: faithfulness [95% CI over pairs]; random circuits of the row's size",
+                _table(cells, formats={c: str for c in (cells.columns if cells is not None else [])})),
+               ("The core against the union", _table(core_union, {
+                   "circuit": "circuit", "family": "family", "edges": "edges", "faithfulness": "faithfulness",
+                   "ci_low": "CI low", "ci_high": "CI high", "random_faithfulness": "random circuits"})),
+               ("The core circuit", f'<img class="plot" src="{_image(graph)["src"]}" alt="core circuit">'
+                if graph.is_file() else None),
+               ("Heads specific to a style or shared (share of each circuit's attribution)",
+                _table(_csv(step / "specific_heads.csv"))),
+               ("Composition of the style-specific heads with the shared ones (percentile among random head pairs)",
+                _table(_csv(step / "specific_composition.csv"))),
+               ("Edge overlap between the family circuits", _table(_csv(step / "overlap.csv")))]
+    return finding, step / "transfer.png", details
 
 
 BUILDERS = {"measure": _measure, "probe": _probe, "patch": _patch, "circuit": _circuit, "steer": _steer,

@@ -63,10 +63,19 @@ class EdgeScores:
 
 
 def sides(model, cset: ContrastSet, pairs: Sequence[int]) -> tuple[F.Side, F.Side]:
-    """Both sides of some pairs prepared with one shared start column."""
+    """Both sides of some pairs prepared with one shared start column and one shared prefix (the
+    columns before it hold the same tokens on both sides; the first split forward of either side
+    records their keys and values)."""
     _, _, first = F.first_columns(model, cset, pairs, "positive")
     start = int(first.min())
-    return F.prepare(model, cset, pairs, "positive", start), F.prepare(model, cset, pairs, "negative", start)
+    pos = F.prepare(model, cset, pairs, "positive", start)
+    neg = F.prepare(model, cset, pairs, "negative", start, prefix=pos.prefix)
+    same = torch.equal(pos.batch.input_ids[:, :start], neg.batch.input_ids[:, :start]) and torch.equal(
+        pos.batch.attention_mask[:, :start], neg.batch.attention_mask[:, :start])
+    if not same:
+        raise BehaviorLensError(f"family {cset.name!r}: pairs {list(pairs)} differ before column {start}, "
+                                "where both sides should hold the same tokens")
+    return pos, neg
 
 
 def edge_attribution(model, cset: ContrastSet, steps: int = 1, pair_batch: int = 8,
@@ -78,22 +87,39 @@ def edge_attribution(model, cset: ContrastSet, steps: int = 1, pair_batch: int =
         raise BehaviorLensError(f"set {cset.name!r} has no pairs")
     g = Graph.of(model)
     W = F.Weights(model, g)
-    ups, ports = g.edge_index
     effect = np.zeros((g.n_edges, len(cset)))
     shift = np.zeros(len(cset))
     model.hf.eval()
     for chunk in tqdm(list(chunks(len(cset), pair_batch)), desc="edge attribution", disable=not progress):
         pairs = list(chunk)
         pos, neg = sides(model, cset, pairs)
-        a_neg = F.run(model, g, neg, keep_outputs=True, weights=W)
+        a_neg = F.run(model, g, neg, keep_outputs=True, weights=W)  # also records the shared prefix
         grads, a_pos = mean_port_grads(model, g, pos, neg, steps, W)
-        diff = a_pos.outputs - a_neg.outputs  # [n_up, rows, S, d]
-        per_row = torch.einsum("ursd,prsd->upr", diff.float(), grads.float())  # [n_up, n_ports, rows]
-        per_pair = torch.zeros(g.n_up, g.n_ports, len(pairs)).index_add_(
-            2, torch.tensor(pos.scoring.prompt_of), per_row.cpu())
-        effect[:, pairs] = per_pair[torch.as_tensor(ups), torch.as_tensor(ports)].numpy()
+        per_row = edge_products(g, a_pos.outputs - a_neg.outputs, grads)  # [n_edges, rows]
+        per_pair = torch.zeros(g.n_edges, len(pairs)).index_add_(1, torch.tensor(pos.scoring.prompt_of), per_row)
+        effect[:, pairs] = per_pair.numpy()
         shift[pairs] = (a_pos.metric - a_neg.metric).numpy()
     return EdgeScores(g, effect, shift, "eap" if steps == 1 else f"eap-ig{steps}", cset.name)
+
+
+def edge_products(g: Graph, diff: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``diff[u] . grads[p]`` summed over columns for every edge (in ``edge_index`` order) and row:
+    [n_edges, rows]. Ports that read the same upstream nodes go together, so only edges that
+    exist are multiplied."""
+    rows = diff.shape[1]
+    d = diff.float().permute(1, 0, 2, 3).reshape(rows, g.n_up, -1)  # [rows, n_up, S*d]
+    gr = grads.float().permute(1, 2, 3, 0).reshape(rows, -1, g.n_ports)  # [rows, S*d, n_ports]
+    limits = g.port_limit
+    parts, p = [], 0
+    while p < g.n_ports:
+        q = p
+        while q < g.n_ports and limits[q] == limits[p]:
+            q += 1
+        lim = int(limits[p])
+        block = torch.bmm(d[:, :lim], gr[:, :, p:q])  # [rows, lim, ports p..q-1]
+        parts.append(block.permute(2, 1, 0).reshape(-1, rows).cpu())  # port-major, as edge_index
+        p = q
+    return torch.cat(parts)
 
 
 def mean_port_grads(model, g: Graph, pos: F.Side, neg: F.Side, steps: int,
@@ -106,8 +132,9 @@ def mean_port_grads(model, g: Graph, pos: F.Side, neg: F.Side, steps: int,
     plain = None
     for alpha in alphas:
         embed = pos.embed if alpha == 1.0 else neg.embed + alpha * (pos.embed - neg.embed)
-        r = F.run(model, g, pos, probes=True, embed=embed, weights=W, keep_outputs=alpha == 1.0)
-        r.metric.sum().backward()
+        with F.frozen(model):
+            r = F.run(model, g, pos, probes=True, embed=embed, weights=W, keep_outputs=alpha == 1.0)
+            r.metric.sum().backward()
         if alpha == 1.0:
             plain = F.Run(r.metric.detach(), r.outputs.detach(), None)
         grads = F.probe_grads(g, r.probes)

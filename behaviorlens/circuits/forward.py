@@ -17,25 +17,50 @@ the model's forward. This is a local path in plain torch (no hooks): an nnsight 
 model's own forward, which gives all heads one shared input.
 
 Columns before ``start`` (the first column where the two sides of a pair differ) hold the same
-tokens on both sides, so every run leaves them as the plain run has them: they enter attention
-as the recorded keys and values and are not recomputed.
+tokens on both sides: the two sides share one :class:`Prefix`. The first split forward of either
+side runs those columns too, as plain blocks in the same layer loop, and records their keys and
+values; every later run of either side starts at ``start`` and reads them. No forward of the
+model itself runs (preparing a side only embeds its tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
 
 import torch
 
 from ..batching import Batch
 from ..errors import BehaviorLensError
-from ..patching.hooks import reading
 from ..prompts.contrast import ContrastSet
 from ..remote import refuse
 from ..scoring import Scoring, needs_whole, plan
 from ..sites import split_block
 from .graph import Graph
+
+
+@dataclass
+class Prefix:
+    """The columns before ``start`` of some rows: their input, rotary angles and mask, and once a
+    split forward has run them, each layer's keys and values (after rotary)."""
+
+    embed: torch.Tensor  # [rows, start, d]
+    cos: torch.Tensor  # [rows, start, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor  # [rows, 1, start, start] additive
+    keys: list[torch.Tensor] | None = None  # per layer [rows, start, n_kv, head_dim]
+    values: list[torch.Tensor] | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.keys is not None
+
+    def take(self, idx: torch.Tensor) -> Prefix:
+        pick = (lambda ts: None if ts is None else [t[idx] for t in ts])
+        return Prefix(self.embed[idx], self.cos[idx], self.sin[idx], self.mask[idx], pick(self.keys),
+                      pick(self.values))
 
 
 @dataclass
@@ -52,12 +77,10 @@ class Side:
     embed: torch.Tensor  # [rows, S, d] the input node's output
     cos: torch.Tensor  # [rows, S, head_dim]
     sin: torch.Tensor
-    prefix_k: list[torch.Tensor]  # per layer [rows, start, n_kv, head_dim] (after rotary)
-    prefix_v: list[torch.Tensor]
+    prefix: Prefix  # the columns before start, shared with the other side of the same pairs
     mask: torch.Tensor  # [rows, 1, S, T] additive attention mask
     read_row: torch.Tensor  # [reads]
     read_col: torch.Tensor  # [reads] column - start
-    hf_metric: torch.Tensor  # [pairs] the model's own forward, for checks
 
     def take(self, prompts: Sequence[int]) -> Side:
         """The same side for the given prompts (repeats allowed): copies to run with different edits."""
@@ -73,8 +96,7 @@ class Side:
                 read_col[k] = self.read_col[r]
                 k += 1
         return Side(scoring, self.batch, self.start, self.own[idx], self.embed[idx], self.cos[idx], self.sin[idx],
-                    [t[idx] for t in self.prefix_k], [t[idx] for t in self.prefix_v], self.mask[idx],
-                    scoring.sequence.to(self.embed.device), read_col, self.hf_metric[list(prompts)])
+                    self.prefix.take(idx), self.mask[idx], scoring.sequence.to(self.embed.device), read_col)
 
     @property
     def rows(self) -> int:
@@ -94,8 +116,12 @@ def first_columns(model, cset: ContrastSet, pairs: Sequence[int], side: str) -> 
     return scoring, batch, first
 
 
-def prepare(model, cset: ContrastSet, pairs: Sequence[int], side: str, start: int | None = None) -> Side:
-    """Run the model once on ``side`` of ``pairs``, recording what split forwards need."""
+def prepare(model, cset: ContrastSet, pairs: Sequence[int], side: str, start: int | None = None,
+            prefix: Prefix | None = None) -> Side:
+    """``side`` of ``pairs`` embedded for split forwards (no forward of the model runs).
+
+    ``prefix``: the other side's, when both sides hold the same tokens before ``start``.
+    """
     refuse(model, "circuit discovery", "it runs each block split into heads and edges in plain torch on the weights "
            "here (no trace path yet)")
     cset.require_aligned("circuit discovery")
@@ -104,32 +130,44 @@ def prepare(model, cset: ContrastSet, pairs: Sequence[int], side: str, start: in
     cols = scoring.position + batch.offsets[scoring.sequence]
     if int(cols.min()) < start:
         raise BehaviorLensError(f"family {cset.name!r}: the answer is read before the sides of a pair differ")
-    hf = model.hf
-    with torch.inference_mode(), reading(model, "resid_pre", [0]) as resid, \
-            model.sites.capture_layer_calls(hf) as calls:
-        logits = model.logits_at(batch, scoring.sequence, cols)
-    if len(calls.keys_values.keys) < model.sites.n_layers:
-        raise BehaviorLensError(f"{model.name}: its attention did not record keys and values")
-    cos, sin = (t.expand(len(batch), -1, -1) for t in calls.calls[0]["position_embeddings"])
+    with torch.inference_mode():
+        hidden, call = model.sites.first_block_call(model.hf, batch.inputs())
+    hidden = hidden.clone()  # out of inference mode: gradient runs use it
+    cos, sin = (t.expand(len(batch), -1, -1).clone() for t in call["position_embeddings"])
     T = batch.input_ids.shape[1]
-    q_cols = torch.arange(start, T)
-    allowed = (torch.arange(T)[None, :] <= q_cols[:, None])[None] & batch.attention_mask.bool().cpu()[:, None, :]
-    allowed |= torch.nn.functional.one_hot(q_cols, T).bool()[None]  # a padding row attends to itself
+    q_cols = torch.arange(T)
+    allowed = (q_cols[None, :] <= q_cols[:, None])[None] & batch.attention_mask.bool().cpu()[:, None, :]
+    allowed |= torch.eye(T, dtype=torch.bool)[None]  # a padding row attends to itself
     mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
-
-    def kv(t: torch.Tensor) -> torch.Tensor:
-        return t[:, :, :start].transpose(1, 2).detach().clone()
-
+    mask = mask[:, None].to(model.device)
+    if prefix is None:
+        prefix = Prefix(hidden[:, :start], cos[:, :start], sin[:, :start], mask[:, :, :start, :start])
     return Side(
         scoring=scoring, batch=batch, start=start,
         own=(torch.arange(start, T)[None, :] >= first[:, None]).to(model.device),
-        embed=resid[0][:, start:].clone(), cos=cos[:, start:].detach().clone(),
-        sin=sin[:, start:].detach().clone(),
-        prefix_k=[kv(calls.keys_values.keys[L]) for L in range(model.sites.n_layers)],
-        prefix_v=[kv(calls.keys_values.values[L]) for L in range(model.sites.n_layers)],
-        mask=mask[:, None].to(model.device), read_row=scoring.sequence.to(model.device),
-        read_col=(cols - start).to(model.device), hf_metric=scoring.metric(logits).cpu(),
+        embed=hidden[:, start:], cos=cos[:, start:], sin=sin[:, start:], prefix=prefix,
+        mask=mask[:, :, start:], read_row=scoring.sequence.to(model.device), read_col=(cols - start).to(model.device),
     )
+
+
+def model_metric(model, side: Side) -> torch.Tensor:
+    """The metric of ``side`` from the model's own forward: what a plain split forward must equal."""
+    cols = side.scoring.position + side.batch.offsets[side.scoring.sequence]
+    return side.scoring.metric(model.logits_at(side.batch, side.scoring.sequence, cols)).cpu()
+
+
+@contextmanager
+def frozen(model) -> Iterator[None]:
+    """The model's parameters need no gradient inside the block (a gradient run then computes
+    only the gradients of its probes); restored in ``finally``."""
+    params = [p for p in model.hf.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -210,6 +248,13 @@ def _run(model, graph, side, mask, replace, probes, keep_outputs, embed, cached,
     outs: list[torch.Tensor] = [x0] if cached is None else [cached[u] for u in range(first_node)]
     if cached is None and start_layer:
         raise ValueError("starting at a later layer needs the cached outputs")
+    pre = side.prefix
+    record = not pre.recorded
+    if record and start_layer:
+        raise ValueError("starting at a later layer needs the prefix's recorded keys and values")
+    prefix_resid = pre.embed
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
     resid = sum(outs) if mask is None else None
     if mask is not None:
         delta = torch.zeros(g.n_up, rows, S, d, dtype=model.dtype, device=model.device)
@@ -256,14 +301,21 @@ def _run(model, graph, side, mask, replace, probes, keep_outputs, embed, cached,
     attention = {}
     for L in range(start_layer, g.n_layers):
         blk = W.blocks[L]
+        if record:  # the shared columns, as the plain block: their keys and values are kept
+            with torch.no_grad():
+                prefix_resid, k_pre, v_pre = _plain_block(W, L, prefix_resid, pre)
+            keys.append(k_pre)
+            values.append(v_pre)
+        else:
+            k_pre, v_pre = pre.keys[L], pre.values[L]
         base = L * g.ports_per_layer
         x = port_inputs(list(range(base, base + H + 2 * G)))
         x = blk["attn_norm"](x)
         q = _rotate(W.proj(L, "q_proj", x[:, :, :H], H), side.cos, side.sin)
         k = _rotate(W.proj(L, "k_proj", x[:, :, H:H + G], G), side.cos, side.sin)
         v = W.proj(L, "v_proj", x[:, :, H + G:], G)
-        k = torch.cat([side.prefix_k[L].to(k.dtype), k], 1).repeat_interleave(H // G, dim=2)
-        v = torch.cat([side.prefix_v[L].to(v.dtype), v], 1).repeat_interleave(H // G, dim=2)
+        k = torch.cat([k_pre.to(k.dtype), k], 1).repeat_interleave(H // G, dim=2)
+        v = torch.cat([v_pre.to(v.dtype), v], 1).repeat_interleave(H // G, dim=2)
         scores = torch.einsum("rqhe,rkhe->rhqk", q, k) * W.scaling[L] + side.mask
         probs = torch.softmax(scores.float(), -1).to(q.dtype)
         if L in attention_layers:
@@ -273,12 +325,31 @@ def _run(model, graph, side, mask, replace, probes, keep_outputs, embed, cached,
             emit(heads[:, :, h])
         xm = port_inputs([g.mlp_port(L)])[:, :, 0]
         emit(blk["mlp"](blk["mlp_norm"](xm)))
+    if record:
+        pre.keys, pre.values = keys, values
     xf = port_inputs([g.logits_port])[:, :, 0]
     hidden = xf[side.read_row, side.read_col]
     logits = s.logits_from_hidden(model.hf, hidden).float()
     metric = side.scoring.metric(logits)
     outputs = torch.stack(outs) if keep_outputs else None
     return Run(metric, outputs, probe_list if probes else None, attention or None)
+
+
+def _plain_block(W: Weights, L: int, x: torch.Tensor, pre: Prefix) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block ``L`` on the prefix columns as the model runs it (one input for every head): the
+    residual leaving it and the block's keys and values [rows, start, n_kv, head_dim]."""
+    blk, H, G, hd = W.blocks[L], W.H, W.G, W.hd
+    rows, n = x.shape[:2]
+    h = blk["attn_norm"](x)
+    q = _rotate(blk["q_proj"](h).view(rows, n, H, hd), pre.cos, pre.sin)
+    k = _rotate(blk["k_proj"](h).view(rows, n, G, hd), pre.cos, pre.sin)
+    v = blk["v_proj"](h).view(rows, n, G, hd)
+    kr, vr = (t.repeat_interleave(H // G, dim=2) for t in (k, v))
+    scores = torch.einsum("rqhe,rkhe->rhqk", q, kr) * W.scaling[L] + pre.mask
+    probs = torch.softmax(scores.float(), -1).to(q.dtype)
+    z = torch.einsum("rhqk,rkhe->rqhe", probs, vr).reshape(rows, n, H * hd)
+    x = x + blk["o_proj"](z)
+    return x + blk["mlp"](blk["mlp_norm"](x)), k, v
 
 
 def probe_grads(graph: Graph, probes: list[torch.Tensor]) -> torch.Tensor:

@@ -16,6 +16,11 @@ class CircuitParams:
 
     test: list[Any] | None = param(None, "families to score the circuit on (experiment default: its test "
                                    "families)", metavar="FAMILY")
+    styles: list[Any] | None = param(None, "more families, each with its own circuit: the transfer matrix, the "
+                                     "shared core and union, style-specific heads (on the command line: more "
+                                     "FAMILY arguments)", metavar="FAMILY")
+    size: float | None = param(None, "each circuit's size as a share of the edges (default: the smallest keeping "
+                               "--keep on the choosing pairs)")
     n_pairs: int = param(16, "use the first N pairs (half choose, half score)", name="pairs")
     test_pairs: int = param(16, "pairs of each --test family")
     method: str = param("eap", "edge attribution: EAP or EAP-IG", choices=EDGE_METHODS)
@@ -31,5 +36,8 @@ class CircuitParams:
     seed: int = param(0, "seed of the random circuits (an experiment uses its own seed)", step=False)
 
     def kwargs(self) -> dict[str, Any]:
-        """:func:`~.run.run_circuit`'s keyword arguments: ``exact_edges`` top and as many random edges."""
-        return kwargs(self, run_circuit) | {"exact_top": self.exact_edges, "exact_random": self.exact_edges}
+        """:func:`~.run.run_circuit`'s keyword arguments but the families (``test``, ``styles``: the
+        caller renders them): ``exact_edges`` top and as many random edges."""
+        out = kwargs(self, run_circuit) | {"exact_top": self.exact_edges, "exact_random": self.exact_edges}
+        out.pop("styles", None)
+        return out

@@ -90,7 +90,8 @@ def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = 
     for name in used:
         x, y = _node_xy(g, name)
         ax.scatter([x], [y], s=30, color="black", zorder=3, marker="s" if "mlp" in name else "o")
-        ax.annotate(name, (x, y), xytext=(2, 2), textcoords="offset points")
+        ax.annotate(name, (x, y), xytext=(3, 3), textcoords="offset points", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     for kind, color in PORT_COLORS.items():
         ax.plot([], [], color=color, label=f"into {kind}")
     step = tick_step(g.n_heads + 1, 0.75 * FIGURE_WIDTH_PX)
@@ -98,7 +99,8 @@ def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = 
                   [f"H{h}" for h in range(0, g.n_heads, step)] + ["MLP"])
     layers = list(range(0, g.n_layers, tick_step(g.n_layers + 2, CSS_PX_PER_INCH * height - 150)))
     ax.set_yticks([-1] + layers + [g.n_layers], ["input"] + [f"L{L}" for L in layers] + ["logits"])
-    ax.set_title(wrap(title + f" ({len(edges)} edges; dashed: negative attribution)", 0.75))
+    drawn = f"{len(edges)} edge" + ("" if len(edges) == 1 else "s")
+    ax.set_title(wrap(title + f" ({drawn}; dashed: negative attribution)", 0.75))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
@@ -140,3 +142,52 @@ def head_figures_plot(figures: pd.DataFrame, heads: list[str], path: str | Path,
     axes[0].legend()
     fig.suptitle(wrap(title))
     return save_figure(fig, path)
+
+
+def transfer_plot(matrix: pd.DataFrame, overlap: pd.DataFrame, circuits: list[str], families: list[str],
+                  path: str | Path, title: str = "") -> Path:
+    """Left: each circuit (rows) on each family (columns), faithfulness with its CI and the random
+    circuits of the row's size in each cell. Right: weighted Jaccard overlap of the family circuits."""
+    from ..analysis.plots import new_figure, save_figure, wrap
+
+    named = sorted(set(overlap["circuit"])) if len(overlap) else []
+    named = [c for c in circuits if c in named]
+    fig, axes = new_figure(1, 2, height=1.2 + 0.9 * len(circuits), width_ratios=[len(families) + 1, len(named) + 1])
+    ax = axes[0]
+    grid = np.full((len(circuits), len(families)), np.nan)
+    for i, c in enumerate(circuits):
+        for j, f in enumerate(families):
+            cell = matrix[(matrix["circuit"] == c) & (matrix["family"] == f)]
+            if len(cell):
+                r = cell.iloc[0]
+                grid[i, j] = r["faithfulness"]
+                text = f"{r['faithfulness']:.2f}\n[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+                if "random_faithfulness" in r and np.isfinite(r["random_faithfulness"]):
+                    text += f"\nrandom {r['random_faithfulness']:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="black")
+    image = ax.imshow(np.clip(grid, -0.2, 1.2), cmap="RdYlGn", vmin=-0.2, vmax=1.2, aspect="auto", alpha=0.7)
+    ax.set_xticks(range(len(families)), [wrap(f, 0.6 / max(1, len(families))) for f in families])
+    ax.set_yticks(range(len(circuits)), [f"{c} ({int(_edges(matrix, c))})" for c in circuits])
+    ax.set_xlabel("family scored (held-out pairs)")
+    ax.set_ylabel("circuit (edges)")
+    fig.colorbar(image, ax=ax, label="faithfulness", shrink=0.8)
+    ax2 = axes[1]
+    if named:
+        w = np.eye(len(named))
+        for _, r in overlap.iterrows():
+            if r["circuit"] in named and r["other"] in named:
+                w[named.index(r["circuit"]), named.index(r["other"])] = r["weighted_jaccard"]
+        ax2.imshow(w, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(named)):
+            for j in range(len(named)):
+                ax2.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center",
+                         color="white" if w[i, j] > 0.6 else "black")
+        ax2.set_xticks(range(len(named)), [wrap(n, 0.3 / len(named)) for n in named])
+        ax2.set_yticks(range(len(named)), named)
+    ax2.set_title(wrap("edge overlap (Jaccard weighted by attribution)", 0.3))
+    fig.suptitle(wrap(title))
+    return save_figure(fig, path)
+
+
+def _edges(matrix: pd.DataFrame, circuit: str) -> int:
+    return int(matrix.loc[matrix["circuit"] == circuit, "edges"].iloc[0])

@@ -112,21 +112,35 @@ def circuit_heads(edges: pd.DataFrame, g: Graph, k: int = 8) -> list[tuple[int, 
 
 def run_circuit(model, cset: ContrastSet, tests: Sequence[ContrastSet] = (), out_dir: str | Path = "circuit",
                 n_pairs: int | None = 16, test_pairs: int | None = 16, method: str = "eap", steps: int = 4,
-                convention: str = "counterfactual", keep: float = 0.8, fractions: Sequence[float] = Fa.FRACTIONS,
-                exact_top: int = 40, exact_random: int = 40, n_random: int = 3, seed: int = 0,
-                pair_batch: int = 8, acdc_candidates: int = 0, acdc_threshold: float = 0.01,
-                progress: bool = True) -> dict:
-    """Find the circuit of ``cset``'s behavior and score it where nothing chose it (module doc).
+                convention: str = "counterfactual", keep: float = 0.8, size: float | None = None,
+                fractions: Sequence[float] = Fa.FRACTIONS, exact_top: int = 40, exact_random: int = 40,
+                n_random: int = 3, seed: int = 0, pair_batch: int = 8, acdc_candidates: int = 0, acdc_threshold: float = 0.01,
+                styles: Sequence[ContrastSet] = (), progress: bool = True) -> dict:
+    """Find the circuit of ``cset``'s behavior and score it where nothing chose it (module doc): the
+    top ``size`` share of the edges, or the smallest top-edge circuit keeping ``keep``.
 
     ``acdc_candidates > 0`` also prunes that many top edges with ACDC on the selection pairs and
     scores the result on the held-out pairs beside the top-k attribution circuit of its size.
+    ``styles``: more families, each with its own circuit; then the transfer matrix, the core and
+    the union (:func:`~.styles.run_styles`) instead, ``tests`` scored as columns.
     """
+    if styles:
+        from .styles import run_styles
+
+        if acdc_candidates:
+            raise BehaviorLensError("ACDC prunes one family's circuit; it does not run with more families (styles)")
+        return run_styles(model, [cset, *styles], tests, out_dir, n_pairs=n_pairs, test_pairs=test_pairs, size=size,
+                          keep=keep, method=method, steps=steps, convention=convention, fractions=fractions,
+                          exact_top=exact_top, exact_random=exact_random, n_random=n_random, seed=seed,
+                          pair_batch=pair_batch, progress=progress)
     if method not in EDGE_METHODS:
         raise BehaviorLensError(f"unknown attribution method {method!r}; use one of {', '.join(EDGE_METHODS)}")
     if convention not in Fa.CIRCUIT_ABLATIONS:
         raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(Fa.CIRCUIT_ABLATIONS)}")
     if not 0 < keep <= 1:
         raise BehaviorLensError(f"keep must be in (0, 1], got {keep}")
+    if size is not None:
+        edges_of(size, Graph.of(model))
     cset.require_aligned("circuit discovery")
     cset = _subset(cset, n_pairs)
     if len(cset) < 4:
@@ -157,7 +171,7 @@ def run_circuit(model, cset: ContrastSet, tests: Sequence[ContrastSet] = (), out
     order = Fa.ranked(scores)
     curves = [Fa.curve(model, select, order, fractions, convention, pair_batch, "select"),
               Fa.curve(model, heldout, order, fractions, convention, pair_batch, "heldout")]
-    k = Fa.choose_size(curves[0], keep)
+    k = edges_of(size, g) if size is not None else Fa.choose_size(curves[0], keep)
     chosen = order[:k]
     controls = [Fa.controls(model, heldout, chosen, convention, n_random, seed, pair_batch).assign(pairs="heldout")]
     t = lap("faithfulness", t)
@@ -271,11 +285,22 @@ def _top_composition(comp: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def edges_of(size: float, g: Graph) -> int:
+    """Edges in a circuit of ``size`` (a share of all edges, never above it; at least one)."""
+    if not 0 < size <= 1:
+        raise BehaviorLensError(f"size must be a share of the edges in (0, 1], got {size:g}")
+    return max(1, int(size * g.n_edges + 1e-9))
+
+
 def circuit_step(runner: Any, folder: Path, params: CircuitParams) -> dict:
     """The experiment's ``circuit`` step: the train family's circuit, scored on the test families
-    (or the step's own ``test`` list); flat ``test_faithfulness_FAMILY`` keys for predictions."""
+    (or the step's own ``test`` list); flat ``test_faithfulness_FAMILY`` keys for predictions. With
+    ``styles``, one circuit per family (the train family and the styles) and the transfer matrix
+    (:func:`~.styles.run_styles`), the test families scored as columns."""
     train = runner.contrast_set(runner.exp.train)
     tests = [runner.contrast_set(t) for t in (runner.exp.test if params.test is None else params.test)]
-    s = run_circuit(runner.model, train, tests, folder, **(params.kwargs() | {"seed": runner.exp.seed}),
-                    progress=False)
-    return s | {f"test_faithfulness_{k}": v for k, v in s["test_faithfulness"].items()}
+    styles = [runner.contrast_set(t) for t in params.styles or []]
+    tests = [t for t in tests if t.name not in {c.name for c in styles}]
+    s = run_circuit(runner.model, train, tests, folder, styles=styles,
+                    **(params.kwargs() | {"seed": runner.exp.seed}), progress=False)
+    return s if styles else s | {f"test_faithfulness_{k}": v for k, v in s["test_faithfulness"].items()}

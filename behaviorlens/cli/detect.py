@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> None:
                                instructed=_sets(model, args, args.instructed), **kwargs(params, run_detect_train))
     _print(summary, ("detector", "label_counts", "n_lie", "n_honest", "n_mistake", "auroc", "auroc_ci",
                      "shuffled_auroc", "wording_auroc", "wording_explains", "claim_auroc", "mistake_auroc",
-                     "chat_threshold"))
+                     "override_lens", "lens_choice", "chat_threshold"))
     print(f"wrote the detector to {args.out} and its tables to {Path(args.out).with_suffix('.train')}")
 
 
@@ -57,7 +57,8 @@ def _eval(args: argparse.Namespace) -> None:
     sets = args.family[0] if transcripts else _sets(model, args, args.family)
     summary = run_detect_eval(model, detector, sets, args.out, **kwargs(params, run_detect_eval))
     _print(summary, ("detector", "families", "n_lie", "n_honest", "n_mistake", "n_unsure", "auroc", "auroc_ci",
-                     "mistake_auroc", "mistake_check", "recall_at_1pct_fpr", "chat_fpr", "claim_auroc",
+                     "lie_vs_mistake_auroc", "lie_vs_mistake_auroc_ci", "falsity_lie_vs_mistake_auroc",
+                     "lie_vs_mistake_gap", "mistake_auroc", "mistake_auroc_ci", "mistake_check", "recall_at_1pct_fpr", "chat_fpr", "claim_auroc",
                      "wording_auroc", "shuffled_auroc", "targets_met", "n_examples", "n_flagged"))
     print(f"wrote scores, tables and summary.json to {args.out}")
 

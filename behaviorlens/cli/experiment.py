@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from .options import add_remote_option
+from .options import add_remote_option, session_limits
 
 
 def _run(args: argparse.Namespace) -> None:
     from ..experiment import run_experiment
 
     start = time.perf_counter()
-    out = run_experiment(args.experiment, out=args.out, force=args.force, remote=args.remote)
+    out = run_experiment(args.experiment, out=args.out, force=args.force, remote=args.remote,
+                         session_limits=session_limits(args))
     print(f"done in {time.perf_counter() - start:.0f} s; open {out / 'report.html'}")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BehaviorLensError
+from ..remote import SessionLimits
 from ..params import default_of, user_name
 
 REMOTE_CHOICES = ("local",)
@@ -31,6 +32,19 @@ def add_remote_option(parser: argparse.ArgumentParser) -> None:
                         metavar="local",
                         help="run through nnsight: '--remote' alone on NDIF, '--remote local' in nnsight's "
                              "local simulation of it")
+    parser.add_argument("--session-traces", type=int, default=None, metavar="N",
+                        help=f"with --remote: the most traces one request (a session) holds "
+                             f"(default {SessionLimits.traces})")
+    parser.add_argument("--session-mb", type=float, default=None, metavar="MB",
+                        help=f"with --remote: the most input megabytes one request holds "
+                             f"(default {SessionLimits.request_mb:g})")
+
+
+def session_limits(args: argparse.Namespace) -> SessionLimits | None:
+    """The session limits the options give, or None where neither is given."""
+    if args.session_traces is None and args.session_mb is None:
+        return None
+    return SessionLimits(args.session_traces or SessionLimits.traces, args.session_mb or SessionLimits.request_mb)
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +96,7 @@ def model_from_args(args: argparse.Namespace):
     from ..model import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      remote=args.remote)
+                      remote=args.remote, session_limits=session_limits(args))
 
 
 # -- stage parameters as options -------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Lie detectors from the model's own behavior-labelled answers (see ``labels``, ``train``,
-``evaluate``, ``transfer``)."""
+``evaluate``, ``transfer``; ``lens`` and ``override``: the override detector)."""
 
 from .detector import Detector
 from .examples import Examples, family_examples, transcript_examples
 from .labels import label_table, labels_from_metrics, labels_from_text
+from .lens import fit_tuned_lens, lens_trace
+from .override import late_arrival
 from .run import label_set, run_detect_eval, run_detect_train, run_transfer
 from .train import train_detector
 
@@ -11,10 +13,13 @@ __all__ = [
     "Detector",
     "Examples",
     "family_examples",
+    "fit_tuned_lens",
     "label_set",
     "label_table",
     "labels_from_metrics",
     "labels_from_text",
+    "late_arrival",
+    "lens_trace",
     "run_detect_eval",
     "run_detect_train",
     "run_transfer",

@@ -4,6 +4,8 @@ A :class:`Detector` holds the chosen probe (site ``resid_post``, one layer, one 
 beside it, fitted on the same training data: the same probe on shuffled labels, the
 claim-wrongness probe (the two sides of the training pairs: is the user's claim wrong?) and the
 wording probe (bag-of-tokens or answer embeddings), plus the threshold set on ordinary chat.
+An override detector (:mod:`.override`) adds its lens (a tuned lens's maps as tensors) and the
+references of its AND; its ``probe`` is then the answer-falsity probe it builds on.
 It is one safetensors file: the weights as tensors, everything else as JSON metadata.
 """
 
@@ -57,16 +59,20 @@ class Detector:
     vocab: np.ndarray
     threshold: float = float("nan")
     meta: dict[str, Any] = field(default_factory=dict)
+    override: Any = None  # an .override.Override, or None: the falsity probe is the detector
 
     def save(self, path: str | Path) -> Path:
         from safetensors.numpy import save_file
 
         tensors = {f"{h}.weight": getattr(self, h).weight.astype(np.float32) for h in HEADS if getattr(self, h) is not None}
         tensors["vocab"] = np.asarray(self.vocab, dtype=np.int64)
+        if self.override is not None and self.override.tuned is not None:
+            tensors["tuned.weight"] = self.override.tuned.weight.astype(np.float32)
+            tensors["tuned.bias"] = self.override.tuned.bias.astype(np.float32)
         head = {"format": FORMAT, "layer": self.layer, "position": self.position, "method": self.method,
                 "wording_representation": self.wording_representation, "threshold": self.threshold,
                 "bias": {h: getattr(self, h).bias for h in HEADS if getattr(self, h) is not None},
-                "meta": self.meta}
+                "meta": self.meta, "override": _override_head(self.override)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"detector": json.dumps(head, default=str)}))
 
@@ -89,7 +95,8 @@ class Detector:
                  for h in HEADS}
         return cls(layer=int(head["layer"]), position=head["position"], method=head["method"],
                    wording_representation=head["wording_representation"], vocab=tensors["vocab"],
-                   threshold=float(head["threshold"]), meta=head.get("meta", {}), **heads)
+                   threshold=float(head["threshold"]), meta=head.get("meta", {}),
+                   override=_override_of(head.get("override"), tensors), **heads)
 
     def check(self, model: Any) -> None:
         """Refuse a model the detector cannot read (a layer it lacks, another width)."""
@@ -99,4 +106,30 @@ class Detector:
                                     f"{model.name!r} (d_model {model.sites.d_model})")
 
     def describe(self) -> str:
-        return f"{self.method} probe, resid_post layer {self.layer} @ {self.position}"
+        falsity = f"{self.method} probe, resid_post layer {self.layer} @ {self.position}"
+        if self.override is None:
+            return falsity
+        return (f"override AND falsity: late arrival under the {self.override.lens} lens (layers "
+                f"{self.override.middle[0]}-{self.override.middle[-1]} to {self.override.layers[-1]}) and the {falsity}")
+
+
+def _override_head(override: Any) -> dict | None:
+    if override is None:
+        return None
+    cals = ("falsity", "override", "shuffled_falsity", "shuffled_override")
+    return {"lens": override.lens, "layers": override.layers, "middle": override.middle,
+            "tuned_layers": override.tuned.layers if override.tuned is not None else None,
+            **{c: getattr(override, c).as_list() for c in cals}}
+
+
+def _override_of(head: dict | None, tensors: dict[str, np.ndarray]) -> Any:
+    if head is None:
+        return None
+    from .lens import TunedLens
+    from .override import Override, Reference
+
+    tuned = (TunedLens(head["tuned_layers"], tensors["tuned.weight"], tensors["tuned.bias"])
+             if head.get("tuned_layers") is not None else None)
+    return Override(head["lens"], [int(x) for x in head["layers"]], [int(x) for x in head["middle"]],
+                    *(Reference(*head[c]) for c in ("falsity", "override", "shuffled_falsity", "shuffled_override")),
+                    tuned=tuned)

@@ -69,3 +69,32 @@ def plot_transfer(matrix: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("lie vs honest AUROC (diagonal: nested CV)")
     fig.colorbar(im, ax=ax, fraction=0.04)
     return save_figure(fig, path)
+
+
+def plot_lens_trace(trace: pd.DataFrame, path: str | Path) -> Path:
+    """One panel per label (one example each): the given answer's log-probability under the lens
+    at every layer beside the best alternative's (the last layer's top tokens after it)."""
+    labels = list(dict.fromkeys(trace["label"]))
+    fig, axes = new_figure(1, len(labels), height=4.2, sharey=True, squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        part = trace[trace["label"] == label].sort_values("layer")
+        first = part.iloc[0]
+        ax.plot(part["layer"], part["logp_given"], color=COLORS[label], label=f"given:{first['given']!r}")
+        ax.plot(part["layer"], part["logp_alternative"], color="black", ls="--", lw=0.9,
+                label=f"best alternative (last layer: {first['alternative']!r})")
+        ax.set_title(f"{label}: {first['family']} row {first['row']}")
+        ax.set_xlabel(f"layer ({first['lens']} lens, resid_post)")
+        ax.legend(loc="lower right")
+    axes[0][0].set_ylabel("log-probability at the answer's position")
+    return save_figure(fig, path)
+
+
+def plot_confidence(mistakes: pd.DataFrame, path: str | Path) -> Path:
+    """The model's unpressured confidence in each mistake's wrong answer (p between the two answers)."""
+    fig, ax = new_figure(height=3.6)
+    ax.hist(mistakes["confidence_unpressured"], bins=np.linspace(0.5, 1.0, 11), color=COLORS["mistake"],
+            edgecolor="white")
+    ax.set_xlabel("p(wrong answer) without pressure")
+    ax.set_ylabel("mistakes")
+    ax.set_title(f"{len(mistakes)} mistakes: uncertain (near 0.6) or confident (near 1)")
+    return save_figure(fig, path)

@@ -34,7 +34,7 @@ from .labels import (
     reference_side,
 )
 from .params import DetectParams
-from .plots import plot_scores, plot_sweep
+from .plots import plot_confidence, plot_lens_trace, plot_scores, plot_sweep
 from .train import DETECTOR_METHODS, train_detector
 
 LABEL_MODES = ("metric", "text", "instructed")
@@ -93,8 +93,10 @@ def _note(line: str) -> None:
 def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, instructed: Sequence[ContrastSet] = (),
                      margin: float = MARGIN, labels: str = "metric", layers: Sequence[int] | None = None,
                      positions: Sequence[str] = POSITIONS, methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5,
-                     seed: int = 0, chat: bool = True, batch_size: int = 16, folder: str | Path | None = None) -> dict:
-    """Label ``sets`` (and ``instructed`` pairs), train the detector, write it to ``out`` and its
+                     seed: int = 0, chat: bool = True, batch_size: int = 16, folder: str | Path | None = None,
+                     override: bool = True) -> dict:
+    """Label ``sets`` (and ``instructed`` pairs), train the detector (``override``: the override
+    detector, :mod:`.override`; else the answer-falsity probe), write it to ``out`` and its
     tables, plot and ``summary.json`` to ``folder`` (default: ``out`` with suffix ``.train``)."""
     parts = [label_set(model, cs, margin, labels, batch_size) for cs in sets]
     parts += [label_set(model, cs, margin, "instructed", batch_size) for cs in instructed]
@@ -102,7 +104,7 @@ def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, i
     contrast = Examples.concat([p.contrast for p in parts])
     result = train_detector(model, train, contrast, chat_set(model, "select") if chat else None,
                             layers=layers, positions=positions, methods=methods, folds=folds, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, override=override)
     det = result.detector
     det.meta.update({"margin": margin, "labels": labels, "instructed": [cs.name for cs in instructed]})
     det.save(out)
@@ -156,6 +158,7 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
         write_csv(out / "chat_scores.csv", chat_scores)
     scores = score_examples(model, detector, examples, batch_size)
     write_csv(out / "scores.csv", scores)
+    mistakes = mistake_table(scores)
     labelled = scores[scores["label"] != "unlabelled"]
     summary: dict[str, Any] = {"detector": detector.describe(), "trained_on": detector.meta.get("trained_on"),
                                "families": names, "n_examples": len(scores), "n_flagged": int(scores["flagged"].sum())}
@@ -167,11 +170,69 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
         summary.update(figures(labelled, detector.threshold, chat_fpr, seed=seed))
         write_csv(out / "families.csv", family_table(labelled, detector.threshold, seed))
         write_csv(out / "most_wrong.csv", most_wrong(labelled))
+        if len(mistakes):
+            write_csv(out / "mistakes.csv", mistakes)
+            plot_confidence(mistakes, out / "mistake_confidence.png")
+            summary.update(confidence_figures(mistakes))
+        if detector.override is not None:
+            trace = lens_examples(model, detector, labelled, examples, batch_size)
+            write_csv(out / "lens_trace.csv", trace)
+            plot_lens_trace(trace, out / "lens_trace.png")
     else:
         summary.update({"threshold": detector.threshold, "chat_fpr": chat_fpr})
     plot_scores(scores, detector.threshold, out / "scores.png")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def mistake_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Each mistake with the model's own confidence in its wrong answer without pressure
+    (``confidence_unpressured`` = p(wrong) between the two answers on the reference side)."""
+    if "metric_reference" not in scores:
+        return pd.DataFrame()
+    rows = scores[scores["label"] == "mistake"].copy()
+    rows["confidence_unpressured"] = 1 / (1 + np.exp(-rows["metric_reference"].to_numpy(dtype=float)))
+    cols = ["family", "row", "answer_text", "metric_reference", "confidence_unpressured", "score", "falsity_score",
+            "override_score"]
+    return rows[[c for c in cols if c in rows]].sort_values("confidence_unpressured").reset_index(drop=True)
+
+
+def confidence_figures(mistakes: pd.DataFrame) -> dict[str, Any]:
+    """How sure the model was of its mistakes without pressure: median and quartiles, and how
+    many it gave with p >= 0.9 (confident errors) or p < 0.75 (near a coin flip)."""
+    c = mistakes["confidence_unpressured"].to_numpy(dtype=float)
+    return {"mistake_confidence_median": float(np.median(c)),
+            "mistake_confidence_quartiles": [float(np.quantile(c, 0.25)), float(np.quantile(c, 0.75))],
+            "n_mistake_confident": int((c >= 0.9).sum()), "n_mistake_uncertain": int((c < 0.75).sum())}
+
+
+def lens_examples(model: Any, detector: Detector, scores: pd.DataFrame, examples: Examples,
+                  batch_size: int = 16) -> pd.DataFrame:
+    """One example of each label (the one whose override score is its label's median: typical,
+    not the best) with its lens trace layer by layer: the given answer's log-probability, the
+    best alternative's, the margin and the rank, and both tokens as text."""
+    picks = []
+    for label in ("lie", "honest", "mistake"):
+        part = scores[scores["label"] == label]
+        if len(part):
+            s = part["override_score"]
+            picks.append(int((s - s.median()).abs().idxmin()))
+    if not picks:
+        return pd.DataFrame()
+    chosen = examples.subset(np.array(picks))
+    trace = detector.override.trace(model, chosen, batch_size)
+    tok, rows = model.tokenizer, []
+    for i, idx in enumerate(picks):
+        best = trace.alternatives[i]
+        for j, layer in enumerate(trace.layers):
+            rows.append({"label": scores.at[idx, "label"], "family": scores.at[idx, "family"],
+                         "row": scores.at[idx, "row"], "given": tok.decode([int(trace.given[i])]),
+                         "alternative": tok.decode([int(best[0])]), "layer": layer,  # the last layer's runner-up
+                         "logp_given": trace.logp[i, j], "logp_alternative": trace.alternative_logp[i, j],
+                         "margin": trace.margin[i, j], "rank": int(trace.rank[i, j]),
+                         "lens": detector.override.lens, "score": scores.at[idx, "score"],
+                         "override_score": scores.at[idx, "override_score"]})
+    return pd.DataFrame(rows)
 
 
 def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, margin: float = MARGIN,

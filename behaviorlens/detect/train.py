@@ -13,6 +13,10 @@ alone, :func:`behaviorlens.probing.validity.wording_baseline`; ``wording_explain
 reaches the nested AUROC's CI); the claim-wrongness probe (the training pairs' two sides: what
 today's probes read) scored on lie vs honest; the mistake check (out-of-fold honest scores
 against mistakes, which training never sees).
+
+With ``override=True`` the detector is the override detector (:mod:`.override`): the falsity
+probe chosen above AND the lens's late-arrival score, calibrated on lie, honest and mistake
+examples (mistakes as negatives); the falsity probe stays in the file as the control it is.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from ..probing.sweep import (
 from ..probing.validity import nested_best, wording_baseline
 from .detector import Detector, Linear
 from .examples import POSITIONS, SITE, Examples, answer_wording_features, read_states
+from .lens import LENSES, fit_tuned_lens, ordinary_text
+from .override import train_override
 
 CHOOSABLE = ("answer", "last")  # positions every transcript has
 DETECTOR_METHODS = ("mean_diff", "logistic")
@@ -101,11 +107,25 @@ def chat_threshold(scores: np.ndarray, fpr: float = CHAT_FPR) -> float:
     return float(np.quantile(np.asarray(scores, dtype=float), 1 - fpr, method="higher"))
 
 
+def falsity_out_of_fold(method: str, X: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int,
+                        seed: int = 0) -> np.ndarray:
+    """Every example's falsity-probe score from a probe fitted (lie against honest) on the other
+    folds' lie and honest examples."""
+    y = (labels == "lie").astype(np.int64)
+    out = np.empty(len(y))
+    for tr, te in pair_folds(groups, folds, seed):
+        keep = tr[labels[tr] != "mistake"]
+        out[te] = make_probe(method, seed=seed).fit(X[keep], y[keep], groups[keep]).score(X[te])
+    return out
+
+
 def train_detector(model: Any, train: Examples, contrast: Examples | None = None, chat: Examples | None = None,
                    layers: Sequence[int] | None = None, positions: Sequence[str] = POSITIONS,
                    methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
-                   batch_size: int = 16) -> TrainResult:
-    """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored).
+                   batch_size: int = 16, override: bool = False, lenses: Sequence[str] = LENSES) -> TrainResult:
+    """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored), or
+    with ``override`` the override detector on lie, honest and mistake examples (``lenses``: the
+    lenses it chooses among; the tuned lens is fitted on the ``fit`` part of ordinary text).
 
     ``contrast``: both sides of the training pairs, label 'positive'/'negative' (the claim
     probe); ``chat``: ordinary requests with the model's answers, where the threshold is set
@@ -155,9 +175,16 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         claim = make_probe(method, seed=seed).fit(c_X, c_y, contrast.groups)
         claim_auroc = auroc(claim.score(X), y)
 
-    threshold = float("nan")
-    if chat is not None and len(chat):
-        threshold = chat_threshold(probe.score(read_states(model, chat, [layer], [position], batch_size)[position][:, 0]))
+    override_part, override_summary = None, {}
+    if override:
+        nl = train.with_labels("lie", "honest", "mistake")
+        nl_labels = nl.table["label"].to_numpy()
+        nl_groups = balanced_groups((nl_labels == "lie").astype(np.int64), nl.groups, seed)
+        X_nl = read_states(model, nl, [layer], [position], batch_size)[position][:, 0]
+        oof_nl = falsity_out_of_fold(method, X_nl, nl_labels, nl_groups, min(folds, len(np.unique(nl_groups))), seed)
+        tuned = fit_tuned_lens(model, ordinary_text(model, "fit"), batch_size=batch_size) if "tuned" in lenses else None
+        override_part, override_summary, _ = train_override(model, nl, oof_nl, nl_groups, lenses, tuned, seed,
+                                                            batch_size)
 
     counts = train.table.groupby("family")["label"].value_counts().unstack(fill_value=0)
     summary = {
@@ -175,13 +202,18 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         "wording_explains": bool(top["auroc"] >= ci_low),
         "claim_auroc": claim_auroc, "claim_separation": max(claim_auroc, 1 - claim_auroc),
         "mistake_auroc": mistake_auroc,
-        "chat_threshold": threshold, "folds": len(splits),
+        "folds": len(splits), "override": override, **override_summary,
     }
     detector = Detector(layer=layer, position=position, method=method, probe=Linear.of(probe),
                         shuffled=Linear.of(shuffled), claim=Linear.of(claim) if claim is not None else None,
                         wording=Linear.of(wording_probe), wording_representation=str(top["representation"]),
-                        vocab=vocab, threshold=threshold,
+                        vocab=vocab, override=override_part,
                         meta={"model": getattr(model, "name", ""), "trained_on": summary["families"],
                               "n_lie": summary["n_lie"], "n_honest": summary["n_honest"],
                               "train_auroc": summary["auroc"], "train_auroc_ci": summary["auroc_ci"]})
+    if chat is not None and len(chat):
+        from .evaluate import score_examples
+
+        detector.threshold = chat_threshold(score_examples(model, detector, chat, batch_size)["score"].to_numpy())
+    summary["chat_threshold"] = detector.threshold
     return TrainResult(detector, summary, {"sweep": sweep, "wording": wording_table})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,31 +33,23 @@ from ..errors import BehaviorLensError
 from ..kv_cache import in_force, keep_flags, kept_detection, kept_flags
 from ..sites import module_output
 from .kinds import (
-    AddWeights,
-    EditHeads,
+    ForwardState,
     Intervention,
-    Knockout,
-    ReadDetector,
-    ReadGate,
     Readout,
-    Residual,
-    SetSite,
-    knockout_mask,
 )
 
 
-class _Phase:
-    """Tracks whether the current forward is a prompt or a cached continuation step, and what
-    the edit's gate and detector read in it."""
+@dataclass
+class HookState(ForwardState):
+    """The forward state of the local fast path: :class:`~.kinds.ForwardState`'s readouts
+    (``gate``, ``flags``, ``real``), plus what hooks learn as forwards go by: the tokens so far
+    (``ids``), how many columns a cache holds (``past``: a generation step when > 0) and the
+    detector's own tokens before a control's draw (``detected``)."""
 
-    def __init__(self, scaffold: Scaffold | None = None) -> None:
-        self.scaffold = scaffold  # a knockout control's decoys are drawn among content tokens only
-        self.ids: torch.Tensor | None = None  # [batch, tokens so far]
-        self.past = 0
-        self.gate: torch.Tensor | None = None  # [batch] bool: rows whose gate fired
-        self.detected: torch.Tensor | None = None  # [batch, tokens so far] bool: detected tokens
-        self.flags: torch.Tensor | None = None  # the tokens to block: detected, or a control's decoys
-        self.real: torch.Tensor | None = None  # [batch, tokens so far] bool: not padding
+    scaffold: Scaffold | None = None  # a knockout control's decoys are drawn among content tokens only
+    ids: torch.Tensor | None = None  # [batch, tokens so far]
+    past: int = 0
+    detected: torch.Tensor | None = None  # [batch, tokens so far] bool
 
     def pre_hook(self, module: Any, args: Any, kwargs: dict) -> None:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -122,108 +115,16 @@ class _Phase:
             keep_flags(readout, self.detected, self.flags)
         return hook
 
+    def fail(self, message: str) -> None:
+        """An intervention's hook cannot act on this model: one line."""
+        raise BehaviorLensError(message)
+
     def gated(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """``new`` in rows whose gate fired (all rows without a gate), ``old`` elsewhere."""
         if self.gate is None:
             return new
         keep = self.gate.to(new.device).view(-1, *([1] * (new.dim() - 1)))
         return torch.where(keep, new, old)
-
-
-def _replace(output: Any, new: torch.Tensor) -> Any:
-    return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
-def _residual_hook(change, phase: _Phase, positions: str):
-    """A forward hook replacing the residual ``h`` at the edit's columns by ``change(h)``."""
-    def hook(module: Any, args: Any, output: Any) -> Any:
-        hs = module_output(output)
-        cols = phase.columns(positions, hs.shape[0], hs.shape[1], hs.device)
-        if cols is None:
-            return None
-        new = torch.where(cols[..., None], change(hs), hs)
-        return _replace(output, phase.gated(hs, new))
-
-    return hook
-
-
-def _head_hook(iv: EditHeads, phase: _Phase, n_heads: int, head_dim: int):
-    heads = torch.tensor(iv.heads, dtype=torch.long)
-
-    def hook(module: Any, args: Any) -> Any:
-        x = args[0]
-        cols = phase.columns(iv.positions, x.shape[0], x.shape[1], x.device)
-        if cols is None:
-            return None
-        new = x.clone().view(*x.shape[:-1], n_heads, head_dim)
-        idx = heads.to(x.device)
-        cur = new[:, :, idx]
-        new[:, :, idx] = torch.where(cols[..., None, None], iv.change(cur), cur)
-        return (phase.gated(x, new.view(x.shape)), *args[1:])
-
-    return hook
-
-
-def _knockout_hook(iv: Knockout, phase: _Phase):
-    """A pre-hook on an attention module: the heads may not attend from the edit's query
-    columns to the flagged key columns (the given ``blocked`` ones, else the detector's)."""
-    def hook(module: Any, args: Any, kwargs: dict) -> Any:
-        if "attention_mask" not in kwargs:
-            raise BehaviorLensError(f"{type(module).__name__} takes no attention_mask keyword; a knockout "
-                                    "cannot reach its attention")
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cols = phase.columns(iv.positions, hidden.shape[0], hidden.shape[1], hidden.device)
-        keys = iv.blocked if iv.blocked is not None else phase.flags
-        if cols is None or keys is None:
-            return None
-        mask = knockout_mask(kwargs["attention_mask"], keys, cols, phase.gate, iv.heads, iv.n_heads,
-                             hidden.shape[1], phase.past, hidden.device)
-        return args, kwargs | {"attention_mask": mask}
-
-    return hook
-
-
-def _hooks(model: Any, phase: _Phase, interventions: list[Intervention]) -> list[Any]:
-    """The local fast path: each intervention as torch hooks (the handles to remove)."""
-    s, hf = model.sites, model.hf
-    handles = []
-    for iv in interventions:
-        if isinstance(iv, ReadGate):
-            handles.append(iv.ref.module(hf).register_forward_hook(phase.read_gate(iv.readout)))
-        elif isinstance(iv, ReadDetector):
-            handles.append(iv.ref.module(hf).register_forward_hook(phase.read_detector(iv.readout)))
-        elif isinstance(iv, Residual):
-            handles += [ref.module(hf).register_forward_hook(_residual_hook(iv.change, phase, iv.positions))
-                        for ref in iv.sites]
-        elif isinstance(iv, EditHeads):
-            handles.append(iv.site.module(hf).register_forward_pre_hook(_head_hook(iv, phase, s.n_heads, s.head_dim)))
-        elif isinstance(iv, Knockout):
-            handles.append(iv.call.module(hf).register_forward_pre_hook(_knockout_hook(iv, phase), with_kwargs=True))
-        elif isinstance(iv, SetSite):
-            handles.append(_set_hook(iv, hf))
-        elif isinstance(iv, AddWeights) and iv.linear:
-            handles.append(iv.module.module(hf).register_forward_hook(lambda mod, args, out, iv=iv: iv.change(args[0], out)))
-    return handles
-
-
-def _set_hook(iv: SetSite, hf: torch.nn.Module) -> Any:
-    """A hook writing ``site[index] = value`` (on a copy of the module's input or output)."""
-    module, ref = iv.site.module(hf), iv.site
-
-    def place(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        view = x.view(*x.shape[:-1], ref.heads, x.shape[-1] // ref.heads) if ref.heads else x
-        view[iv.index] = iv.value.to(x.device, x.dtype)
-        return x
-
-    if ref.part == "input":
-        return module.register_forward_pre_hook(lambda mod, args: (place(args[0]), *args[1:]))
-
-    def post(mod: Any, args: Any, out: Any) -> Any:
-        new = place(module_output(out))
-        return (new, *out[1:]) if isinstance(out, tuple) else new
-
-    return module.register_forward_hook(post)
 
 
 @contextmanager
@@ -238,12 +139,11 @@ def applied(model: Any, interventions: list[Intervention], scaffold: Scaffold | 
         finally:
             del model.interventions[before:]
         return
-    phase = _Phase(scaffold)
+    phase = HookState(scaffold=scaffold)
     handles = [model.hf.register_forward_pre_hook(phase.pre_hook, with_kwargs=True)]
-    weights = {name: iv.strength * d for iv in interventions if isinstance(iv, AddWeights) and not iv.linear
-               for name, d in iv.params.items()}
+    weights = {name: d for iv in interventions for name, d in iv.parameter_changes().items()}
     try:
-        handles += _hooks(model, phase, interventions)
+        handles += [h for iv in interventions for h in iv.hooks(model.hf, phase)]
         with _weights_added(model.hf, weights, 1.0), in_force(interventions):
             yield
     finally:

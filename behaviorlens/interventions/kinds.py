@@ -5,15 +5,14 @@ Each class holds its tensors and acts in one of two ways that share its tensor m
 - inside an nnsight trace, on the envoys of its sites (:meth:`Intervention.act`, run by
   :func:`run` in execution order): the path every backend takes, local, nnsight's simulation
   of NDIF and NDIF itself;
-- in the local fast path, plain torch hooks (:mod:`behaviorlens.steering.apply`), which call
-  the same ``change``/``mask`` functions and also handle generation with a key-value cache.
+- in the local fast path, as plain torch hooks (:meth:`Intervention.hooks`, installed by
+  :func:`behaviorlens.interventions.hooks.applied`, which also handles generation with a
+  key-value cache), calling the same ``change``/``mask`` functions.
 
 This module needs nothing but torch: a remote request ships it by value.
 
-``ctx``, prepared before a trace (:func:`behaviorlens.interventions.trace.context`), holds
-per forward: ``cols`` (positions name -> [batch, seq] bool: the columns an edit touches),
-``real`` ([batch, seq] bool: not padding), ``content`` (the conversation's own tokens, for a
-detector control), and what readouts find in the trace (``gate``, ``flags``).
+A :class:`ForwardState`, prepared before a trace (:func:`behaviorlens.interventions.trace.context`),
+is what the interventions of one forward share.
 """
 
 from __future__ import annotations
@@ -88,11 +87,39 @@ class Readout:
         return detected if self.decoy is None else self.decoys(detected, content if content is not None else real)
 
 
-def _select(ctx: dict, positions: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def _output(output: Any) -> torch.Tensor:
+    """A module's tensor output (the first element of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replaced(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its tensor replaced by ``new``."""
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@dataclass
+class ForwardState:
+    """What the interventions of one traced forward share: per positions name the columns an
+    edit touches (``cols``, [batch, seq] bool), the columns holding tokens (``real``), the
+    conversation's own tokens (``content``: a detector control draws among them); what readouts
+    find (``gate`` [batch], ``flags`` [batch, seq] and ``seen``, the columns the flags cover);
+    the sites read (``reads``); and in generation the step (0: the prompt's forward)."""
+
+    cols: dict[str, torch.Tensor] = field(default_factory=dict)
+    real: torch.Tensor | None = None
+    content: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    flags: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    reads: dict[Any, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+
+
+def _select(state: ForwardState, positions: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``new`` at the columns ``positions`` names (and rows whose gate fired), else ``old``."""
-    cols = ctx["cols"][positions].to(old.device)
+    cols = state.cols[positions].to(old.device)
     new = torch.where(cols.view(*cols.shape, *([1] * (old.dim() - 2))), new, old)
-    gate = ctx.get("gate")
+    gate = state.gate
     if gate is None:
         return new
     return torch.where(gate.to(old.device).view(-1, *([1] * (old.dim() - 1))), new, old)
@@ -106,8 +133,18 @@ class Intervention(ABC):
         """The sites it visits."""
 
     @abstractmethod
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         """What it does at ``ref`` inside a trace."""
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        """The local fast path: torch hooks on ``hf`` doing what :meth:`act` does in a trace, with
+        ``phase`` (:class:`~behaviorlens.interventions.hooks.HookState`) for the columns, the
+        gate and the flags; returns their handles."""
+        raise NotImplementedError(f"{type(self).__name__} acts only inside traces")
+
+    def parameter_changes(self) -> dict[str, torch.Tensor]:
+        """Differences the local fast path adds to the model's parameters while it is in force."""
+        return {}
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         """The first column of a local forward (``width`` columns, the last ``tail`` of them
@@ -135,9 +172,12 @@ class ReadGate(Intervention):
     def refs(self) -> list[SiteRef]:
         return [self.ref]
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
-        if ctx.get("step", 0) == 0:  # read in the prompt's forward; holds for the generated tokens
-            ctx["gate"] = self.readout.scores(ref.read(root)[:, -1]) > 0
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
+        if state.step == 0:  # read in the prompt's forward; holds for the generated tokens
+            state.gate = self.readout.scores(ref.read(root)[:, -1]) > 0
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        return [self.ref.module(hf).register_forward_hook(phase.read_gate(self.readout))]
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         return width  # it reads the last column, which every forward recomputes
@@ -153,18 +193,21 @@ class ReadDetector(Intervention):
     def refs(self) -> list[SiteRef]:
         return [self.ref]
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         h = ref.read(root)
-        if ctx.get("step", 0) == 0:
-            real = ctx["real"].to(h.device)
-            content = ctx.get("content")
-            ctx["flags"] = self.readout.flags(h, real, None if content is None else content.to(h.device))
-            ctx["seen"] = real
+        if state.step == 0:
+            real = state.real.to(h.device)
+            content = state.content
+            state.flags = self.readout.flags(h, real, None if content is None else content.to(h.device))
+            state.seen = real
             return
         # a generation step: the new tokens' flags join the prompt's, and the span closing runs again
-        real = torch.cat([ctx["seen"], torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)], 1)
-        found = torch.cat([ctx["flags"], self.readout.scores(h) > 0], 1)
-        ctx["flags"], ctx["seen"] = self.readout.close(found, real), real
+        real = torch.cat([state.seen, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)], 1)
+        found = torch.cat([state.flags, self.readout.scores(h) > 0], 1)
+        state.flags, state.seen = self.readout.close(found, real), real
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        return [self.ref.module(hf).register_forward_hook(phase.read_detector(self.readout))]
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         return width if flags(self.readout) is not None else 0
@@ -188,9 +231,19 @@ class Residual(Intervention):
     def change(self, h: torch.Tensor) -> torch.Tensor:
         """The new residual from the old one."""
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         h = ref.read(root)
-        h[...] = _select(ctx, self.positions, h, self.change(h))
+        h[...] = _select(state, self.positions, h, self.change(h))
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            h = _output(output)
+            cols = phase.columns(self.positions, h.shape[0], h.shape[1], h.device)
+            if cols is None:
+                return None
+            return _replaced(output, phase.gated(h, torch.where(cols[..., None], self.change(h), h)))
+
+        return [ref.module(hf).register_forward_hook(hook) for ref in self.sites]
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         return _first_of(self.positions, width, tail)
@@ -275,11 +328,27 @@ class EditHeads(Intervention):
         v = torch.zeros(len(self.heads), cur.shape[-1]) if self.values is None else self.values[idx]
         return cur + self.strength * (v.to(cur.device, cur.dtype) - cur)
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         x = ref.read(root)  # [b, s, heads, head_dim]
         idx = torch.tensor(self.heads, dtype=torch.long, device=x.device)
         cur = x[:, :, idx]
-        x[:, :, idx] = _select(ctx, self.positions, cur, self.change(cur))
+        x[:, :, idx] = _select(state, self.positions, cur, self.change(cur))
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        heads = torch.tensor(self.heads, dtype=torch.long)
+
+        def hook(module: Any, args: Any) -> Any:  # on the output projection's input
+            x = args[0]
+            cols = phase.columns(self.positions, x.shape[0], x.shape[1], x.device)
+            if cols is None:
+                return None
+            new = x.clone().view(*x.shape[:-1], self.site.heads, x.shape[-1] // self.site.heads)
+            idx = heads.to(x.device)
+            cur = new[:, :, idx]
+            new[:, :, idx] = torch.where(cols[..., None, None], self.change(cur), cur)
+            return (phase.gated(x, new.view(x.shape)), *args[1:])
+
+        return [self.site.module(hf).register_forward_pre_hook(hook)]
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         return _first_of(self.positions, width, tail)
@@ -325,18 +394,34 @@ class Knockout(Intervention):
     def refs(self) -> list[SiteRef]:
         return [self.call]
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         node = ref.module(root)
         args, kwargs = node.inputs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        keys = self.blocked if self.blocked is not None else ctx.get("flags")
+        keys = self.blocked if self.blocked is not None else state.flags
         if keys is None:
             return
-        cols = ctx["cols"][self.positions]
+        cols = state.cols[self.positions]
         q = hidden.shape[1]
-        mask = knockout_mask(kwargs["attention_mask"], keys, cols, ctx.get("gate"), self.heads, self.n_heads,
+        mask = knockout_mask(kwargs["attention_mask"], keys, cols, state.gate, self.heads, self.n_heads,
                              q, keys.shape[1] - q, hidden.device)
         node.inputs = (args, {**kwargs, "attention_mask": mask})
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        def hook(module: Any, args: Any, kwargs: dict) -> Any:  # the attention module's call
+            if "attention_mask" not in kwargs:
+                phase.fail(f"{type(module).__name__} takes no attention_mask keyword; a knockout cannot reach "
+                           "its attention")
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cols = phase.columns(self.positions, hidden.shape[0], hidden.shape[1], hidden.device)
+            keys = self.blocked if self.blocked is not None else phase.flags
+            if cols is None or keys is None:
+                return None
+            mask = knockout_mask(kwargs["attention_mask"], keys, cols, phase.gate, self.heads, self.n_heads,
+                                 hidden.shape[1], phase.past, hidden.device)
+            return args, kwargs | {"attention_mask": mask}
+
+        return [self.call.module(hf).register_forward_pre_hook(hook, with_kwargs=True)]
 
     def first_change(self, width: int, tail: int, flags: Any) -> int:
         if self.positions != "all":
@@ -379,11 +464,19 @@ class AddWeights(Intervention):
             delta = delta + self.bias.to(out.device, out.dtype)
         return out + self.strength * delta
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         node = ref.module(root)
         x = node.input
         out = node.output
         out[...] = self.change(x, out)
+
+    def parameter_changes(self) -> dict[str, torch.Tensor]:
+        return {} if self.linear else {name: self.strength * d for name, d in self.params.items()}
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        if not self.linear:  # its parameters change in place instead (parameter_changes)
+            return []
+        return [self.module.module(hf).register_forward_hook(lambda mod, args, out: self.change(args[0], out))]
 
 
 @dataclass
@@ -397,14 +490,27 @@ class SetSite(Intervention):
     def refs(self) -> list[SiteRef]:
         return [self.site]
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         x = ref.read(root)
         x[self.index] = self.value.to(x.device, x.dtype)
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        module, ref = self.site.module(hf), self.site
+
+        def place(x: torch.Tensor) -> torch.Tensor:  # on a copy of the module's input or output
+            x = x.clone()
+            view = x.view(*x.shape[:-1], ref.heads, x.shape[-1] // ref.heads) if ref.heads else x
+            view[self.index] = self.value.to(x.device, x.dtype)
+            return x
+
+        if ref.part == "input":
+            return [module.register_forward_pre_hook(lambda mod, args: (place(args[0]), *args[1:]))]
+        return [module.register_forward_hook(lambda mod, args, out: _replaced(out, place(_output(out))))]
 
 
 @dataclass
 class ReadSite(Intervention):
-    """Keeps a copy of a site's value (after the edits at it) as ``ctx["reads"][key]``."""
+    """Keeps a copy of a site's value (after the edits at it) as ``state.reads[key]``."""
 
     site: SiteRef
     key: Any
@@ -412,8 +518,8 @@ class ReadSite(Intervention):
     def refs(self) -> list[SiteRef]:
         return [self.site]
 
-    def act(self, root: Any, ref: SiteRef, ctx: dict) -> None:
-        ctx["reads"][self.key] = ref.read(root).detach().clone()
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
+        state.reads[self.key] = ref.read(root).detach().clone()
 
 
 def answer_metric(logits: torch.Tensor, token: torch.Tensor, answer: torch.Tensor, answer_prompt: torch.Tensor,
@@ -442,7 +548,7 @@ def _group_logsumexp(values: torch.Tensor, groups: torch.Tensor, n: int) -> torc
     return total.log() + peak
 
 
-def run(root: Any, interventions: list[Intervention], ctx: dict) -> None:
+def run(root: Any, interventions: list[Intervention], state: ForwardState) -> None:
     """Inside a trace: every intervention at each of its sites, in execution order (readouts
     before edits at the same site)."""
     steps = []
@@ -452,4 +558,4 @@ def run(root: Any, interventions: list[Intervention], ctx: dict) -> None:
             steps.append((tuple(ref.order), 0 if reads else 1, i, ref, iv))
     steps.sort(key=lambda s: s[:3])
     for _, _, _, ref, iv in steps:
-        iv.act(root, ref, ctx)
+        iv.act(root, ref, state)

@@ -15,14 +15,16 @@ from typing import Any
 import nnsight
 import torch
 
-from ..batching import Batch, current_answer_tail
+from ..batching import Batch, answer_tail, current_answer_tail
 from ..errors import BehaviorLensError
+from ..remote import run_session, session_groups
 from . import kinds
 from .access import SiteRef
-from .kinds import Intervention, Knockout, ReadDetector, ReadSite
+from .kinds import ForwardState, Intervention, Knockout, ReadDetector, ReadSite
+from .server import Forward, score_chunk
 
 
-def context(model: Any, batch: Batch, interventions: list) -> dict[str, Any]:
+def context(model: Any, batch: Batch, interventions: list) -> ForwardState:
     """What the interventions need to know about one padded batch run as a prompt."""
     b, width = batch.input_ids.shape
     every = torch.ones(b, width, dtype=torch.bool)
@@ -34,8 +36,31 @@ def context(model: Any, batch: Batch, interventions: list) -> dict[str, Any]:
         from ..chat import Scaffold
 
         content = Scaffold(model.tokenizer).content(batch.input_ids.cpu(), real)
-    return {"cols": {"all": every, "prompt": every, "generated": answer}, "real": real, "content": content,
-            "gate": None, "flags": None}
+    return ForwardState({"all": every, "prompt": every, "generated": answer}, real, content)
+
+
+def scored_forward(model: Any, batch: Batch, scoring: Any, cols: torch.Tensor, start: int = 0) -> Forward:
+    """A session's forward of ``batch``'s columns ``start:`` (the earlier ones come from a cache),
+    with the model's active interventions, reading ``scoring``'s logits at padded columns ``cols``."""
+    inputs = {k: v if k == "attention_mask" else v[:, start:] for k, v in batch.inputs().items()}
+    keep, local = model.unembedded(batch.input_ids.shape[1] - start, cols - start)
+    state = context(model, batch, model.interventions) if model.interventions else ForwardState()
+    return Forward(inputs, scoring.sequence, local, (*scoring.tensors(), scoring.n_prompts, scoring.whole), keep, state)
+
+
+def traced_scores(model: Any, scorings: Sequence[Any]) -> list[torch.Tensor]:
+    """The behavior metric of each scoring (one batch each), computed on the model's backend:
+    as few sessions as :attr:`~behaviorlens.model.Model.session_limits` allow."""
+    _no_local_hooks(model.hf)
+    forwards = []
+    for scoring in scorings:
+        batch = model.batch(scoring.sequences)
+        with answer_tail(scoring.tails()):
+            forwards.append(scored_forward(model, batch, scoring, scoring.position + batch.offsets[scoring.sequence]))
+    metrics: list[torch.Tensor] = []
+    for group in session_groups(forwards, model.session_limits, fixed=0):
+        metrics += run_session(model, score_chunk, group, list(model.interventions), what="scoring")
+    return [m.cpu() for m in metrics]
 
 
 def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None,
@@ -46,19 +71,18 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     of those sites (read after every intervention at them) as a second value."""
     _no_local_hooks(model.hf)
     lm, interventions = model.lm, [*model.interventions, *extra]
-    ctx = context(model, batch, interventions)
+    state = context(model, batch, interventions)
     run = kinds.run
     inputs = batch.inputs()
     read_refs = list(reads or ())
     interventions += [ReadSite(ref, i) for i, ref in enumerate(read_refs)]
-    ctx["reads"] = {}
     forward = {"use_cache": False}
     if rows is not None:  # only the columns from the first one read go through the unembedding
         keep, columns = model.unembedded(batch.input_ids.shape[1], columns)
         forward |= keep
     with torch.inference_mode(not grad), lm.trace(inputs, **forward, **model.trace_kwargs()):
-        run(lm, interventions, ctx)
-        acts = nnsight.save([ctx["reads"][i] for i in range(len(read_refs))])
+        run(lm, interventions, state)
+        acts = nnsight.save([state.reads[i] for i in range(len(read_refs))])
         logits = lm.output.logits
         if rows is not None:
             logits = logits[rows, columns]
@@ -109,11 +133,10 @@ def traced_generate(model: Any, batch: Batch, max_new_tokens: int, **kwargs: Any
         raise BehaviorLensError("a knockout control (random tokens, or tokens given for the prompt only) has no "
                                 "traced generation: its tokens would have to be drawn anew at every step; "
                                 "score it (steer eval) or generate locally")
-    ctx = context(model, batch, interventions)
+    state = context(model, batch, interventions)
     b = batch.input_ids.shape[0]
     ones = torch.ones(b, 1, dtype=torch.bool)
-    ctx["steps"] = [ctx["cols"], {"all": ones, "prompt": ~ones, "generated": ones}]
-    ctx["step"] = 0
+    steps = [state.cols, {"all": ones, "prompt": ~ones, "generated": ones}]  # the prompt's columns, then one new token's
     run = kinds.run
     prompt = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with warnings.catch_warnings():
@@ -124,9 +147,9 @@ def traced_generate(model: Any, batch: Batch, max_new_tokens: int, **kwargs: Any
             with tracer.invoke(prompt):
                 if interventions:  # (a loop that touches no module would never wait for the model)
                     for _ in tracer.all():
-                        ctx["cols"] = ctx["steps"][min(ctx["step"], 1)]
-                        run(lm, interventions, ctx)
-                        ctx["step"] += 1
+                        state.cols = steps[min(state.step, 1)]
+                        run(lm, interventions, state)
+                        state.step += 1
             with tracer.invoke():
                 ids = tracer.result.save()
     return torch.as_tensor(ids)

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 
 from ..batching import Batch, chunks
 from ..errors import BehaviorLensError
-from ..interventions.kinds import SetSite
-from ..interventions.trace import traced_logits
+from ..interventions.access import SiteRef
+from ..interventions.server import Forward, PatchPart, patch_chunk
+from ..interventions.trace import scored_forward, traced_logits
 from ..model import Model
 from ..prompts.contrast import ContrastSet
+from ..remote import run_session, session_groups
 from ..scoring import Scoring, needs_whole, plan
 from ..sites import LayerCalls, check_edit, saved_edit
 from .hooks import Overwrite, reading
@@ -107,38 +109,48 @@ def run_cells(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: l
     for k, c in enumerate(cells):
         by_pair.setdefault(c.pair, []).append(k)
     pairs = sorted(set(range(len(cset))))
-    bar = tqdm(total=len(cells), desc=f"patch {site}", disable=not progress)
-    for chunk in chunks(len(pairs), pair_batch):
-        chunk_pairs = [pairs[i] for i in chunk]
-        todo = [k for i in chunk_pairs for k in by_pair.get(i, [])]
-        layers = sorted({cells[k].layer for k in todo})
-        source = run_side(model, cset, chunk_pairs, sides.source, site, layers)
-        base = run_side(model, cset, chunk_pairs, sides.base, site, [], layers, replay=True)
-        row_of = {p: r for r, p in enumerate(chunk_pairs)}
-        for r, p in enumerate(chunk_pairs):
-            metrics[sides.source][p] = float(source.metric[r])
-            metrics[sides.base][p] = float(base.metric[r])
-        live = []
-        for k in todo:
-            c = cells[k]
-            if max(c.positions) < cset[c.pair].first_difference():
-                patched[k] = float(base.metric[row_of[c.pair]])
-            else:
-                live.append(k)
-        bar.update(len(todo) - len(live))
-        first_row = {r: base.scoring.prompt_of.index(r) for r in range(len(chunk_pairs))}
-        for layer in layers:
-            at_layer = sorted((k for k in live if cells[k].layer == layer), key=lambda k: min(cells[k].positions)
-                              + int(base.batch.offsets[first_row[row_of[cells[k].pair]]]))
-            for part in chunks(len(at_layer), batch_size):
-                ks = [at_layer[i] for i in part]
-                values = _patched_runs(model, site, layer, [cells[k] for k in ks],
-                                       [row_of[cells[k].pair] for k in ks], source, base)
-                for k, v in zip(ks, values):
-                    patched[k], computed[k] = v, True
-                bar.update(len(ks))
-    bar.close()
+    with tqdm(total=len(cells), desc=f"patch {site}", disable=not progress) as bar:
+        for chunk in chunks(len(pairs), pair_batch):
+            chunk_pairs = [pairs[i] for i in chunk]
+            todo = [k for i in chunk_pairs for k in by_pair.get(i, [])]
+            live = [k for k in todo if max(cells[k].positions) >= cset[cells[k].pair].first_difference()]
+            run = _traced_chunk if model.traced else _local_chunk
+            source, base, values = run(model, cset, site, sides, cells, chunk_pairs, live, batch_size, bar)
+            row_of = {p: r for r, p in enumerate(chunk_pairs)}
+            for r, p in enumerate(chunk_pairs):
+                metrics[sides.source][p] = float(source[r])
+                metrics[sides.base][p] = float(base[r])
+            for k in todo:  # a cell before the first difference patches equal values: the base metric
+                patched[k], computed[k] = (values[k], True) if k in values else (float(base[row_of[cells[k].pair]]), False)
+            bar.update(len(todo) - len(live))
     return patched, computed, metrics
+
+
+def _by_start(cells: list[Cell], live: list[int], layer: int, offset_of: dict[int, int]) -> list[int]:
+    """The live cells at ``layer``, by their first patched column (so each batch starts late)."""
+    return sorted((k for k in live if cells[k].layer == layer),
+                  key=lambda k: min(cells[k].positions) + offset_of[cells[k].pair])
+
+
+def _local_chunk(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: list[Cell], pairs: list[int],
+                 live: list[int], batch_size: int, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
+    """One chunk of pairs locally: both sides' forwards, then each batch of copies replayed from
+    the cached residual at its layer and column. Source and base metrics and the live cells' values."""
+    layers = sorted({cells[k].layer for k in live})
+    source = run_side(model, cset, pairs, sides.source, site, layers)
+    base = run_side(model, cset, pairs, sides.base, site, [], layers, replay=True)
+    row_of = {p: r for r, p in enumerate(pairs)}
+    offset_of = {p: int(base.batch.offsets[base.scoring.prompt_of.index(r)]) for p, r in row_of.items()}
+    values: dict[int, float] = {}
+    for layer in layers:
+        at_layer = _by_start(cells, live, layer, offset_of)
+        for part in chunks(len(at_layer), batch_size):
+            ks = [at_layer[i] for i in part]
+            out = _patched_runs(model, site, layer, [cells[k] for k in ks], [row_of[cells[k].pair] for k in ks],
+                                source, base)
+            values.update(zip(ks, out))
+            bar.update(len(ks))
+    return source.metric, base.metric, values
 
 
 @torch.inference_mode()
@@ -146,8 +158,6 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
                   source: SideRun, base: SideRun) -> list[float]:
     """One batched forward from ``layer``: cell k patched into copies of the base sequences of
     pair row rows[k] (one copy per scoring sequence); its patched metric per cell."""
-    if model.traced:
-        return _patched_traces(model, site, layer, cells, rows, source, base)
     device = model.device
     copies, seq_of_copy = base.scoring.take(rows)
     offsets = base.batch.offsets
@@ -182,31 +192,75 @@ def _patched_runs(model: Model, site: str, layer: int, cells: list[Cell], rows: 
     return copies.metric(logits).cpu().tolist()
 
 
-def _patched_traces(model: Model, site: str, layer: int, cells: list[Cell], rows: list[int],
-                    source: SideRun, base: SideRun) -> list[float]:
-    """The trace path of :func:`_patched_runs`: the copies run whole, patched by a
-    :class:`~behaviorlens.interventions.kinds.SetSite` (one trace, any backend)."""
-    copies, seq_of_copy = base.scoring.take(rows)
-    batch = model.batch([base.scoring.sequences[seq] for seq in seq_of_copy])
-    src_rows, src_cols, copy_idx, cols, heads = [], [], [], [], []
-    for c, seq in enumerate(seq_of_copy):
+def _traced_chunk(model: Model, cset: ContrastSet, site: str, sides: Sides, cells: list[Cell], pairs: list[int],
+                  live: list[int], batch_size: int, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, dict[int, float]]:
+    """One chunk of pairs as sessions (:func:`~behaviorlens.interventions.server.patch_chunk`):
+    the same figures as :func:`_local_chunk`, computed on the model's backend; a batch of copies
+    starts at its first patched column from the base run's keys and values where the model allows
+    (no active interventions, a forward that takes a cache)."""
+    whole = needs_whole(cset.pairs)
+    interventions = list(model.interventions)
+    resume = model.cache_argument is not None and not interventions
+
+    def side(name: str) -> tuple[Scoring, Batch, Forward]:
+        scoring = plan([cset[i] for i in pairs], name, whole)
+        batch = model.batch(scoring.sequences)
+        return scoring, batch, scored_forward(model, batch, scoring, scoring.position + batch.offsets[scoring.sequence])
+
+    _, _, source = side(sides.source)
+    scoring, batch, base = side(sides.base)
+    layers = sorted({cells[k].layer for k in live})
+    reads = [model.sites.ref(site, layer) for layer in layers]
+    row_of = {p: r for r, p in enumerate(pairs)}
+    offset_of = {p: int(batch.offsets[scoring.prompt_of.index(r)]) for p, r in row_of.items()}
+    parts, order = [], []
+    for read, layer in enumerate(layers):
+        at_layer = _by_start(cells, live, layer, offset_of)
+        for part in chunks(len(at_layer), batch_size):
+            ks = [at_layer[i] for i in part]
+            parts.append(_copies(model, batch, scoring, reads[read], read, [cells[k] for k in ks],
+                                 [row_of[cells[k].pair] for k in ks], resume))
+            order += ks
+    values: dict[int, float] = {}
+    for group in session_groups(parts, model.session_limits):
+        src, base_metric, out = run_session(model, patch_chunk, source, base, reads, group, interventions,
+                                            model.cache_argument, what=f"patching {site}")
+        done = order[:len(out)]
+        values.update(zip(done, out.tolist()))
+        order = order[len(out):]
+        bar.update(len(done))
+    if not parts:
+        src, base_metric, _ = run_session(model, patch_chunk, source, base, reads, [], interventions,
+                                          model.cache_argument, what=f"patching {site}")
+    return src.cpu(), base_metric.cpu(), values
+
+
+def _copies(model: Model, batch: Batch, scoring: Scoring, ref: SiteRef, read: int, cells: list[Cell],
+            rows: list[int], resume: bool) -> PatchPart:
+    """One batch of patched copies of the base sequences (cell k patched into copies of pair row
+    rows[k], one copy per scoring sequence), as a :class:`PatchPart`."""
+    copies, seq_of_copy = scoring.take(rows)
+    seq = torch.tensor(seq_of_copy)
+    src_rows, src_cols, copy_idx, heads = [], [], [], []
+    for c, s in enumerate(seq_of_copy):
         cell = cells[copies.prompt_of[c]]
         for j in cell.positions:
-            src_rows.append(seq)  # the source batch has the same sequences, lengths and padding
-            src_cols.append(j + int(base.batch.offsets[seq]))
+            src_rows.append(s)  # the source batch has the same sequences, lengths and padding
+            src_cols.append(j + int(batch.offsets[s]))
             copy_idx.append(c)
-            cols.append(j + int(batch.offsets[c]))
             heads.append(cell.head)
-    src = source.acts[layer]
-    index = [torch.tensor(copy_idx), torch.tensor(cols)]
-    values = src[torch.tensor(src_rows), torch.tensor(src_cols)]
-    if site == "head":
-        index.append(torch.tensor(heads))
-        values = values[torch.arange(len(heads)), torch.tensor(heads)]
-    patch = SetSite(model.sites.ref(site, layer), values, tuple(t.to(model.device) for t in index))
-    read_cols = copies.position + batch.offsets[copies.sequence]
-    logits = traced_logits(model, batch, copies.sequence, read_cols, extra=[patch])
-    return copies.metric(logits).cpu().tolist()
+    cols = torch.tensor(src_cols)
+    read_cols = copies.position + batch.offsets[seq][copies.sequence]
+    start = min(int(cols.min()), int(read_cols.min())) if resume else 0
+    source = [torch.tensor(src_rows), cols]
+    target = [torch.tensor(copy_idx), cols - start]
+    if ref.heads:
+        source.append(torch.tensor(heads))
+        target.append(torch.tensor(heads))
+    taken = Batch(batch.input_ids[seq], batch.attention_mask[seq], batch.position_ids[seq], batch.offsets[seq])
+    device = model.device
+    return PatchPart(scored_forward(model, taken, copies, read_cols, start), ref, read, seq.to(device), start,
+                     tuple(t.to(device) for t in source), tuple(t.to(device) for t in target))
 
 
 # -- the reference: one nnsight forward per cell --------------------------------------------

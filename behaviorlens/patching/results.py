@@ -201,10 +201,10 @@ class PatchEvidence:
 
     def arrival_layer(self) -> int | None:
         """The residual layer (resid_post index) from which the last token holds >= 80% of the
-        behavior's patching effect."""
+        behavior's patching effect; None where no last-token residual cell carries any."""
         c = self.cells
         resid = c[c.site.isin(["resid_pre", "resid_post"]) & (c.from_end == 0)].sort_values("layer")
-        if resid.empty:
+        if resid.empty or not resid.metric.max() > 0:
             return None
         row = resid[resid.metric >= 0.8 * resid.metric.max()].iloc[0]
         return int(row.layer) - (1 if row.site == "resid_pre" and int(row.layer) > 0 else 0)

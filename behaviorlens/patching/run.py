@@ -34,6 +34,7 @@ from .results import (
 
 PATCH_METHODS = ("exact", "attribution")  # run_patch; ablation scans run through run_ablation
 LAYERS_PER_CACHE_FILE = 5
+REMOTE_LAYERS_PER_CACHE_FILE = 16  # remotely each group is one session (one request): 2 per sweep of 30 layers
 
 
 def run_patch(
@@ -203,11 +204,13 @@ def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int],
     """Exact sweep a few layers at a time; finished groups are read back from ``cache``.
 
     Each group costs one forward of each side on top of its cells, so groups of
-    ``LAYERS_PER_CACHE_FILE`` layers keep that overhead small while a rerun still resumes.
+    ``LAYERS_PER_CACHE_FILE`` layers keep that overhead small while a rerun still resumes; on a
+    remote model each group is a request, so groups hold ``REMOTE_LAYERS_PER_CACHE_FILE``.
     """
+    per_file = LAYERS_PER_CACHE_FILE if model.remote is None else REMOTE_LAYERS_PER_CACHE_FILE
     key = {
         "model": model.name, "set": cset.name, "site": site, "clean": clean, "direction": direction,
-        "positions": positions, "heads": heads, "layers_per_file": LAYERS_PER_CACHE_FILE,
+        "positions": positions, "heads": heads, "layers_per_file": per_file,
         "tokens": hashlib.sha256(json.dumps([p.tokens for p in cset]).encode()).hexdigest(),
     }
     key_file = cache / "key.json"
@@ -216,7 +219,7 @@ def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int],
     cache.mkdir(parents=True, exist_ok=True)
     write_json(key_file, key)
     frames = []
-    groups = [layers[i:i + LAYERS_PER_CACHE_FILE] for i in range(0, len(layers), LAYERS_PER_CACHE_FILE)]
+    groups = [layers[i:i + per_file] for i in range(0, len(layers), per_file)]
     bar = tqdm(total=len(layers), desc=f"patch {site} (layers)", disable=not progress)
     for group in groups:
         path = cache / f"layers_{group[0]:03d}-{group[-1]:03d}.csv"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from ..batching import chunks
 from ..errors import BehaviorLensError
+from ..interventions.server import ReadBatch, read_chunk
 from ..io import atomic_write, write_json
 from ..prompts.contrast import SIDES, ContrastPair, ContrastSet
+from ..remote import run_session, session_groups
 from ..sites import execution_order
 
 INDEX = "index.json"
@@ -113,12 +115,11 @@ def collect(
     batch_size: int = 16,
     out_dir: str | Path | None = None,
     progress: bool = True,
-    on_shard: Callable[[int], None] | None = None,
 ) -> Activations:
     """Activations of ``sites`` x ``layers`` at ``positions`` for both sides of every pair.
 
-    ``batch_size`` counts pairs: each forward runs both sides of ``batch_size`` pairs.
-    ``on_shard(k)`` is called after batch ``k`` is finished (and written, with ``out_dir``).
+    ``batch_size`` counts pairs: each forward runs both sides of ``batch_size`` pairs. On a
+    remote model the forwards go in as few sessions as its session limits allow.
     """
     sites = list(model.sites.sites(sites))
     positions = list(positions)
@@ -150,17 +151,26 @@ def collect(
     if directory is not None:
         _prepare(directory, index)
     result = _allocate(index)
-    bar = tqdm(batches, desc=f"collect {contrast_set.name}", disable=not progress, unit="batch")
-    for k, idx in enumerate(bar):
-        shard = _read_shard(directory, k) if directory is not None and _shard_path(directory, k).is_file() else None
-        if shard is None:
-            shard = _run_batch(model, [contrast_set[i] for i in idx], idx.start, sites, positions, layers)
-            if directory is not None:
-                _write_shard(directory, k, shard)
-        _fill(result, shard, 2 * idx.start)
-        del shard
-        if on_shard is not None:
-            on_shard(k)
+    with tqdm(total=len(batches), desc=f"collect {contrast_set.name}", disable=not progress, unit="batch") as bar:
+        todo = []
+        for k, idx in enumerate(batches):
+            if directory is not None and _shard_path(directory, k).is_file():
+                _fill(result, _read_shard(directory, k), 2 * idx.start)
+                bar.update()
+            else:
+                todo.append(k)
+        plans = {k: _plan(model, [contrast_set[i] for i in batches[k]], sites, positions, layers) for k in todo}
+        row_bytes = sum(int(np.prod(_shape(model, s))) for s in sites) * len(layers) * len(positions) * 4
+        returned = [2 * len(batches[k]) * row_bytes for k in todo]
+        groups = session_groups(todo, model.session_limits, 0, returned) if model.remote else [[k] for k in todo]
+        for group in groups:
+            for k, values in zip(group, _read_batches(model, [plans[k] for k in group], contrast_set.name)):
+                idx = batches[k]
+                shard = _shard(model, values, [contrast_set[i] for i in idx], idx.start, sites, positions, layers)
+                if directory is not None:
+                    _write_shard(directory, k, shard)
+                _fill(result, shard, 2 * idx.start)
+                bar.update()
     return result
 
 
@@ -177,16 +187,14 @@ def _require_finite(values: torch.Tensor, pairs: Sequence, site: str, position: 
         )
 
 
-def _run_batch(
-    model: Any, pairs: list[ContrastPair], first: int, sites: list[str], positions: list[str], layers: list[int]
-) -> dict[str, torch.Tensor]:
-    """One traced forward over both sides of ``pairs``; returns one shard's tensors."""
-    rows = [(p, side) for p in pairs for side in SIDES]  # positive, negative, positive, ...
+def _plan(model: Any, pairs: list[ContrastPair], sites: list[str], positions: list[str],
+          layers: list[int]) -> ReadBatch:
+    """One forward over both sides of ``pairs`` (positive, negative, positive, ...) that reads
+    every site x layer at every position."""
+    rows = [(p, side) for p in pairs for side in SIDES]
     batch = model.batch([p.tokens[side] for p, side in rows])
-    dev = model.device
     n, width = len(rows), batch.input_ids.shape[1]
-    index = torch.arange(n, device=dev)
-    select: dict[str, Any] = {}
+    picks = []
     for name in positions:
         spans = [position_span(p, side, name) for p, side in rows]
         if name.endswith(":mean"):
@@ -194,37 +202,37 @@ def _run_batch(
             for i, (a, b) in enumerate(spans):
                 off = int(batch.offsets[i])
                 w[i, a + off : b + off] = 1.0 / (b - a)
-            select[name] = w.to(dev)
+            picks.append(w.to(model.device))
         else:
-            select[name] = batch.columns([b - 1 for _, b in spans]).to(dev)
+            picks.append(batch.columns([b - 1 for _, b in spans]).to(model.device))
     order = execution_order([(s, L) for s in sites for L in layers])
-    refs = [model.sites.ref(site, layer) for site, layer in order]
-    keys = [(site, layer, name) for site, layer in order for name in positions]
-    means = [name.endswith(":mean") for name in positions]
-    picks = [select[name] for name in positions]
-    lm = model.lm
-    with torch.inference_mode(), model.trace(batch):  # only tensors, envoys and SiteRefs inside
-        values = []
-        for ref in refs:
-            x = ref.read(lm)
-            for mean, sel in zip(means, picks):
-                v = torch.einsum("bs,bs...->b...", sel.to(x.device), x.float()) if mean else \
-                    x[index.to(x.device), sel.to(x.device)]
-                values.append(v.to(dev, x.dtype))
-        values = torch.cat([v.reshape(n, -1) for v in values], 1).save()  # one tensor comes back
-    saved = {}
-    start = 0
-    for key in keys:
-        size = int(np.prod(_shape(model, key[0])))
-        saved[key] = values[:, start:start + size].reshape(n, *_shape(model, key[0]))
-        start += size
+    return ReadBatch(batch.inputs(), [model.sites.ref(site, layer) for site, layer in order], picks,
+                     [name.endswith(":mean") for name in positions])
+
+
+def _read_batches(model: Any, plans: list[ReadBatch], name: str) -> list[torch.Tensor]:
+    """Each planned forward's values ([rows, features]): one session on a remote model."""
+    return run_session(model, read_chunk, plans, what=f"collecting {name}")
+
+
+def _shard(model: Any, values: torch.Tensor, pairs: list[ContrastPair], first: int, sites: list[str],
+           positions: list[str], layers: list[int]) -> dict[str, torch.Tensor]:
+    """One batch's values ([rows, features], as :func:`_plan` read them) as a shard's tensors."""
+    n = 2 * len(pairs)
+    order = execution_order([(s, L) for s in sites for L in layers])
+    saved, start = {}, 0
+    for site, layer in order:
+        for name in positions:
+            size = int(np.prod(_shape(model, site)))
+            saved[(site, layer, name)] = values[:, start:start + size].reshape(n, *_shape(model, site))
+            start += size
     shard = {}
     for site in sites:
         for name in positions:
             stacked = torch.stack([torch.as_tensor(saved[(site, L, name)]) for L in layers], dim=1)
             _require_finite(stacked, pairs, site, name, layers)
             shard[_key(site, name)] = stacked.detach().cpu().contiguous()
-    shard["labels"] = torch.tensor([1 if side == "positive" else 0 for _, side in rows])
+    shard["labels"] = torch.tensor([1 - i % 2 for i in range(n)])
     shard["pair_ids"] = torch.tensor([first + i // 2 for i in range(n)])
     return shard
 

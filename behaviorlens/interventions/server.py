@@ -1,0 +1,132 @@
+"""What runs on the server inside one session: a stage's whole chunk, written with torch,
+transformers and the shipped classes only, so that it travels by value (:mod:`behaviorlens.remote`)
+and only its figures come back.
+
+Reading sites (:func:`read_chunk`) returns only the columns chosen. Scoring batches (:func:`score_chunk`) run one trace each and return the metric per prompt. A
+chunk of exact activation patching (:func:`patch_chunk`) is one session of traces: the source
+run (the site read at each layer, kept on the server), the base run (its keys and values kept),
+then each batch of patched copies, which starts at its first patched column from the base run's
+keys and values and reads only the answer columns. The behavior metric of every run is computed
+on the server; the activations never travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .access import SiteRef
+from .kinds import ForwardState, Intervention, ReadSite, SetSite, answer_metric, run
+
+
+@dataclass
+class Forward:
+    """One traced forward: its inputs, extra forward keywords (``logits_to_keep``), the logits it
+    reads (rows, columns of the kept logits) and the metric's tensors for them."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    metric: tuple  # answer_metric's arguments after the logits
+    keep: dict[str, int] = field(default_factory=dict)
+    state: ForwardState = field(default_factory=ForwardState)  # what its interventions share
+
+
+@dataclass
+class PatchPart:
+    """One batch of patched copies of base sequences: the copies' forward (columns ``start:``,
+    the earlier ones from the base run's keys and values), the site it writes, where the values
+    come from in the source run's read (``source``) and where they go (``target``)."""
+
+    forward: Forward
+    site: SiteRef
+    read: int  # which of the source run's reads holds the values
+    rows: torch.Tensor  # the base sequence of each copy
+    start: int
+    source: tuple[torch.Tensor, ...]
+    target: tuple[torch.Tensor, ...]
+
+
+@dataclass
+class ReadBatch:
+    """One forward that reads sites at chosen columns: each of ``refs`` (in execution order) at
+    each selection of ``picks`` (a column per row, or weights over the columns where ``means``)."""
+
+    inputs: dict[str, torch.Tensor]
+    refs: list[SiteRef]
+    picks: list[torch.Tensor]
+    means: list[bool]
+
+
+def read_values(lm: Any, batch: ReadBatch) -> torch.Tensor:
+    """Inside a trace: every (site, selection) value, flattened and side by side: [rows, features]."""
+    rows = batch.picks[0].shape[0]
+    values = []
+    for ref in batch.refs:
+        x = ref.read(lm)
+        index = torch.arange(rows, device=x.device)
+        for mean, pick in zip(batch.means, batch.picks):
+            pick = pick.to(x.device)
+            v = torch.einsum("bs,bs...->b...", pick, x.float()) if mean else x[index, pick]
+            values.append(v.to(x.dtype).reshape(rows, -1))
+    return torch.cat(values, 1)
+
+
+def read_chunk(lm: Any, batches: list[ReadBatch]) -> list[torch.Tensor]:
+    """Inside a session: :func:`read_values` of each batch, one trace each."""
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            with lm.trace(**batch.inputs):
+                out.append(read_values(lm, batch))
+    return out
+
+
+def _metric(lm: Any, f: Forward) -> torch.Tensor:
+    return answer_metric(lm.output.logits[f.rows, f.cols], *f.metric)
+
+
+def score_chunk(lm: Any, forwards: list[Forward], interventions: list[Intervention]) -> list[torch.Tensor]:
+    """Inside a session: the behavior metric of each forward (float32 per prompt)."""
+    metrics = []
+    with torch.inference_mode():
+        for f in forwards:
+            with lm.trace(**f.inputs, use_cache=False, **f.keep):
+                run(lm, interventions, f.state)
+                metrics.append(_metric(lm, f))
+    return metrics
+
+
+def patch_chunk(lm: Any, source: Forward, base: Forward, reads: list[SiteRef], parts: list[PatchPart],
+                interventions: list[Intervention], cache_argument: str | None) -> tuple[torch.Tensor, ...]:
+    """Inside a session: the source and base metrics and each part's patched metric per copy
+    (all float32, concatenated over parts)."""
+    from transformers import DynamicCache
+
+    resume = cache_argument is not None and any(p.start > 0 for p in parts)
+    with torch.inference_mode():
+        state = source.state
+        with lm.trace(**source.inputs, use_cache=False, **source.keep):
+            run(lm, [*interventions, *(ReadSite(ref, i) for i, ref in enumerate(reads))], state)
+            source_metric = _metric(lm, source)
+        acts = [state.reads[i] for i in range(len(reads))]
+        with lm.trace(**base.inputs, use_cache=resume, **base.keep):
+            run(lm, interventions, base.state)
+            base_metric = _metric(lm, base)
+            if resume:
+                out = lm.output
+                past = [(layer.keys, layer.values) for layer in (getattr(out, "cache", None) or out.past_key_values).layers]
+        patched = []
+        for part in parts:
+            f, start = part.forward, part.start
+            extra = dict(f.keep)
+            if start > 0:
+                extra[cache_argument] = DynamicCache(
+                    ddp_cache_data=[(k[part.rows, :, :start], v[part.rows, :, :start]) for k, v in past])
+            patch = SetSite(part.site, acts[part.read][part.source], part.target)
+            with lm.trace(**f.inputs, use_cache=start > 0, **extra):
+                run(lm, [*interventions, patch], f.state)
+                patched.append(_metric(lm, f))
+    return source_metric, base_metric, torch.cat(patched) if patched else torch.zeros(0)
