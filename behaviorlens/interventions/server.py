@@ -2,11 +2,12 @@
 transformers and the shipped classes only, so that it travels by value (:mod:`behaviorlens.remote`)
 and only its figures come back.
 
-Reading sites (:func:`read_chunk`) returns only the columns chosen. Scoring batches (:func:`score_chunk`) run one trace each and return the metric per prompt. A
-chunk of exact activation patching (:func:`patch_chunk`) is one session of traces: the source
-run (the site read at each layer, kept on the server), the base run (its keys and values kept),
-then each batch of patched copies, which starts at its first patched column from the base run's
-keys and values and reads only the answer columns. The behavior metric of every run is computed
+Reading sites (:func:`read_chunk`) returns only the columns chosen. Scoring batches
+(:func:`score_chunk`) run one trace each and return the metric per prompt. A chunk of exact
+activation patching (:func:`patch_chunk`) is one session of traces: the source run (the site
+read at each layer, kept on the server), the base run (its keys and values kept), then each
+batch of patched copies, which starts at its first patched column from the base run's keys and
+values and reads only the answer columns. The behavior metric of every run is computed
 on the server; the activations never travel.
 """
 
