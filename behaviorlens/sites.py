@@ -25,7 +25,7 @@ from typing import Any, Self
 import torch
 
 from .errors import BehaviorLensError
-from .interventions.access import RANKS, SiteRef
+from .interventions.access import RANKS, SiteRef, module_output
 
 SITES = ("resid_pre", "head", "attn", "mlp", "resid_post")  # execution order within a layer
 
@@ -484,11 +484,6 @@ class KeyValuePrefix:
 
         return (torch.cat([prefix(self.record.keys[layer]), keys], -2),
                 torch.cat([prefix(self.record.values[layer]), values], -2))
-
-
-def module_output(out: Any) -> torch.Tensor:
-    """The hidden-state tensor a block or sub-module returned (the first element of a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _is_cache(value: Any) -> bool:

@@ -276,3 +276,19 @@ def test_a_failed_session_is_retried_once_then_fails_in_one_line_naming_the_work
         measure(t, cset)
     assert len(failures) == 2 and "scoring: the session failed twice (local): ConnectionError" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("site", ["head", "resid_post"])
+def test_a_site_read_by_hooks_equals_the_same_read_in_a_trace(site):
+    from behaviorlens.interventions.hooks import applied
+    from behaviorlens.interventions.kinds import ReadSite
+    from behaviorlens.interventions.trace import traced_logits
+
+    m = tiny_model("llama")
+    batch = m.batch([[5, 6, 7, 8], [9, 10]])
+    ref = m.sites.ref(site, 1)
+    with applied(m, [ReadSite(ref, "x")]) as state, torch.inference_mode():
+        m.hf(**batch.inputs(), use_cache=False)
+    _, reads = traced_logits(traced(m), batch, reads=[ref])
+    assert state.reads["x"].shape == reads[0].shape and reads[0].abs().max() > 0
+    torch.testing.assert_close(state.reads["x"], reads[0], atol=1e-5, rtol=1e-5)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BehaviorLensError
-from ..remote import SessionLimits
 from ..params import default_of, user_name
+from ..remote import SessionLimits
 
 REMOTE_CHOICES = ("local",)
 

@@ -147,7 +147,7 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
     (:func:`first_statement`), as transcripts."""
 
     from ..batching import chunks
-    from ..steering.side_effects import chat_ids
+    from ..chat import chat_ids
 
     tok = model.tokenizer
     records = []

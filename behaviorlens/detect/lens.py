@@ -62,8 +62,9 @@ class LensTrace:
 def ordinary_text(model: Any, part: str = "fit") -> list[list[int]]:
     """Token sequences of ordinary text of one side-effect part: the reference prose's chunks
     and the ordinary requests as the model meets them."""
+    from ..chat import chat_ids
     from ..steering import data
-    from ..steering.side_effects import chat_ids, reference_part, request_part
+    from ..steering.side_effects import reference_part, request_part
 
     tok = model.tokenizer
     prose = reference_part(list(tok(data.reference_text())["input_ids"]), part)

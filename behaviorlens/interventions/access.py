@@ -19,6 +19,11 @@ import torch
 RANKS = {"embed": 0, "resid_pre": 1, "attn_call": 2, "head": 3, "linear": 4, "attn": 5, "mlp": 6, "resid_post": 7}
 
 
+def module_output(out: Any) -> torch.Tensor:
+    """The hidden-state tensor a block or sub-module returned (the first element of a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @dataclass(frozen=True)
 class SiteRef:
     """One site: ``path`` (from the causal-LM root), ``part`` and execution ``order``."""
@@ -37,9 +42,7 @@ class SiteRef:
     def read(self, root: Any) -> torch.Tensor:
         """The live tensor of the site inside a trace (heads as [..., heads, head_dim])."""
         node = self.module(root)
-        x = node.input if self.part == "input" else node.output
-        if isinstance(x, tuple):
-            x = x[0]
+        x = module_output(node.input if self.part == "input" else node.output)
         return x.view(*x.shape[:-1], self.heads, x.shape[-1] // self.heads) if self.heads else x
 
     def write(self, root: Any, value: torch.Tensor, index: Any = ...) -> torch.Tensor:

@@ -128,9 +128,11 @@ class HookState(ForwardState):
 
 
 @contextmanager
-def applied(model: Any, interventions: list[Intervention], scaffold: Scaffold | None = None) -> Iterator[None]:
+def applied(model: Any, interventions: list[Intervention], scaffold: Scaffold | None = None,
+            ) -> Iterator[HookState | None]:
     """Interventions in force while the block runs: on the trace path (a traced model) they
-    join the model's active list, else they become hooks and weight changes."""
+    join the model's active list, else they become hooks and weight changes, and the block gets
+    their :class:`HookState` (what a :class:`~.kinds.ReadSite` read is in its ``reads``)."""
     if model.traced:
         before = len(model.interventions)
         model.interventions.extend(interventions)
@@ -145,7 +147,7 @@ def applied(model: Any, interventions: list[Intervention], scaffold: Scaffold | 
     try:
         handles += [h for iv in interventions for h in iv.hooks(model.hf, phase)]
         with _weights_added(model.hf, weights, 1.0), in_force(interventions):
-            yield
+            yield phase
     finally:
         for h in handles:
             h.remove()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .access import SiteRef
+from .access import SiteRef, module_output
 
 
 @dataclass
@@ -87,11 +87,6 @@ class Readout:
         return detected if self.decoy is None else self.decoys(detected, content if content is not None else real)
 
 
-def _output(output: Any) -> torch.Tensor:
-    """A module's tensor output (the first element of a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _replaced(output: Any, new: torch.Tensor) -> Any:
     """``output`` with its tensor replaced by ``new``."""
     return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -136,11 +131,11 @@ class Intervention(ABC):
     def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         """What it does at ``ref`` inside a trace."""
 
+    @abstractmethod
     def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
         """The local fast path: torch hooks on ``hf`` doing what :meth:`act` does in a trace, with
         ``phase`` (:class:`~behaviorlens.interventions.hooks.HookState`) for the columns, the
-        gate and the flags; returns their handles."""
-        raise NotImplementedError(f"{type(self).__name__} acts only inside traces")
+        gate, the flags and the reads; returns their handles."""
 
     def parameter_changes(self) -> dict[str, torch.Tensor]:
         """Differences the local fast path adds to the model's parameters while it is in force."""
@@ -237,7 +232,7 @@ class Residual(Intervention):
 
     def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
         def hook(module: Any, args: Any, output: Any) -> Any:
-            h = _output(output)
+            h = module_output(output)
             cols = phase.columns(self.positions, h.shape[0], h.shape[1], h.device)
             if cols is None:
                 return None
@@ -505,7 +500,7 @@ class SetSite(Intervention):
 
         if ref.part == "input":
             return [module.register_forward_pre_hook(lambda mod, args: (place(args[0]), *args[1:]))]
-        return [module.register_forward_hook(lambda mod, args, out: _replaced(out, place(_output(out))))]
+        return [module.register_forward_hook(lambda mod, args, out: _replaced(out, place(module_output(out))))]
 
 
 @dataclass
@@ -520,6 +515,17 @@ class ReadSite(Intervention):
 
     def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
         state.reads[self.key] = ref.read(root).detach().clone()
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        module, ref = self.site.module(hf), self.site
+
+        def keep(x: torch.Tensor) -> None:
+            x = x.detach().clone()
+            phase.reads[self.key] = x.view(*x.shape[:-1], ref.heads, x.shape[-1] // ref.heads) if ref.heads else x
+
+        if ref.part == "input":
+            return [module.register_forward_pre_hook(lambda mod, args: keep(args[0]))]
+        return [module.register_forward_hook(lambda mod, args, out: keep(module_output(out)))]
 
 
 def answer_metric(logits: torch.Tensor, token: torch.Tensor, answer: torch.Tensor, answer_prompt: torch.Tensor,
