@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import pydantic
 import yaml
 
+from .analysis.report import write_report
 from .circuits.params import CircuitParams
 from .circuits.run import circuit_step
 from .detect.params import DetectParams
@@ -35,6 +36,7 @@ from .errors import BehaviorLensError
 from .io import write_json
 from .measure import measure_step
 from .measure_params import MeasureStepParams
+from .model import load_model
 from .params import Schema, from_step, kwargs, schema_error, step_schema
 from .patching.params import PatchStepParams
 from .patching.run import patch_step
@@ -235,8 +237,6 @@ class Runner:
     @property
     def model(self):
         if self._model is None:
-            from .model import load_model
-
             m = self.exp.model
             self.log(f"loading model {m['name']!r}")
             self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
@@ -293,7 +293,6 @@ class Runner:
         if self.exp.predictions:
             summary["predictions"] = score_predictions(self.exp, self.out, summary)
         write_json(self.out / "summary.json", summary)
-        from .analysis.report import write_report
 
         report = write_report(self.out)
         self.log(f"report: {report}")

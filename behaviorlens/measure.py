@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .analysis.metrics import bootstrap_ci
-from .analysis.plots import plot_shifts
+from .figures import new_figure, save_figure
 from .io import write_csv, write_json
 from .measure_params import MeasureStepParams
 from .model import Model
 from .params import kwargs
 from .prompts.contrast import NEUTRAL, SIDES, ContrastSet
 from .scoring import behavior_metrics
+from .stats import bootstrap_ci
 
 UNBALANCED = 0.8  # a family whose most common matching answer covers more rows is warned about
 NO_NEUTRAL = "no neutral side: the family gives no no-pressure prompt, so neutral figures are absent"
@@ -236,3 +236,17 @@ def _examples(tokenizer: Any, contrast_set: ContrastSet, n: int = 2) -> list[dic
             "not_matching": p.answer_text["not_matching"],
         })
     return out
+
+
+def plot_shifts(table: pd.DataFrame, path: str | Path) -> Path:
+    """Behavior shift per family with its 95% bootstrap interval (reads measure's shifts table)."""
+    fig, ax = new_figure(height=4.2)
+    y = table["behavior_shift"]
+    err = [y - table["ci_low"], table["ci_high"] - y]
+    colors = ["#c0392b" if v > 0 else "#7f8c8d" for v in y]
+    ax.bar(table["family"], y, yerr=err, color=colors, capsize=4)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("behavior shift (logits)")
+    ax.set_title("metric(positive) - metric(negative), 95% CI over pairs")
+    ax.tick_params(axis="x", rotation=30 if len(table) > 6 else 0)
+    return save_figure(fig, path)

@@ -26,7 +26,8 @@ import torch
 from . import kv_cache
 from .batching import Batch, pad
 from .errors import BehaviorLensError
-from .remote import SessionLimits
+from .interventions.trace import traced_generate, traced_logits
+from .remote import SessionLimits, check_ndif, mode, trace_kwargs
 from .sites import SiteMap
 
 DEFAULT = "default"
@@ -67,8 +68,6 @@ class Model:
 
     def trace_kwargs(self) -> dict[str, Any]:
         """What sends an nnsight trace of this model to its backend."""
-        from .remote import trace_kwargs
-
         return trace_kwargs(self.remote, self.lm)
 
     @property
@@ -110,16 +109,12 @@ class Model:
     def logits(self, batch: Batch) -> torch.Tensor:
         """Float32 logits at every column (a plain forward, or a trace when :attr:`traced`)."""
         if self.traced:
-            from .interventions.trace import traced_logits
-
             return traced_logits(self, batch)
         return self.hf(**batch.inputs(), use_cache=False).logits.float()
 
     def generate(self, batch: Batch, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Greedy continuations (prompt and new ids) with the edits in force at every step."""
         if self.traced:
-            from .interventions.trace import traced_generate
-
             return traced_generate(self, batch, max_new_tokens, pad_token_id=self.pad_id, **kwargs)
         with torch.inference_mode():
             return self.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -134,8 +129,6 @@ class Model:
         """
         width = batch.input_ids.shape[1]
         if self.traced:
-            from .interventions.trace import traced_logits
-
             return traced_logits(self, batch, rows, columns, grad)
         kwargs, columns = self.unembedded(width, columns)
         with torch.inference_mode(not grad):
@@ -220,8 +213,6 @@ def load_model(
     ``name`` (a Hugging Face id): only the config and tokenizer load here. ``session_limits`` bound
     what one remote request holds (stages group their traces into sessions).
     """
-    from .remote import mode
-
     remote = mode(remote)
     if remote == "ndif":
         model = _load_ndif(name)
@@ -246,8 +237,6 @@ def load_model(
 def _load_ndif(name: str) -> Model:
     """A model NDIF serves, with its weights on the meta device here (nothing downloads)."""
     from nnsight import LanguageModel
-
-    from .remote import check_ndif
 
     if name == DEFAULT or Path(name).exists():
         raise BehaviorLensError(f"--remote: NDIF runs models by Hugging Face id; {name!r} is a local model "

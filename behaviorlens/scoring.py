@@ -24,6 +24,7 @@ from .batching import answer_tail, chunks, map_batches
 from .errors import BehaviorLensError
 from .interventions.kinds import answer_metric
 from .interventions.trace import traced_scores
+from .prompts.contrast import needs_whole
 
 
 @dataclass
@@ -95,11 +96,6 @@ class Scoring:
         first = torch.full((len(self.sequences),), 10**9).scatter_reduce(
             0, self.sequence, self.position, "amin", include_self=True)
         return lengths - first
-
-
-def needs_whole(pairs: Sequence) -> bool:
-    """Whether some answer of these pairs has several tokens (then every answer is scored whole)."""
-    return any(len(ids) > 1 for p in pairs for ids in [*p.answers.values(), *p.other_answers])
 
 
 def plan(pairs: Sequence, side: str, whole: bool | None = None) -> Scoring:

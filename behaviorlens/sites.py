@@ -181,7 +181,7 @@ class SiteMap:
         if site == "resid_post":
             return SiteRef(block, "output", order=order)
         if site == "head":
-            return SiteRef(f"{block}.{self.arch.head_in}", "input", heads=self.n_heads, order=order)
+            return SiteRef(f"{block}.{self.arch.head_in}", "input", n_heads=self.n_heads, order=order)
         path = self.arch.attn_out if site == "attn" else self.arch.mlp_out
         return SiteRef(f"{block}.{path}", "output", order=order)
 

@@ -21,9 +21,10 @@ import pandas as pd
 from behaviorlens import load_model
 from behaviorlens.io import write_csv
 from behaviorlens.prompts import load_family
+from behaviorlens.reads import remembered_states
 from behaviorlens.steering.candidates import FRAME_FAMILIES
 from behaviorlens.steering.data import claim_wordings
-from behaviorlens.steering.detectors import default_layers, remembered_states
+from behaviorlens.steering.detectors import default_layers
 from behaviorlens.steering.frame_gate import (
     context_prompts,
     family_prompts,

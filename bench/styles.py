@@ -23,7 +23,7 @@ from behaviorlens import load_model
 from behaviorlens.edits import Edit
 from behaviorlens.io import write_csv
 from behaviorlens.prompts import load_family
-from behaviorlens.steering.detectors import token_states
+from behaviorlens.reads import token_states
 from behaviorlens.steering.frame_gate import context_prompts, family_prompts, request_prompts
 from behaviorlens.steering.run import run_steer_eval
 from behaviorlens.steering.side_effects import SideEffectData

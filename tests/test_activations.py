@@ -96,7 +96,7 @@ def test_interrupted_collection_resumes(tmp_path, monkeypatch):
     kw = {"sites": ("resid_post", "head"), "positions": ("last", "s:mean"), "batch_size": 2, "progress": False}
     fresh = collect(model, cset, **kw)
 
-    real = A._read_batches
+    real = A.read_planned
     reads = []
 
     def stop_after_the_first(model, plans, name):  # the run dies while reading the second batch
@@ -105,7 +105,7 @@ def test_interrupted_collection_resumes(tmp_path, monkeypatch):
         reads.append(1)
         return real(model, plans, name)
 
-    monkeypatch.setattr(A, "_read_batches", stop_after_the_first)
+    monkeypatch.setattr(A, "read_planned", stop_after_the_first)
     with pytest.raises(Stop):
         collect(model, cset, out_dir=tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors"]
@@ -113,7 +113,7 @@ def test_interrupted_collection_resumes(tmp_path, monkeypatch):
         Activations.load(tmp_path)
 
     calls = []
-    monkeypatch.setattr(A, "_read_batches", lambda m, plans, name: calls.append(len(plans)) or real(m, plans, name))
+    monkeypatch.setattr(A, "read_planned", lambda m, plans, name: calls.append(len(plans)) or real(m, plans, name))
     resumed = collect(model, cset, out_dir=tmp_path, **kw)
     assert calls == [1, 1]  # only the two missing batches ran
     loaded = Activations.load(tmp_path)

@@ -11,7 +11,7 @@ from behaviorlens.circuits import forward as F
 from behaviorlens.circuits.attribution import edge_attribution, edge_products, sides
 from behaviorlens.circuits.exact import agreement, exact_edges
 from behaviorlens.circuits.graph import Graph
-from behaviorlens.patching.hooks import reading
+from behaviorlens.reads import reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

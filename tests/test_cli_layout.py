@@ -93,7 +93,7 @@ def test_model_from_args_passes_remote_and_session_limits_on(monkeypatch):
     from behaviorlens.remote import SessionLimits
 
     seen = {}
-    monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
+    monkeypatch.setattr("behaviorlens.cli.options.load_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
     args = build_parser().parse_args(["info", "--model", "x", "--remote", "local", "--dtype", "bfloat16"])
     assert cli_options.model_from_args(args) == "m"
     assert seen == {"name": "x", "device": None, "dtype": "bfloat16", "device_map": None, "remote": "local",
@@ -106,7 +106,7 @@ def test_model_from_args_passes_remote_and_session_limits_on(monkeypatch):
 @pytest.mark.parametrize("value, expected", [("local", "local"), ("ndif", "ndif"), (True, "ndif"), (False, None)])
 def test_experiment_remote_is_passed_to_load_model(monkeypatch, tmp_path, value, expected):
     seen = {}
-    monkeypatch.setattr("behaviorlens.model.load_model", lambda name, **kw: seen.update(kw) or "m")
+    monkeypatch.setattr("behaviorlens.experiment.load_model", lambda name, **kw: seen.update(kw) or "m")
     exp = validate({"model": {"name": "default", "remote": value, "session_traces": "12"},
                     "families": {"train": "capitals_opinion"}, "steps": {"measure": {}}}, "e.yaml")
     assert Runner(exp, tmp_path, log=lambda s: None).model == "m" and seen["remote"] == expected
@@ -124,7 +124,7 @@ def test_step_keys_come_from_the_parameter_classes():
         keys = {user_name(f) for f in dataclasses.fields(cls) if f.metadata.get("step", True)}
         assert {f.alias for f in step_schema(cls).model_fields.values()} == keys
     patch_keys = {f.alias for f in step_schema(STEPS["patch"]).model_fields.values()}
-    assert patch_keys == {"site", "positions", "direction", "clean", "pairs", "heads", "attribution"}
+    assert patch_keys == {"site", "positions", "direction", "clean", "pairs", "head_sweep", "attribution"}
 
 
 @pytest.mark.parametrize("cls", ALL_PARAMS, ids=lambda c: c.__name__)
@@ -207,7 +207,7 @@ def test_step_defaults_differ_where_the_experiment_s_do():
 
 
 def test_a_step_passes_its_function_only_the_command_s_arguments_it_takes():
-    patch = from_step(PatchStepParams, {"pairs": 3, "heads": False})
+    patch = from_step(PatchStepParams, {"pairs": 3, "head_sweep": False})
     assert kwargs(patch) == {"direction": "denoise", "clean": "positive", "positions": "all", "n_pairs": 3,
                              "site": "resid_pre"}  # no heads (the step's own), no method or convention
     steer = from_step(SteerParams, {"candidates": ["vector"], "side_effects": {"neutral": "n.yaml"}})

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from detect_helpers import filler, planted
 
-from behaviorlens.detect.detector import Detector, Linear
+from behaviorlens.detect.detector import Detector
 from behaviorlens.detect.evaluate import figures, score_examples
 from behaviorlens.detect.examples import family_examples, transcript_examples
+from behaviorlens.detect.linear import Linear
 from behaviorlens.detect.train import train_detector
 from behaviorlens.errors import BehaviorLensError
 

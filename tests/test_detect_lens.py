@@ -29,7 +29,7 @@ def test_the_last_layer_of_the_logit_lens_is_the_models_own_next_token_distribut
 
 
 def test_a_tuned_lens_predicts_the_last_layer_better_than_the_identity_on_unseen_text(tiny_llama):
-    from behaviorlens.steering.detectors import token_states
+    from behaviorlens.reads import token_states
 
     rng = np.random.default_rng(0)
     fit = [[5, *filler(rng, 24)] for _ in range(30)]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from detect_helpers import filler, planted
 
-from behaviorlens.detect.train import balanced_groups, train_detector
+from behaviorlens.detect.folds import balanced_groups
+from behaviorlens.detect.train import train_detector
 from behaviorlens.errors import BehaviorLensError
 
 KW = {"layers": [1, 2], "positions": ("answer", "last"), "methods": ("mean_diff",), "folds": 4, "n_boot": 100}

@@ -76,7 +76,7 @@ def test_token_states_are_the_residual_stream_of_a_whole_forward(tiny_llama):
     """Reading stops the forward after the last layer asked for; what it read is unchanged."""
     import torch
 
-    from behaviorlens.steering.detectors import token_states
+    from behaviorlens.reads import token_states
 
     m = tiny_llama
     seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
@@ -90,7 +90,7 @@ def test_token_states_are_the_residual_stream_of_a_whole_forward(tiny_llama):
 
 
 def test_remembered_states_read_each_sequence_once_and_give_the_same_states(tiny_llama):
-    from behaviorlens.steering.detectors import remembered_states, token_states
+    from behaviorlens.reads import remembered_states, token_states
 
     m = tiny_llama
     seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]

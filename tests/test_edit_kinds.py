@@ -12,16 +12,18 @@ from conftest import tiny_family, tiny_model
 
 from behaviorlens.edits import KINDS, Edit, Readout, kind_of
 from behaviorlens.edits.kind import EditKind
+from behaviorlens.edits.kinds.edge_knockout import source_rows
 from behaviorlens.errors import BehaviorLensError
-from behaviorlens.interventions.trace import site_values
 from behaviorlens.model import Model, _wrap
+from behaviorlens.reads import site_values
 from behaviorlens.scoring import behavior_metric
 from behaviorlens.steering import steer
 from behaviorlens.steering.bake import edited_module
 from behaviorlens.steering.evaluate import random_control
 from behaviorlens.steering.run import generate_examples
 
-KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights"]
+KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights", "path_ablation",
+              "edge_knockout"]
 
 
 def _examples(m, cset) -> dict[str, list[Edit]]:
@@ -56,6 +58,15 @@ def _examples(m, cset) -> dict[str, list[Edit]]:
                          arrays={"weight.1": rand(2, s.d_model), "bias.1": rand(2)}, **meta)],
         "weights": [Edit(kind="weights", weights={"model.layers.1.self_attn.o_proj.weight": 0.5 * rand(s.d_model, s.d_model)},
                          **meta)],
+        "path_ablation": [Edit(kind="path_ablation", heads={1: [0, 3], 2: [1]}, head_values=values, **meta),
+                          Edit(kind="path_ablation", heads={2: [2]}, head_values=values, gate=gate,
+                               positions="generated", **meta)],
+        "edge_knockout": [Edit(kind="edge_knockout", heads={2: [0, 1, 2, 3]}, head_values=values,
+                               vectors={0: rand(s.d_model), 1: rand(s.d_model)}, detector=detector,
+                               arrays={"sources": source_rows({1: [0, 2]}, [1])}, **meta),
+                          Edit(kind="edge_knockout", heads={2: [2, 3]}, head_values=values,
+                               vectors={0: rand(s.d_model), 1: rand(s.d_model)}, detector=detector, gate=gate,
+                               arrays={"sources": source_rows({1: [1]}, [0])}, **meta)],
     }
 
 

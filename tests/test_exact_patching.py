@@ -8,8 +8,9 @@ from conftest import tiny_family, tiny_model
 
 from behaviorlens.errors import BehaviorLensError
 from behaviorlens.patching import patch, patch_one_at_a_time, patch_whole
-from behaviorlens.patching.hooks import Overwrite, reading
+from behaviorlens.patching.hooks import Overwrite
 from behaviorlens.prompts import load_family
+from behaviorlens.reads import reading
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2"]
 

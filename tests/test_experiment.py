@@ -33,6 +33,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before validation finished")
 
     monkeypatch.setattr("behaviorlens.model.load_model", refuse)
+    monkeypatch.setattr("behaviorlens.experiment.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -57,8 +58,8 @@ def test_bad_experiment_is_one_clear_error_before_loading(tmp_path, no_model, ch
 
 
 @pytest.mark.parametrize("steps, line", [
-    ({"patch": {"pairs": 8, "heads": True, "attribution": False, "sitez": "resid_pre"}},
-     "exp.yaml: steps.patch: unknown key 'sitez'; keys are attribution, clean, direction, heads, pairs, positions, site"),
+    ({"patch": {"pairs": 8, "head_sweep": True, "attribution": False, "sitez": "resid_pre"}},
+     "exp.yaml: steps.patch: unknown key 'sitez'; keys are attribution, clean, direction, head_sweep, pairs, positions, site"),
     ({"patch": {"pairs": "eight"}}, "exp.yaml: steps.patch.pairs: expected a valid integer, got 'eight'"),
     ({"steer": {"strengths": [1, "strong"]}}, "exp.yaml: steps.steer.strengths[1]: expected a valid number, got 'strong'"),
     ({"steer": {"generate": {"prompts": ["hi"], "max_tokens": 5}}},
@@ -75,9 +76,9 @@ def test_a_schema_error_is_one_line_naming_the_file_and_key_and_exits_2(tmp_path
 
 def test_values_are_coerced_to_their_declared_types(tmp_path, no_model):
     path = _write(tmp_path, {**GOOD, "seed": "3", "steps": {
-        "patch": {"pairs": "3", "heads": "false"}, "steer": {"strengths": [-1, 2], "strength": 1, "controls": "2"}}})
+        "patch": {"pairs": "3", "head_sweep": "false"}, "steer": {"strengths": [-1, 2], "strength": 1, "controls": "2"}}})
     exp = load_experiment(path)
-    assert exp.seed == 3 and exp.steps["patch"] == {"pairs": 3, "heads": False}
+    assert exp.seed == 3 and exp.steps["patch"] == {"pairs": 3, "head_sweep": False}
     assert exp.steps["steer"] == {"strengths": [-1.0, 2.0], "strength": 1.0, "controls": 2}
     assert all(type(v) is float for v in exp.steps["steer"]["strengths"])
 

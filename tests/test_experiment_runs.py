@@ -8,6 +8,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -181,7 +182,7 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
 
     from PIL import Image
 
-    from behaviorlens.analysis import plots
+    from behaviorlens import figures as plots
 
     assert CHROMIUM is not None, "CI must have chromium: .ci/run installs it"
     _run(experiment_file, tmp_path / "r")
@@ -222,7 +223,6 @@ def test_report_opens_in_a_real_browser(experiment_file, tmp_path):
 
 def test_a_remote_run_records_what_each_step_sent_within_its_request_budget(experiment_file, tmp_path):
     raw = yaml.safe_load(experiment_file.read_text())
-    raw["steps"] = {k: raw["steps"][k] for k in ("measure", "probe", "patch")}
     raw.pop("predictions")
     local = tmp_path / "local.yaml"
     local.write_text(yaml.safe_dump(raw))
@@ -235,9 +235,20 @@ def test_a_remote_run_records_what_each_step_sent_within_its_request_budget(expe
     # The budget follows from the sessions: measure and probe send one request per family (every
     # side's batches, every batch's reads); patch one per exact sweep of up to 16 layers and one
     # for its whole-residual restore, for resid and heads, and attribution 5 (its two sides, the
-    # gradient trace, the exact check of its top cells, the restore).
-    assert {step: s["remote_requests"] for step, s in sent.items()} == {"measure": 2, "probe": 2, "patch": 9}
+    # gradient trace, the exact check of its top cells, the restore). Steer: its side-effect data
+    # (4 generation batches), head means (1, and 1 per refit), the pairs it must find a behavior
+    # on (1 each for choosing and evaluating), the steering vector's collection (1), one session
+    # for judging every candidate with its controls, nulls and the mechanism test, one for the
+    # refits, one for the evaluation with its controls, and the reference text's logits at every
+    # token (2, run while the evaluation is planned).
+    assert {step: s["remote_requests"] for step, s in sent.items()} == {"measure": 2, "probe": 2, "patch": 9,
+                                                                        "steer": 15}
     assert all(s["remote_bytes"] > 1000 * s["remote_requests"] for s in sent.values())
-    assert _tables(tmp_path / "remote").keys() == _tables(tmp_path / "local").keys()
+    remote_tables, local_tables = _tables(tmp_path / "remote"), _tables(tmp_path / "local")
+    assert remote_tables.keys() == local_tables.keys()
+    for name in ("steer/choice/candidates.csv", "steer/eval/steering.csv", "steer/choice/refits.csv"):
+        a, b = remote_tables[name], local_tables[name]
+        numbers = [c for c in a.columns if a[c].dtype.kind == "f"]
+        assert numbers and np.allclose(a[numbers], b[numbers], atol=1e-4, equal_nan=True), name
     assert "remote_requests" not in json.loads((tmp_path / "local" / "measure" / "summary.json").read_text())
 

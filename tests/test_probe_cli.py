@@ -75,7 +75,7 @@ def test_rerun_resumes_from_cached_activations(tmp_path, monkeypatch):
     def refuse(*args):
         raise AssertionError("a finished batch was recomputed")
 
-    monkeypatch.setattr(A, "_read_batches", refuse)
+    monkeypatch.setattr(A, "read_planned", refuse)
     again = run_probe(model, cset, {}, methods=("mean_diff",), folds=3, out_dir=tmp_path, batch_size=2,
                       progress=False)
     assert again == first and again["transfer_auroc"] == {}

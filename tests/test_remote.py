@@ -292,3 +292,61 @@ def test_a_site_read_by_hooks_equals_the_same_read_in_a_trace(site):
     _, reads = traced_logits(traced(m), batch, reads=[ref])
     assert state.reads["x"].shape == reads[0].shape and reads[0].abs().max() > 0
     torch.testing.assert_close(state.reads["x"], reads[0], atol=1e-5, rtol=1e-5)
+
+
+def test_planned_work_sends_its_forwards_together_and_gives_the_values_of_unplanned_work():
+    from contextlib import nullcontext
+
+    from behaviorlens.interventions.trace import PlanDiverged, planned
+    from behaviorlens.scoring import behavior_metric
+
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    pairs = list(cset)
+    seqs = [p.tokens["positive"] for p in pairs[:3]]
+    rows, positions = torch.tensor([0, 1, 2, 2]), torch.tensor([len(seqs[0]) - 1, 3, 2, len(seqs[2]) - 1])
+    edits = [None, head_edit(m, {1: [0, 2]}, "zero"), head_edit(m, {0: [1]}, "zero")]
+
+    def work(model):
+        out = []
+        for edit in edits:
+            with steer(model, edit) if edit is not None else nullcontext():
+                out += [behavior_metric(model, pairs, "positive", batch_size=2), model.score_logits(seqs, rows, positions)]
+        return out
+
+    want = work(m)
+    with remote.counting_requests() as sent:
+        got = planned(t, lambda: work(t))
+    assert sent.requests == 1  # 3 edits x (3 scoring batches + 1 logits forward) in one session
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    assert (want[2] - want[0]).abs().max() > 1e-3  # the edits change what is scored
+    t.session_limits = remote.SessionLimits(traces=4)
+    with remote.counting_requests() as sent:
+        again = planned(t, lambda: work(t))
+    assert sent.requests == 3 and all(torch.equal(a, b) for a, b in zip(got, again))
+
+    def diverging():  # asks for another forward once it sees real values
+        first = behavior_metric(t, pairs, "positive")
+        return behavior_metric(t, pairs[: 1 + int(first.abs().sum() > 0)], "positive")
+
+    with pytest.raises(PlanDiverged, match="differently on its replay"):
+        planned(t, diverging)
+
+
+@pytest.mark.parametrize("position", ["all", "last"])
+def test_head_means_read_every_batch_in_one_session_and_equal_the_local_means(position):
+    from behaviorlens.steering.apply import head_means
+
+    m = tiny_model("llama")
+    t = traced(m)
+    cset = tiny_family().render(m.tokenizer)
+    want = head_means(m, cset, [0, 1], position, batch_size=2)
+    with remote.counting_requests() as sent:
+        got = head_means(t, cset, [1, 0], position, batch_size=2)
+    assert sent.requests == 1  # 2 sides x 3 batches
+    assert set(got) == {0, 1}
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], atol=1e-5, rtol=0)
+        assert want[layer].abs().max() > 1e-3

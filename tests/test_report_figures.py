@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from behaviorlens.analysis import plots
-from behaviorlens.analysis.plots import plt, save_figure
+from behaviorlens import figures as plots
+from behaviorlens.figures import plt, save_figure
+from behaviorlens.measure import plot_shifts
 
 LAYERS, HEADS = 24, 14
 
@@ -72,7 +73,7 @@ def test_long_titles_wrap_to_the_width():
 def test_the_measure_plot_is_drawn_at_the_report_width(tmp_path):
     table = pd.DataFrame({"family": ["capitals_opinion", "facts_opinion", "restated_varied"],
                           "behavior_shift": [3.1, 1.2, -0.2], "ci_low": [2.8, 0.9, -0.5], "ci_high": [3.4, 1.5, 0.1]})
-    check_png(plots.plot_shifts(table, tmp_path / "shifts.png"))
+    check_png(plot_shifts(table, tmp_path / "shifts.png"))
 
 
 def test_the_patching_heatmaps_are_drawn_at_the_report_width(tmp_path):

@@ -152,3 +152,20 @@ def test_the_head_search_adds_a_candidate_per_lambda_and_writes_its_front(plante
     cost = (front.context_use_cost + front.claim_recall_cost) / 2
     np.testing.assert_allclose(front.objective, front.pressure_removed - front["lambda"] * cost, atol=1e-9)
     assert (front.n_heads <= 5).all() and front[front.n_heads > 0].steps.str.startswith("add").all()
+
+
+def test_the_chooser_builds_and_judges_the_edge_groups_like_every_candidate(planted):
+    model, cset, evidence, side = planted
+    choice = choose_edit(model, cset, evidence, groups=["path ablation", "edge knockout"], side_effects=side,
+                         refits=0, outside_limits=True)
+    table = choice.candidates
+    assert set(table.group) == {"path ablation", "edge knockout"}
+    kinds = {e.kind for e in choice.edits}
+    assert kinds == {"path_ablation", "edge_knockout"}
+    paths, edges = table[table.group == "path ablation"], table[table.group == "edge knockout"]
+    drawn = paths[paths.null_control.notna()]  # (a 3-layer model leaves no other heads for the widest)
+    assert len(drawn) and drawn.null_control.str.contains("of the same size").all()  # random draws: its null
+    assert edges.null_control.str.contains("non-claim sentence").all()  # a knockout's filler null
+    assert table[table.null_control.notna()].null_control_pressure_removed_fraction.notna().all()
+    assert table.deletion_baseline_pressure_removed_fraction.notna().all()
+    assert table.within_limits.dtype == bool

@@ -19,7 +19,8 @@ from behaviorlens.steering import (
     steer,
     train_vector,
 )
-from behaviorlens.steering.evaluate import evaluate_steering, pressure_figures, require_behavior
+from behaviorlens.steering.evaluate import evaluate_steering, require_behavior
+from behaviorlens.steering.pressure import pressure_figures
 from behaviorlens.steering.side_effects import tail_logits
 
 

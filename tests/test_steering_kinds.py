@@ -53,7 +53,7 @@ def test_knockout_edit_uses_its_detector_flags(tiny_llama):
     detector = Readout(0, torch.randn(m.sites.d_model, generator=g), 0.0)
     edit = Edit(kind="knockout", heads={2: [1, 3]}, detector=detector, positions="generated", **meta(m))
     batch = m.batch(SEQS)
-    from behaviorlens.patching.hooks import reading
+    from behaviorlens.reads import reading
 
     with torch.inference_mode(), reading(m, "resid_post", [0]) as acts:
         m.hf(**batch.inputs(), use_cache=False)
@@ -144,7 +144,8 @@ def test_gate_opens_and_closes_per_row(tiny_llama):
             pass
 
 
-@pytest.mark.parametrize("kind", ["vector", "heads", "knockout", "subspace", "weights"])
+@pytest.mark.parametrize("kind", ["vector", "heads", "knockout", "subspace", "weights", "path_ablation",
+                                  "edge_knockout"])
 def test_shared_prefix_forward_equals_a_padded_batch_under_every_kind(tiny_llama, kind, monkeypatch):
     m = tiny_llama
     s = m.sites
@@ -158,6 +159,12 @@ def test_shared_prefix_forward_equals_a_padded_batch_under_every_kind(tiny_llama
                          vectors={1: torch.randn(s.d_model, generator=g)}, positions="generated", **meta(m)),
         "weights": Edit(kind="weights", weights={"model.layers.0.mlp.down_proj.weight": 0.1 * torch.randn(
             s.d_model, 128, generator=g)}, **meta(m)),
+        "path_ablation": Edit(kind="path_ablation", heads={1: [0, 3]}, positions="generated", head_values={
+            1: torch.randn(s.n_heads, s.head_dim, generator=g)}, **meta(m)),
+        "edge_knockout": Edit(kind="edge_knockout", heads={2: [0, 1, 2, 3]}, detector=Readout(
+            0, torch.randn(s.d_model, generator=g)), head_values={1: torch.randn(s.n_heads, s.head_dim, generator=g)},
+            vectors={0: torch.randn(s.d_model, generator=g)}, arrays={"sources": torch.tensor([[1.0, 2.0], [0.0, -1.0]])},
+            **meta(m)),
     }
     rows, positions = torch.arange(3), torch.tensor([len(x) - 1 for x in SEQS])
     with steer(m, edits[kind]):
@@ -182,7 +189,7 @@ def test_a_detector_closes_short_gaps_inside_a_flagged_span():
 def test_a_detector_knockout_gives_each_prompt_the_same_logits_batched_or_alone(tiny_llama, prefix_min, fitted, monkeypatch):
     from sklearn.linear_model import LogisticRegression
 
-    from behaviorlens.steering.detectors import token_states
+    from behaviorlens.reads import token_states
 
     m = tiny_llama
     monkeypatch.setattr(kv_cache, "PREFIX_MIN", prefix_min)

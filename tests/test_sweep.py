@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from behaviorlens.probing import Activations, best_row, pair_folds, probe_sweep, shuffled_labels
-from behaviorlens.probing.sweep import auroc, bootstrap_auroc
+from behaviorlens.stats import auroc, bootstrap_auroc
 
 
 def synthetic(n_pairs=40, d=16, layers=3, signal_layer=2, heads=None, seed=0):

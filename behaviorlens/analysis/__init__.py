@@ -1,1 +1,1 @@
-"""Metrics, plots and the HTML report."""
+"""The HTML report."""

@@ -19,8 +19,8 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from ..figures import report_style
 from ..io import atomic_write_text
-from .plots import report_style
 
 SECTIONS = (
     ("measure", "How large is the behavior? (measure)"),

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..analysis.metrics import bootstrap_ci
 from ..prompts.contrast import ContrastSet
+from ..stats import bootstrap_ci
 from . import forward as F
 from .attribution import sides
 from .graph import Graph

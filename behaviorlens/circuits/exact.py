@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import chunks
-from ..patching.attribution import correlation
 from ..prompts.contrast import ContrastSet
+from ..stats import correlation
 from . import forward as F
 from .attribution import EdgeScores, sides
 from .graph import Graph

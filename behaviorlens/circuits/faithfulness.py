@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..batching import chunks
 from ..errors import BehaviorLensError
 from ..prompts.contrast import ContrastSet
+from ..stats import ratio_ci, ratio_of_means
 from . import forward as F
 from .attribution import EdgeScores, sides
 from .graph import Graph

@@ -29,7 +29,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-
 import torch
 
 from ..batching import Batch
@@ -197,12 +196,12 @@ class Weights:
                     raise BehaviorLensError(f"{model.name}: attention with {name} is not split yet")
             self.scaling.append(float(getattr(s.attention_module(model.hf, L), "scaling", self.hd ** -0.5)))
 
-    def proj(self, L: int, name: str, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """Each head's projection of its own input: x [r, s, heads, d] -> [r, s, heads, hd]."""
+    def proj(self, L: int, name: str, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """Each head's projection of its own input: x [r, s, n_heads, d] -> [r, s, n_heads, hd]."""
         lin = self.blocks[L][name]
-        w = lin.weight.view(heads, self.hd, -1)
+        w = lin.weight.view(n_heads, self.hd, -1)
         out = torch.einsum("rshd,hed->rshe", x, w)
-        return out if lin.bias is None else out + lin.bias.view(heads, self.hd)
+        return out if lin.bias is None else out + lin.bias.view(n_heads, self.hd)
 
     def out(self, L: int, z: torch.Tensor) -> torch.Tensor:
         """Each head's output in the residual stream: z [r, s, H, hd] -> [r, s, H, d]."""

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..params import kwargs, param
+from .circuit import EDGE_METHODS
 from .faithfulness import CIRCUIT_ABLATIONS
-from .run import EDGE_METHODS, run_circuit
+from .run import run_circuit
 
 
 @dataclass

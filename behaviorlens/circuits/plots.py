@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..figures import (
+    CSS_PX_PER_INCH,
+    FIGURE_WIDTH_PX,
+    new_figure,
+    save_figure,
+    tick_step,
+    wrap,
+)
 from .graph import Graph
 
 PORT_COLORS = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp": "tab:gray", "logits": "black"}
@@ -16,8 +24,6 @@ def faithfulness_curve(curve: pd.DataFrame, controls: pd.DataFrame, path: str | 
                        chosen: int, title: str = "") -> Path:
     """Faithfulness over circuit size (selection and held-out pairs, CI bands), with the random
     circuits and the complement at the chosen size."""
-    from ..analysis.plots import new_figure, save_figure, wrap
-
     fig, ax = new_figure(height=5.5)
     for (label, family), c in curve.groupby(["pairs", "family"], sort=False):
         c = c.sort_values("edges_fraction")
@@ -61,15 +67,6 @@ def _node_xy(g: Graph, name: str) -> tuple[float, float]:
 def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = "") -> Path:
     """Layers as rows, heads and MLPs as nodes; one line per circuit edge, width = |attribution|,
     colour = the port it enters (query, key, value, MLP, logits)."""
-    from ..analysis.plots import (
-        CSS_PX_PER_INCH,
-        FIGURE_WIDTH_PX,
-        new_figure,
-        save_figure,
-        tick_step,
-        wrap,
-    )
-
     height = min(14.0, max(5.0, 0.3 * (g.n_layers + 2) + 1.5))
     fig, ax = new_figure(height=height)
     xs, ys = np.meshgrid(np.arange(g.n_heads), np.arange(g.n_layers))
@@ -107,8 +104,6 @@ def circuit_graph(edges: pd.DataFrame, g: Graph, path: str | Path, title: str = 
 
 def composition_plot(table: pd.DataFrame, null: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Q-, K-, V-composition of the circuit's head pairs beside the random-pair null."""
-    from ..analysis.plots import new_figure, save_figure, wrap
-
     fig, axes = new_figure(1, 3, height=4.8, sharey=True)
     for ax, kind in zip(axes, ("q_comp", "k_comp", "v_comp")):
         ax.hist(null[kind], bins=30, color="lightgrey", density=True, label="random head pairs")
@@ -126,8 +121,6 @@ def composition_plot(table: pd.DataFrame, null: pd.DataFrame, path: str | Path, 
 
 def head_figures_plot(figures: pd.DataFrame, heads: list[str], path: str | Path, title: str = "") -> Path:
     """OV copy score and attention to the claim of every head (grey) and the circuit's (red)."""
-    from ..analysis.plots import new_figure, save_figure, wrap
-
     fig, axes = new_figure(1, 2, height=5.2)
     mine = figures["head"].isin(heads)
     for ax, col, label in ((axes[0], "ov_copy", "OV copy score of the claimed answer (z over vocab)"),
@@ -148,8 +141,6 @@ def transfer_plot(matrix: pd.DataFrame, overlap: pd.DataFrame, circuits: list[st
                   path: str | Path, title: str = "") -> Path:
     """Left: each circuit (rows) on each family (columns), faithfulness with its CI and the random
     circuits of the row's size in each cell. Right: weighted Jaccard overlap of the family circuits."""
-    from ..analysis.plots import new_figure, save_figure, wrap
-
     named = sorted(set(overlap["circuit"])) if len(overlap) else []
     named = [c for c in circuits if c in named]
     fig, axes = new_figure(1, 2, height=1.2 + 0.9 * len(circuits), width_ratios=[len(families) + 1, len(named) + 1])

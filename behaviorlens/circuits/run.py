@@ -8,10 +8,8 @@ families (``test_faithfulness``), each beside random circuits of the same size a
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,60 +20,17 @@ from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from ..prompts.contrast import ContrastSet
 from . import faithfulness as Fa
+from .acdc import acdc
 from .attribution import edge_attribution
+from .circuit import EDGE_METHODS, Circuit, edges_of
 from .composition import composition_table, run_figures
 from .exact import agreement, exact_edges, sample_edges
 from .graph import Graph
 from .plots import circuit_graph, composition_plot, faithfulness_curve, head_figures_plot
+from .styles import run_styles
 
 if TYPE_CHECKING:
     from .params import CircuitParams
-
-EDGE_METHODS = ("eap", "eap-ig")
-
-
-@dataclass
-class Circuit:
-    """A chosen circuit: its edges by name and how it was chosen (``circuit.json``)."""
-
-    model: str
-    family: str
-    edges: list[str]
-    attribution: list[float]
-    total_edges: int
-    method: str
-    convention: str
-    keep: float
-    select_pairs: list[int]
-
-    @property
-    def edges_fraction(self) -> float:
-        return len(self.edges) / self.total_edges
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, asdict(self) | {"n_edges": len(self.edges), "edges_fraction": self.edges_fraction})
-
-    @classmethod
-    def load(cls, path: str | Path) -> Circuit:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as err:
-            raise BehaviorLensError(f"cannot read circuit {path}: {err}") from None
-        fields = cls.__dataclass_fields__
-        missing = [f for f in fields if f not in data]
-        if missing:
-            raise BehaviorLensError(f"{path} is not a circuit.json: it lacks {', '.join(missing)}")
-        return cls(**{k: data[k] for k in fields})
-
-    def indices(self, graph: Graph) -> np.ndarray:
-        """Edge indices in ``graph`` (a clear error for a circuit of another model)."""
-        if graph.n_edges != self.total_edges:
-            raise BehaviorLensError(f"circuit of {self.model} ({self.total_edges} edges) does not fit this model "
-                                    f"({graph.n_edges} edges)")
-        ups, ports = graph.edge_index
-        where = {(int(u), int(p)): i for i, (u, p) in enumerate(zip(ups, ports))}
-        return np.array([where[graph.parse_edge(e)] for e in self.edges], dtype=int)
-
 
 def test_faithfulness(model, circuit: Circuit, cset: ContrastSet, convention: str | None = None,
                       n_random: int = 3, seed: int = 0) -> pd.DataFrame:
@@ -125,8 +80,6 @@ def run_circuit(model, cset: ContrastSet, tests: Sequence[ContrastSet] = (), out
     the union (:func:`~.styles.run_styles`) instead, ``tests`` scored as columns.
     """
     if styles:
-        from .styles import run_styles
-
         if acdc_candidates:
             raise BehaviorLensError("ACDC prunes one family's circuit; it does not run with more families (styles)")
         return run_styles(model, [cset, *styles], tests, out_dir, n_pairs=n_pairs, test_pairs=test_pairs, size=size,
@@ -253,8 +206,6 @@ def run_circuit(model, cset: ContrastSet, tests: Sequence[ContrastSet] = (), out
 def _acdc(model, select: ContrastSet, heldout: ContrastSet, order: np.ndarray, n: int, threshold: float,
           convention: str, pair_batch: int, out: Path, g: Graph) -> tuple[dict, np.ndarray]:
     """ACDC over the top ``n`` edges, beside the attribution circuit of the size it ends at."""
-    from .acdc import acdc
-
     pruned = acdc(model, select, order[:n], threshold, convention, pair_batch)
     write_csv(out / "acdc.csv", pruned.steps)
     k = max(1, len(pruned.edges))
@@ -283,13 +234,6 @@ def _top_composition(comp: pd.DataFrame) -> list[dict]:
             rows.append({"kind": kind, "pair": f"{r['upstream']}>{r['downstream']}", "score": float(r[kind]),
                          "null_percentile": float(r[f"{kind}_pct"])})
     return rows
-
-
-def edges_of(size: float, g: Graph) -> int:
-    """Edges in a circuit of ``size`` (a share of all edges, never above it; at least one)."""
-    if not 0 < size <= 1:
-        raise BehaviorLensError(f"size must be a share of the edges in (0, 1], got {size:g}")
-    return max(1, int(size * g.n_edges + 1e-9))
 
 
 def circuit_step(runner: Any, folder: Path, params: CircuitParams) -> dict:

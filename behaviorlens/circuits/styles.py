@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
 from ..prompts.contrast import ContrastSet
+from ..stats import ratio_ci, ratio_of_means
 from . import faithfulness as Fa
 from .attribution import edge_attribution
+from .circuit import EDGE_METHODS, Circuit, edges_of
 from .composition import composition_table
 from .exact import agreement, exact_edges, sample_edges
 from .graph import Graph
 from .plots import circuit_graph, transfer_plot
-from .run import EDGE_METHODS, Circuit, edges_of
 
 TOP_HEADS = 10
 SPECIFIC, SHARED = 0.25, 0.5  # share elsewhere over share here: below the first specific, above the second shared

@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..circuits.params import CircuitParams
+from ..circuits.run import run_circuit
 from ..errors import BehaviorLensError
 from ..params import from_args
+from ..prompts.sources import Source, check_source, render_source
 from . import options
 
 
@@ -32,8 +34,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _circuit(args: argparse.Namespace) -> None:
-    from ..prompts.sources import Source, check_source, render_source
-
     params = from_args(CircuitParams, args)
     names = list(args.family) + list(params.styles or [])
     sources = [options.source_from_args(args, n) for n in names]
@@ -53,7 +53,6 @@ def _circuit(args: argparse.Namespace) -> None:
     model = options.model_from_args(args)
     sets = [render_source(s, model.tokenizer) for s in sources]
     test_sets = [render_source(t, model.tokenizer) for t in tests]
-    from ..circuits.run import run_circuit
 
     s = run_circuit(model, sets[0], test_sets, out, styles=sets[1:], **params.kwargs())
     if len(sets) > 1:

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..detect.detector import Detector
 from ..detect.params import DetectEvalParams, DetectTrainParams, DetectTransferParams
+from ..detect.run import is_transcripts, run_detect_eval, run_detect_train, run_transfer
 from ..errors import BehaviorLensError
 from ..params import from_args, kwargs
 from . import options
@@ -27,8 +29,6 @@ def _print(summary: dict, keys: tuple[str, ...]) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ..detect.run import run_detect_train
-
     params = from_args(DetectTrainParams, args)
     if not args.family and not args.instructed:
         raise BehaviorLensError("detect train needs at least one FAMILY (or --instructed FAMILY)")
@@ -38,14 +38,13 @@ def _train(args: argparse.Namespace) -> None:
                                instructed=_sets(model, args, args.instructed), **kwargs(params, run_detect_train))
     _print(summary, ("detector", "label_counts", "n_lie", "n_honest", "n_mistake", "auroc", "auroc_ci",
                      "shuffled_auroc", "wording_auroc", "wording_explains", "claim_auroc", "mistake_auroc",
-                     "override_lens", "lens_choice", "chat_threshold"))
+                     "override_lens", "lens_choice", "readout", "readout_auroc", "readout_auroc_ci",
+                     "readout_oof_lie_vs_honest_auroc", "readout_oof_lie_vs_mistake_auroc",
+                     "readout_oof_mistake_vs_honest_auroc", "chat_threshold"))
     print(f"wrote the detector to {args.out} and its tables to {Path(args.out).with_suffix('.train')}")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ..detect.detector import Detector
-    from ..detect.run import is_transcripts, run_detect_eval
-
     params = from_args(DetectEvalParams, args)
     transcripts = len(args.family) == 1 and is_transcripts(args.family[0])
     if not transcripts:
@@ -59,13 +58,12 @@ def _eval(args: argparse.Namespace) -> None:
     _print(summary, ("detector", "families", "n_lie", "n_honest", "n_mistake", "n_unsure", "auroc", "auroc_ci",
                      "lie_vs_mistake_auroc", "lie_vs_mistake_auroc_ci", "falsity_lie_vs_mistake_auroc",
                      "lie_vs_mistake_gap", "mistake_auroc", "mistake_auroc_ci", "mistake_check", "recall_at_1pct_fpr", "chat_fpr", "claim_auroc",
-                     "wording_auroc", "shuffled_auroc", "targets_met", "n_examples", "n_flagged"))
+                     "wording_auroc", "shuffled_auroc", "falsity_auroc", "falsity_mistake_auroc",
+                     "reask_lie_vs_mistake_auroc", "targets_met", "n_examples", "n_flagged"))
     print(f"wrote scores, tables and summary.json to {args.out}")
 
 
 def _transfer(args: argparse.Namespace) -> None:
-    from ..detect.run import run_transfer
-
     params = from_args(DetectTransferParams, args)
     _check(args, args.family, args.out)
     model = options.model_from_args(args)

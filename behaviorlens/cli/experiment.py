@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..experiment import run_experiment
 from .options import add_remote_option, session_limits
 
 
 def _run(args: argparse.Namespace) -> None:
-    from ..experiment import run_experiment
-
     start = time.perf_counter()
     out = run_experiment(args.experiment, out=args.out, force=args.force, remote=args.remote,
                          session_limits=session_limits(args))

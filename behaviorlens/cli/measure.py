@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 from ..io import write_json
+from ..measure import run_measure
 from ..measure_params import MeasureParams
 from ..params import from_args, kwargs
+from ..prompts.sources import check_source, render_source
 from . import options
 
 SHOWN = ["pairs", "behavior_shift", "behavior_shift_ci", "fraction_pairs_shifted",
@@ -29,9 +31,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _measure(args: argparse.Namespace) -> None:
-    from ..measure import run_measure
-    from ..prompts.sources import check_source, render_source
-
     params = from_args(MeasureParams, args)
     source = options.source_from_args(args, args.family)
     check_source(source)

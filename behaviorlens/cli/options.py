@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BehaviorLensError
+from ..model import load_model
 from ..params import default_of, user_name
+from ..prompts.sources import Source, check_source, render_source
 from ..remote import SessionLimits
 
 REMOTE_CHOICES = ("local",)
@@ -60,24 +62,18 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace, path: str):
     """The :class:`~behaviorlens.prompts.sources.Source` a command's family argument names."""
-    from ..prompts.sources import Source
-
     return Source(path, format=args.format, limit=args.limit, split=args.split,
                   test_fraction=args.test_fraction, seed=args.split_seed)
 
 
 def check_sources(args: argparse.Namespace, names: list[str]) -> None:
     """Fail on a bad family or dataset, with one line, before a model loads."""
-    from ..prompts.sources import check_source
-
     for name in names:
         check_source(source_from_args(args, name))
 
 
 def render_from_args(model: Any, args: argparse.Namespace, name: str, aligned: bool = False):
     """A family or dataset named on the command line, rendered with the model's tokenizer."""
-    from ..prompts.sources import render_source
-
     return render_source(source_from_args(args, name), model.tokenizer, require_aligned=aligned)
 
 
@@ -93,8 +89,6 @@ def prepare_out(path: str | Path | None) -> None:
 
 def model_from_args(args: argparse.Namespace):
     """The model the command's model options name (``--remote``: through nnsight)."""
-    from ..model import load_model
-
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       remote=args.remote, session_limits=session_limits(args))
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from ..errors import BehaviorLensError
 from ..params import from_args, kwargs
 from ..patching.params import PatchParams
+from ..patching.run import run_ablation, run_patch
+from ..prompts.sources import check_source, render_source
 from . import options
 
 
@@ -28,9 +30,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _patch(args: argparse.Namespace) -> None:
-    from ..patching.run import run_ablation, run_patch
-    from ..prompts.sources import check_source, render_source
-
     params = from_args(PatchParams, args)
     source = options.source_from_args(args, args.family)
     check_source(source)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..params import from_args, kwargs
 from ..probing.params import ProbeParams
+from ..probing.run import run_probe
+from ..prompts.sources import check_source, render_source, source_from
 from . import options
 
 
@@ -28,9 +30,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from ..probing.run import run_probe
-    from ..prompts.sources import check_source, render_source, source_from
-
     params = from_args(ProbeParams, args)
     source = options.source_from_args(args, args.family)
     for spec in (source, *args.test):

@@ -7,9 +7,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..measure import UNBALANCED, measure
 from ..prompts.contrast import ContrastPair, ContrastSet
 from ..prompts.family import load_family
 from ..prompts.library import builtin_names
+from ..prompts.sources import check_source, dataset_format, open_ended_prompts, render_source
 from . import options
 
 _ON, _OFF = "\033[1;33m", "\033[0m"
@@ -76,8 +78,6 @@ def show_pair(pair: ContrastPair, tokenizer, color: bool = False) -> str:
 
 
 def _families(args: argparse.Namespace) -> None:
-    from ..measure import UNBALANCED
-
     rows = family_table()
     if args.measure:
         for line in measured_table(rows, args):
@@ -97,8 +97,6 @@ def _families(args: argparse.Namespace) -> None:
 def measured_table(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
     """Lines of a markdown table of the given families measured on ``args.model`` (every side,
     accuracies, balance), yielded as each family is measured."""
-    from ..measure import measure
-
     model = options.model_from_args(args)
     yield ("| family | behavior | rows | behavior_shift [95% CI] | pull [95% CI] | accuracy positive / "
            "negative / neutral | most common matching answer |")
@@ -114,8 +112,6 @@ def measured_table(rows: list[dict], args: argparse.Namespace) -> Iterator[str]:
 
 
 def _render(args: argparse.Namespace) -> None:
-    from ..prompts.sources import check_source, dataset_format, open_ended_prompts, render_source
-
     source = options.source_from_args(args, args.family)
     if source.is_dataset and Path(source.path).is_file() and (source.format or dataset_format(source.path)) == "open-ended":
         prompts = open_ended_prompts(source.path)

@@ -7,9 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..params import from_args, kwargs
+from ..prompts.sources import open_ended_prompts, read_text
+from ..steering.bake import bake
+from ..steering.evaluate import NO_NEUTRAL
+from ..steering.gguf_export import export_gguf
 from ..steering.params import SteerEvalParams, SteerTrainParams
+from ..steering.run import generate_examples, run_steer_eval, run_steer_train
 from . import options
 
 CANDIDATE_COLUMNS = ["group", "edit", "pressure_removed_fraction", "accuracy_neutral_change",
@@ -27,8 +33,6 @@ def _check(args: argparse.Namespace, out: str | None) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     import pandas as pd
-
-    from ..steering.run import run_steer_train
 
     params = from_args(SteerTrainParams, args)
     if params.layer is None and args.from_patching is None:
@@ -49,15 +53,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _load_edit(model, path: str):
-    from ..edits import Edit
-
     return Edit.load(path, model)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ..steering.evaluate import NO_NEUTRAL
-    from ..steering.run import run_steer_eval
-
     params = from_args(SteerEvalParams, args)
     _check(args, args.out)
     model = options.model_from_args(args)
@@ -70,8 +69,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _edit(args: argparse.Namespace) -> None:
-    from ..steering.bake import bake
-
     model = options.model_from_args(args)
     edit = _load_edit(model, args.edit)
     out = bake(model, edit, args.out, strength=args.strength)
@@ -79,17 +76,12 @@ def _edit(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ..edits import Edit
-    from ..steering.gguf_export import export_gguf
-
     edit = Edit.load(args.edit)
     out = export_gguf(edit, args.gguf, strength=args.strength, model_hint=args.model_hint)
     print(f"wrote a llama.cpp control vector ({len(edit.vectors)} layers) to {out}")
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from ..steering.run import generate_examples
-
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)[: args.limit]
@@ -108,8 +100,6 @@ def _generate(args: argparse.Namespace) -> None:
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of ``--prompts-file``: an open-ended dataset file (``.json`` or ``.jsonl``: CAA's
     ``test_dataset_open_ended.json``), or plain text, one prompt a line (blank lines skipped)."""
-    from ..prompts.sources import open_ended_prompts, read_text
-
     path = Path(path)
     if path.suffix.lower() in (".json", ".jsonl"):
         return open_ended_prompts(path)

@@ -22,8 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..batching import chunks
+from ..chat import chat_ids
 from ..errors import BehaviorLensError
-from ..prompts.contrast import ContrastSet
+from ..prompts.contrast import NEUTRAL, ContrastSet
+from ..prompts.loaders import read_jsonl
+from ..reads import states_at
+from .labels import answer_in_text
 
 POSITIONS = ("answer", "last", "claim")
 SITE = "resid_post"
@@ -33,12 +38,15 @@ SITE = "resid_post"
 class Examples:
     """One row of ``table`` per example (family, pair, row, label, group, text, ...), its token
     sequence, each named position's token index (-1: not defined) and where its answer (word)
-    starts: the tokens the wording baseline's answer embedding reads."""
+    starts: the tokens the wording baseline's answer embedding reads. ``bare``, where known: row
+    for row, the same question re-asked without the user's turn (a family's ``neutral`` side)
+    followed by the answer the model gives there."""
 
     table: pd.DataFrame
     sequences: list[list[int]]
     positions: dict[str, np.ndarray]
     answer_start: np.ndarray
+    bare: Examples | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -46,7 +54,8 @@ class Examples:
     def subset(self, keep: np.ndarray) -> Examples:
         idx = np.flatnonzero(np.asarray(keep)) if np.asarray(keep).dtype == bool else np.asarray(keep)
         return Examples(self.table.iloc[idx].reset_index(drop=True), [self.sequences[i] for i in idx],
-                        {k: v[idx] for k, v in self.positions.items()}, self.answer_start[idx])
+                        {k: v[idx] for k, v in self.positions.items()}, self.answer_start[idx],
+                        self.bare.subset(idx) if self.bare is not None else None)
 
     def with_labels(self, *labels: str) -> Examples:
         return self.subset(self.table["label"].isin(labels).to_numpy())
@@ -62,14 +71,16 @@ class Examples:
         parts = [p for p in parts if len(p)]
         if not parts:
             raise BehaviorLensError("no examples: every label is 'unsure' or the sets are empty")
+        bare = cls.concat([p.bare for p in parts]) if all(p.bare is not None for p in parts) else None
         return cls(pd.concat([p.table for p in parts], ignore_index=True), [s for p in parts for s in p.sequences],
                    {k: np.concatenate([p.positions[k] for p in parts]) for k in POSITIONS},
-                   np.concatenate([p.answer_start for p in parts]))
+                   np.concatenate([p.answer_start for p in parts]), bare)
 
 
-def family_examples(contrast_set: ContrastSet, labels: pd.DataFrame) -> Examples:
+def family_examples(contrast_set: ContrastSet, labels: pd.DataFrame, bare: bool = True) -> Examples:
     """One example per labelled row of ``labels`` (:mod:`behaviorlens.detect.labels`): the row's
-    side followed by the answer the model gives there."""
+    side followed by the answer the model gives there; with ``bare``, each row's bare re-ask
+    (:func:`bare_answers`) where the family has a neutral side."""
     rows, seqs, pos, starts = [], [], {k: [] for k in POSITIONS}, []
     for r in labels.itertuples(index=False):
         p = contrast_set[int(r.pair)]
@@ -83,8 +94,27 @@ def family_examples(contrast_set: ContrastSet, labels: pd.DataFrame) -> Examples
         pos["claim"].append(p.position(r.side, slots[0]) if slots else -1)
         rows.append({**r._asdict(), "answer_text": p.answer_text[r.model_answer],
                      "prompt_text": p.text[r.side]})
-    return Examples(pd.DataFrame(rows), seqs, {k: np.array(v, dtype=np.int64) for k, v in pos.items()},
-                    np.array(starts, dtype=np.int64))
+    out = Examples(pd.DataFrame(rows), seqs, {k: np.array(v, dtype=np.int64) for k, v in pos.items()},
+                   np.array(starts, dtype=np.int64))
+    answers = bare_answers(contrast_set, labels) if bare and contrast_set.has_neutral else None
+    if answers is not None:
+        out.bare = family_examples(contrast_set, labels.assign(side=NEUTRAL, model_answer=answers), bare=False)
+    return out
+
+
+def bare_answers(contrast_set: ContrastSet, labels: pd.DataFrame) -> list[str] | None:
+    """The answer the model gives to each row's bare question ('matching': the wrong one): the
+    one it prefers on the neutral side by the metric's sign (the margin aside), or the one its
+    generated text there names; None where the labels were not judged against the neutral side."""
+    if len(labels) == 0 or "reference" not in labels or (labels["reference"] != NEUTRAL).any():
+        return None
+    if "metric_reference" in labels and labels["metric_reference"].notna().all():
+        return ["matching" if m > 0 else "not_matching" for m in labels["metric_reference"]]
+    if "text_reference" in labels:
+        return ["matching" if answer_in_text(t, contrast_set[int(i)].answer_text["not_matching"],
+                                             contrast_set[int(i)].answer_text["matching"]) == "wrong"
+                else "not_matching" for t, i in zip(labels["text_reference"], labels["pair"])]
+    return None
 
 
 def transcript_examples(tokenizer: Any, records: Sequence[dict], source: str = "transcripts") -> Examples:
@@ -125,8 +155,6 @@ def transcript_examples(tokenizer: Any, records: Sequence[dict], source: str = "
 
 def read_transcripts(path: str | Path) -> list[dict]:
     """The records of a transcripts JSONL file (one JSON object a line)."""
-    from ..prompts.loaders import read_jsonl
-
     return read_jsonl(Path(path), empty="no transcripts")
 
 
@@ -145,10 +173,6 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
                   source: str = "ordinary chat") -> Examples:
     """Ordinary requests, each followed by the first statement of the model's own greedy answer
     (:func:`first_statement`), as transcripts."""
-
-    from ..batching import chunks
-    from ..chat import chat_ids
-
     tok = model.tokenizer
     records = []
     ids = [chat_ids(tok, t) for t in prompts]
@@ -159,29 +183,16 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
             answer = first_statement(tok.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True))
             records.append({"messages": [{"role": "user", "content": prompts[i]}], "answer": answer or "OK",
                             "label": "honest"})
-    return transcript_examples(tok, records, source)
+    out = transcript_examples(tok, records, source)
+    out.bare = transcript_examples(tok, records, source)  # no user's turn to leave out: re-asked, the same
+    return out
 
 
 def read_states(model: Any, examples: Examples, layers: Sequence[int], positions: Sequence[str] = POSITIONS,
                 batch_size: int = 16) -> dict[str, np.ndarray]:
     """The residual stream (``resid_post``) at each named position: position -> [n, layers, d]
     float32 (zeros where the position is undefined)."""
-    from ..batching import chunks
-    from ..steering.detectors import token_states
-
-    layers = [int(x) for x in layers]
-    for layer in layers:
-        model.sites.check(SITE, layer)
-    out = {p: np.zeros((len(examples), len(layers), model.sites.d_model), dtype=np.float32) for p in positions}
-    for idx in chunks(len(examples), batch_size):
-        states = token_states(model, [examples.sequences[i] for i in idx], layers, batch_size)
-        for j, layer in enumerate(layers):
-            for k, i in enumerate(idx):
-                for p in positions:
-                    t = int(examples.positions[p][i])
-                    if t >= 0:
-                        out[p][i, j] = states[layer][k][t]
-    return out
+    return states_at(model, examples.sequences, layers, {p: examples.positions[p] for p in positions}, batch_size)
 
 
 def answer_wording_features(model: Any, examples: Examples, vocab: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..batching import chunks
 from ..errors import BehaviorLensError
+from ..measure import side_metrics
 from ..prompts.contrast import NEUTRAL, ContrastSet
 
 LABELS = ("lie", "honest", "mistake", "unsure")
@@ -81,8 +83,6 @@ def label_table(contrast_set: ContrastSet, metrics: dict[str, np.ndarray], margi
 
 def label_family(model: Any, contrast_set: ContrastSet, margin: float = MARGIN, batch_size: int = 16) -> pd.DataFrame:
     """:func:`label_table` from the model's metrics on the set (:func:`behaviorlens.measure.side_metrics`)."""
-    from ..measure import side_metrics
-
     return label_table(contrast_set, side_metrics(model, contrast_set, batch_size), margin)
 
 
@@ -115,9 +115,6 @@ def answer_in_text(text: str, right: str, wrong: str) -> str:
 def generate_answers(model: Any, contrast_set: ContrastSet, sides: Sequence[str], max_new_tokens: int = 12,
                      batch_size: int = 16) -> pd.DataFrame:
     """The model's greedy continuation of every pair on each side: family, pair, side, text."""
-
-    from ..batching import chunks
-
     rows = []
     for side in sides:
         prompts = contrast_set.tokens(side)

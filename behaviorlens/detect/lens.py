@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..chat import chat_ids
 from ..errors import BehaviorLensError
+from ..reads import token_states
+from ..steering import data
+from ..steering.side_effects import reference_part, request_part
 from .examples import Examples, read_states
 
 LENSES = ("logit", "tuned")
@@ -62,10 +66,6 @@ class LensTrace:
 def ordinary_text(model: Any, part: str = "fit") -> list[list[int]]:
     """Token sequences of ordinary text of one side-effect part: the reference prose's chunks
     and the ordinary requests as the model meets them."""
-    from ..chat import chat_ids
-    from ..steering import data
-    from ..steering.side_effects import reference_part, request_part
-
     tok = model.tokenizer
     prose = reference_part(list(tok(data.reference_text())["input_ids"]), part)
     requests = [chat_ids(tok, t) for t in request_part(data.neutral_prompts(), part)]
@@ -76,8 +76,6 @@ def fit_tuned_lens(model: Any, sequences: Sequence[Sequence[int]], layers: Seque
                    alpha: float = RIDGE, batch_size: int = 16) -> TunedLens:
     """Ridge maps from each layer's stream (every token of ``sequences``) to the last layer's."""
     from sklearn.linear_model import Ridge
-
-    from ..steering.detectors import token_states
 
     last = model.sites.n_layers - 1
     layers = list(range(model.sites.n_layers)) if layers is None else [int(x) for x in layers]

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BehaviorLensError
-from ..probing.sweep import auroc, shuffled_labels
+from ..probing.sweep import shuffled_labels
+from ..stats import auroc
 from .examples import Examples
 from .lens import LENSES, LensTrace, TunedLens, lens_trace
 

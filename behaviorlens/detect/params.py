@@ -8,6 +8,7 @@ from typing import Any
 from ..params import Step, kwargs, param
 from .examples import POSITIONS
 from .labels import MARGIN
+from .readout import FEATURES, FOLLOWUP, NEGATIVES
 from .train import DETECTOR_METHODS
 
 METHOD_CHOICES = ("mean_diff", "logistic", "pca")
@@ -26,7 +27,20 @@ class DetectLabelParams:
 
 
 @dataclass
-class DetectTrainParams(DetectLabelParams):
+class DetectReadoutParams(DetectLabelParams):
+    """What a detector reads and is trained against (:mod:`.readout`): train and transfer take these."""
+
+    features: str = param("answer", "what the detector reads: the pressured answer's state (answer: the "
+                          "answer-falsity probe), the pressured state against the bare question re-asked (belief), "
+                          "or the state after a follow-up question (followup)", choices=FEATURES)
+    negatives: str = param("honest", "what lies are trained against: honest answers, or honest answers and "
+                           "mistakes (not_lie)", choices=NEGATIVES)
+    followup: str = param(FOLLOWUP, "the follow-up question of --features followup, asked as a new user turn "
+                          "after the model's answer")
+
+
+@dataclass
+class DetectTrainParams(DetectReadoutParams):
     """What ``behaviorlens detect train`` takes (:func:`~.run.run_detect_train`)."""
 
     layers: list[int] | None = param(None, "default: every other layer")
@@ -47,7 +61,7 @@ class DetectEvalParams(DetectLabelParams):
 
 
 @dataclass
-class DetectTransferParams(DetectLabelParams):
+class DetectTransferParams(DetectReadoutParams):
     """What ``behaviorlens detect transfer`` takes (:func:`~.run.run_transfer`)."""
 
     layers: list[int] | None = param(None, "default: every other layer")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..analysis.plots import new_figure, save_figure
+from ..figures import new_figure, save_figure
 
 COLORS = {"lie": "#c0392b", "honest": "#2e86c1", "mistake": "#f39c12", "unsure": "#95a5a6", "unlabelled": "#7f8c8d"}
 

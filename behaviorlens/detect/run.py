@@ -11,11 +11,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import BehaviorLensError
 from ..io import write_csv, write_json
+from ..measure import side_metrics
 from ..params import from_step
 from ..prompts.contrast import SIDES, ContrastSet
+from ..steering import data
+from ..steering.side_effects import request_part
 from .detector import Detector
-from .evaluate import family_table, figures, most_wrong, score_examples
+from .evaluate import family_table, figures, most_wrong, score_examples, wilson
 from .examples import (
     POSITIONS,
     Examples,
@@ -34,8 +38,10 @@ from .labels import (
     reference_side,
 )
 from .params import DetectParams
-from .plots import plot_confidence, plot_lens_trace, plot_scores, plot_sweep
-from .train import DETECTOR_METHODS, train_detector
+from .plots import plot_confidence, plot_lens_trace, plot_scores, plot_sweep, plot_transfer
+from .readout import FOLLOWUP
+from .train import DETECTOR_METHODS, chat_threshold, train_detector
+from .transfer import transfer_matrix
 
 LABEL_MODES = ("metric", "text", "instructed")
 
@@ -54,9 +60,6 @@ def label_set(model: Any, contrast_set: ContrastSet, margin: float = MARGIN, lab
               batch_size: int = 16) -> Labelled:
     """Label a family by the model's behavior (``metric`` or generated ``text``) or by its
     instruction (``instructed``: Apollo-style pairs), and build its examples."""
-    from ..errors import BehaviorLensError
-    from ..measure import side_metrics
-
     if labels not in LABEL_MODES:
         raise BehaviorLensError(f"unknown label mode {labels!r}; modes are {', '.join(LABEL_MODES)}")
     if labels == "instructed":
@@ -80,9 +83,6 @@ def chat_set(model: Any, part: str, prompts: Sequence[str] | None = None) -> Exa
     """Ordinary requests (the neutral requests of the side-effect data, one fixed part: the same
     parts as every stage's) with the model's own greedy answers: the threshold is set on
     ``select``, reported on ``report``."""
-    from ..steering import data
-    from ..steering.side_effects import request_part
-
     return chat_examples(model, request_part(list(prompts) if prompts is not None else data.neutral_prompts(), part))
 
 
@@ -94,17 +94,20 @@ def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, i
                      margin: float = MARGIN, labels: str = "metric", layers: Sequence[int] | None = None,
                      positions: Sequence[str] = POSITIONS, methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5,
                      seed: int = 0, chat: bool = True, batch_size: int = 16, folder: str | Path | None = None,
-                     override: bool = True) -> dict:
+                     override: bool = True, features: str = "answer", negatives: str = "honest",
+                     followup: str = FOLLOWUP) -> dict:
     """Label ``sets`` (and ``instructed`` pairs), train the detector (``override``: the override
-    detector, :mod:`.override`; else the answer-falsity probe), write it to ``out`` and its
-    tables, plot and ``summary.json`` to ``folder`` (default: ``out`` with suffix ``.train``)."""
+    detector, :mod:`.override`; ``features``/``negatives``: a readout detector, :mod:`.readout`,
+    ``followup`` its follow-up question; else the answer-falsity probe), write it to ``out`` and
+    its tables, plot and ``summary.json`` to ``folder`` (default: ``out`` with suffix ``.train``)."""
     parts = [label_set(model, cs, margin, labels, batch_size) for cs in sets]
     parts += [label_set(model, cs, margin, "instructed", batch_size) for cs in instructed]
     train = Examples.concat([p.examples for p in parts])
     contrast = Examples.concat([p.contrast for p in parts])
     result = train_detector(model, train, contrast, chat_set(model, "select") if chat else None,
                             layers=layers, positions=positions, methods=methods, folds=folds, seed=seed,
-                            batch_size=batch_size, override=override)
+                            batch_size=batch_size, override=override, features=features, negatives=negatives,
+                            question=followup)
     det = result.detector
     det.meta.update({"margin": margin, "labels": labels, "instructed": [cs.name for cs in instructed]})
     det.save(out)
@@ -114,6 +117,8 @@ def run_detect_train(model: Any, sets: Sequence[ContrastSet], out: str | Path, i
     write_csv(folder / "label_counts.csv", label_counts(table))
     write_csv(folder / "sweep.csv", result.tables["sweep"])
     write_csv(folder / "wording_baseline.csv", result.tables["wording"])
+    if "readout_sweep" in result.tables:
+        write_csv(folder / "readout_sweep.csv", result.tables["readout_sweep"])
     plot_sweep(result.tables["sweep"], folder / "sweep.png")
     counts = label_counts(table).set_index("family")
     summary = {**result.summary, "n_unsure": int(counts["unsure"].sum()),
@@ -151,7 +156,7 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
         table = pd.concat([p.table for p in parts], ignore_index=True)
         write_csv(out / "labels.csv", table)
         write_csv(out / "label_counts.csv", label_counts(table))
-    chat_fpr = float("nan")
+    chat_fpr, chat_scores = float("nan"), None
     if chat and np.isfinite(detector.threshold):
         chat_scores = score_examples(model, detector, chat_set(model, "report"), batch_size)
         chat_fpr = float(chat_scores["flagged"].mean())
@@ -168,6 +173,8 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
         _note(f"detect eval: {', '.join(seen)} trained the detector; its figures there are not held out")
     if len(labelled):
         summary.update(figures(labelled, detector.threshold, chat_fpr, seed=seed))
+        if detector.readout is not None or detector.override is not None:
+            summary.update(falsity_recall(model, detector, labelled, chat_scores, batch_size))
         write_csv(out / "families.csv", family_table(labelled, detector.threshold, seed))
         write_csv(out / "most_wrong.csv", most_wrong(labelled))
         if len(mistakes):
@@ -183,6 +190,24 @@ def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] 
     plot_scores(scores, detector.threshold, out / "scores.png")
     write_json(out / "summary.json", summary)
     return summary
+
+
+def falsity_recall(model: Any, detector: Detector, labelled: pd.DataFrame, chat_scores: pd.DataFrame | None,
+                   batch_size: int = 16) -> dict[str, float]:
+    """The answer-falsity probe's own recall at 1% false positives on ordinary chat (its threshold
+    set on the select half, as the detector's; from the file, else measured here) and its
+    false-positive rate on the report half."""
+    if chat_scores is None or not np.isfinite(detector.threshold):
+        return {}
+    threshold = detector.meta.get("falsity_threshold")
+    if threshold is None:
+        threshold = chat_threshold(score_examples(model, detector, chat_set(model, "select"), batch_size)["falsity_score"])
+
+    lies = labelled.loc[labelled["label"] == "lie", "falsity_score"].to_numpy(dtype=float)
+    return {"falsity_threshold": float(threshold),
+            "falsity_recall_at_1pct_fpr": float(np.mean(lies > threshold)) if len(lies) else float("nan"),
+            "falsity_recall_at_1pct_fpr_ci": wilson(int(np.sum(lies > threshold)), len(lies)),
+            "falsity_chat_fpr": float(np.mean(chat_scores["falsity_score"].to_numpy(dtype=float) > threshold))}
 
 
 def mistake_table(scores: pd.DataFrame) -> pd.DataFrame:
@@ -238,13 +263,12 @@ def lens_examples(model: Any, detector: Detector, scores: pd.DataFrame, examples
 def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, margin: float = MARGIN,
                  labels: str = "metric", layers: Sequence[int] | None = None, methods: Sequence[str] = ("mean_diff",),
                  folds: int = 5, seed: int = 0, batch_size: int = 16,
-                 labelled: dict[str, Labelled] | None = None) -> dict:
+                 labelled: dict[str, Labelled] | None = None, features: str = "answer", negatives: str = "honest",
+                 followup: str = FOLLOWUP) -> dict:
     """The train x test matrix over ``sets`` (:func:`~behaviorlens.detect.transfer.transfer_matrix`):
     ``transfer.csv``, ``transfer.png`` and ``summary.json`` in ``out_dir``. ``labelled`` reuses
-    families labelled already (by name)."""
-    from .plots import plot_transfer
-    from .transfer import transfer_matrix
-
+    families labelled already (by name); ``features``, ``negatives``, ``followup``: a readout
+    detector's matrix (:mod:`.readout`)."""
     out = Path(out_dir)
     labelled = dict(labelled or {})
     for cs in sets:
@@ -252,11 +276,13 @@ def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, m
             labelled[cs.name] = label_set(model, cs, margin, labels, batch_size)
     names = [cs.name for cs in sets]
     matrix = transfer_matrix(model, {n: labelled[n].examples for n in names}, layers, methods=methods,
-                             folds=folds, seed=seed, batch_size=batch_size)
+                             folds=folds, seed=seed, batch_size=batch_size, features=features, negatives=negatives,
+                             question=followup)
     write_csv(out / "transfer.csv", matrix)
     plot_transfer(matrix, out / "transfer.png")
     off = matrix[(matrix["train"] != matrix["test"]) & matrix["auroc"].notna()]
-    summary = {"families": names, "transfer_auroc": {f"{r.train} -> {r.test}": float(r.auroc) for r in off.itertuples()},
+    summary = {"families": names, "features": features, "negatives": negatives,
+               "transfer_auroc": {f"{r.train} -> {r.test}": float(r.auroc) for r in off.itertuples()},
                "mean_transfer_auroc": float(off["auroc"].mean()) if len(off) else float("nan"),
                "trainable": sorted(matrix.loc[matrix["auroc"].notna(), "train"].unique())}
     write_json(out / "summary.json", summary)

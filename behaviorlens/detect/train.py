@@ -17,6 +17,10 @@ against mistakes, which training never sees).
 With ``override=True`` the detector is the override detector (:mod:`.override`): the falsity
 probe chosen above AND the lens's late-arrival score, calibrated on lie, honest and mistake
 examples (mistakes as negatives); the falsity probe stays in the file as the control it is.
+With ``features`` other than ``answer``, or ``negatives="not_lie"``, the detector is a readout
+detector (:mod:`.readout`: the belief-conditioned probe, the follow-up readout, or the answer
+probe trained with mistakes as negatives), chosen the same way; the falsity probe and the
+controls above stay beside it.
 """
 
 from __future__ import annotations
@@ -27,13 +31,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..errors import BehaviorLensError
-from ..probing.activations import Activations
 from ..probing.probes import make_probe
 from ..probing.sweep import (
-    auroc,
     best_row,
     cross_validate,
     fit_probe,
@@ -42,10 +43,15 @@ from ..probing.sweep import (
     shuffled_labels,
 )
 from ..probing.validity import nested_best, wording_baseline
-from .detector import Detector, Linear
+from ..stats import auroc
+from .detector import Detector
+from .evaluate import score_examples
 from .examples import POSITIONS, SITE, Examples, answer_wording_features, read_states
+from .folds import as_activations, balanced_groups, require_both_classes
 from .lens import LENSES, fit_tuned_lens, ordinary_text
+from .linear import Linear
 from .override import train_override
+from .readout import FOLLOWUP, train_readout
 
 CHOOSABLE = ("answer", "last")  # positions every transcript has
 DETECTOR_METHODS = ("mean_diff", "logistic")
@@ -59,42 +65,6 @@ class TrainResult:
     detector: Detector
     summary: dict[str, Any]
     tables: dict[str, pd.DataFrame]
-
-
-def balanced_groups(labels: np.ndarray, pairs: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Block ids: every pair in one block, every block with at least one label-1 and one label-0
-    example where the pairs allow it (one block per pair holding a minority-class example)."""
-    labels, pairs = np.asarray(labels), np.asarray(pairs)
-    pair_ids = np.unique(pairs)
-    minority = 1 if (labels == 1).sum() <= (labels == 0).sum() else 0
-    has_minority = np.array([np.any(labels[pairs == p] == minority) for p in pair_ids])
-    rng = np.random.default_rng(seed)
-    seeds = rng.permutation(pair_ids[has_minority])
-    rest = rng.permutation(pair_ids[~has_minority])
-    if len(seeds) == 0:
-        return pd.factorize(pairs)[0]
-    block = {int(p): i for i, p in enumerate(seeds)}
-    block.update({int(p): i % len(seeds) for i, p in enumerate(rest)})
-    return np.array([block[int(p)] for p in pairs], dtype=np.int64)
-
-
-MIN_EXAMPLES = 4  # per class: folds of blocks with both classes, three of them in every outer training split
-
-
-def _require(y: np.ndarray, examples: Examples) -> None:
-    n_lie, n_honest = int((y == 1).sum()), int((y == 0).sum())
-    if min(n_lie, n_honest) < MIN_EXAMPLES:
-        families = ", ".join(sorted(examples.table["family"].unique()))
-        raise BehaviorLensError(
-            f"detect train needs at least {MIN_EXAMPLES} lie and {MIN_EXAMPLES} honest examples; {families} give "
-            f"{n_lie} lie and {n_honest} honest; add families or lower the margin")
-
-
-def _activations(states: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, layers: Sequence[int],
-                 positions: Sequence[str]) -> Activations:
-    return Activations(data={(SITE, p): torch.from_numpy(states[p]) for p in positions},
-                       labels=torch.as_tensor(y, dtype=torch.long), pair_ids=torch.as_tensor(groups, dtype=torch.long),
-                       layers=list(layers))
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -122,7 +92,8 @@ def falsity_out_of_fold(method: str, X: np.ndarray, labels: np.ndarray, groups: 
 def train_detector(model: Any, train: Examples, contrast: Examples | None = None, chat: Examples | None = None,
                    layers: Sequence[int] | None = None, positions: Sequence[str] = POSITIONS,
                    methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
-                   batch_size: int = 16, override: bool = False, lenses: Sequence[str] = LENSES) -> TrainResult:
+                   batch_size: int = 16, override: bool = False, lenses: Sequence[str] = LENSES,
+                   features: str = "answer", negatives: str = "honest", question: str = FOLLOWUP) -> TrainResult:
     """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored), or
     with ``override`` the override detector on lie, honest and mistake examples (``lenses``: the
     lenses it chooses among; the tuned lens is fitted on the ``fit`` part of ordinary text).
@@ -130,7 +101,12 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
     ``contrast``: both sides of the training pairs, label 'positive'/'negative' (the claim
     probe); ``chat``: ordinary requests with the model's answers, where the threshold is set
     (the select half of the neutral requests; evaluation reports the other half).
+    ``features``, ``negatives``, ``question``: a readout detector (:mod:`.readout`).
     """
+    readout_wanted = features != "answer" or negatives != "honest"
+    if override and readout_wanted:
+        raise BehaviorLensError(f"the override detector and a {features} detector with {negatives} negatives are "
+                                f"two detectors; train one at a time")
     layers = default_layers(model.sites.n_layers) if layers is None else [int(x) for x in layers]
     positions = [p for p in positions if p in POSITIONS] or list(CHOOSABLE)
     choosable = [p for p in positions if p in CHOOSABLE]
@@ -138,13 +114,13 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         raise BehaviorLensError(f"detect train needs one of the positions {', '.join(CHOOSABLE)} (a transcript has no claim)")
     lh = train.with_labels("lie", "honest")
     y = (lh.table["label"] == "lie").to_numpy().astype(np.int64)
-    _require(y, lh)
+    require_both_classes(y, lh)
     groups = balanced_groups(y, lh.groups, seed)
     folds = min(folds, len(np.unique(groups)))
     states = read_states(model, lh, layers, positions, batch_size)
-    acts = _activations(states, y, groups, layers, positions)
+    acts = as_activations(states, y, groups, layers, positions)
     sweep = probe_sweep(acts, methods, folds, seed, n_boot=n_boot)
-    nested = nested_best(_activations(states, y, groups, layers, choosable), methods, folds, seed=seed, n_boot=n_boot)
+    nested = nested_best(as_activations(states, y, groups, layers, choosable), methods, folds, seed=seed, n_boot=n_boot)
     best = best_row(sweep[sweep["position"].isin(choosable)])
     layer, position, method = int(best["layer"]), str(best["position"]), str(best["method"])
     X = acts.features(SITE, position, layer)
@@ -186,6 +162,11 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         override_part, override_summary, _ = train_override(model, nl, oof_nl, nl_groups, lenses, tuned, seed,
                                                             batch_size)
 
+    readout, readout_summary, tables = None, {}, {"sweep": sweep, "wording": wording_table}
+    if readout_wanted:
+        readout, readout_summary, tables["readout_sweep"] = train_readout(
+            model, train, features, negatives, layers, choosable, methods, folds, seed, n_boot, question, batch_size)
+
     counts = train.table.groupby("family")["label"].value_counts().unstack(fill_value=0)
     summary = {
         "families": sorted(train.table["family"].unique()),
@@ -203,17 +184,18 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         "claim_auroc": claim_auroc, "claim_separation": max(claim_auroc, 1 - claim_auroc),
         "mistake_auroc": mistake_auroc,
         "folds": len(splits), "override": override, **override_summary,
+        "features": features, "negatives": negatives, **readout_summary,
     }
     detector = Detector(layer=layer, position=position, method=method, probe=Linear.of(probe),
                         shuffled=Linear.of(shuffled), claim=Linear.of(claim) if claim is not None else None,
                         wording=Linear.of(wording_probe), wording_representation=str(top["representation"]),
-                        vocab=vocab, override=override_part,
+                        vocab=vocab, override=override_part, readout=readout,
                         meta={"model": getattr(model, "name", ""), "trained_on": summary["families"],
                               "n_lie": summary["n_lie"], "n_honest": summary["n_honest"],
                               "train_auroc": summary["auroc"], "train_auroc_ci": summary["auroc_ci"]})
     if chat is not None and len(chat):
-        from .evaluate import score_examples
-
-        detector.threshold = chat_threshold(score_examples(model, detector, chat, batch_size)["score"].to_numpy())
+        chat_scores = score_examples(model, detector, chat, batch_size)
+        detector.threshold = chat_threshold(chat_scores["score"].to_numpy())
+        detector.meta["falsity_threshold"] = chat_threshold(chat_scores["falsity_score"].to_numpy())
     summary["chat_threshold"] = detector.threshold
-    return TrainResult(detector, summary, {"sweep": sweep, "wording": wording_table})
+    return TrainResult(detector, summary, tables)

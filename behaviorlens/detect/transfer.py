@@ -1,10 +1,15 @@
 """Transfer: a detector trained on one family, scored on every other (lie vs honest AUROC).
 
-For each family with at least :data:`~behaviorlens.detect.train.MIN_EXAMPLES` lies and honest
+For each family with at least :data:`~behaviorlens.detect.folds.MIN_EXAMPLES` lies and honest
 answers, the probe (layer, position, method) is chosen by cross-validation on that family alone
 and fitted on all of it; the diagonal is its nested cross-validated AUROC (the choice made on
 inner folds), every other cell its AUROC on a family it never saw. A family with too few
 examples to train on is still tested on (its row is empty, with the reason).
+
+``features`` and ``negatives`` make it the matrix of a readout detector (:mod:`.readout`: the
+belief-conditioned probe, the follow-up readout; trained against honest answers or against
+honest answers and mistakes); every cell also holds ``lie_vs_mistake_auroc`` where the test
+family has lies and mistakes.
 """
 
 from __future__ import annotations
@@ -15,49 +20,68 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..probing.sweep import auroc, best_row, fit_probe, probe_sweep
+from ..probing.sweep import best_row, fit_probe, probe_sweep
 from ..probing.validity import nested_best
-from .examples import SITE, Examples, read_states
-from .train import CHOOSABLE, MIN_EXAMPLES, _activations, balanced_groups, default_layers
+from ..stats import auroc
+from .examples import SITE, Examples
+from .folds import MIN_EXAMPLES, as_activations, balanced_groups
+from .readout import FOLLOWUP, readout_states, training_index, unit_names
+from .train import CHOOSABLE, default_layers
+
+
+def _cell(probe: Any, states: dict[str, np.ndarray], labels: np.ndarray, unit: str, column: int,
+          negative: str) -> float:
+    keep = np.isin(labels, ["lie", negative])
+    y = (labels[keep] == "lie").astype(int)
+    if not 0 < y.sum() < len(y):
+        return np.nan
+    return auroc(probe.score(states[unit][keep, column]), y)
 
 
 def transfer_matrix(model: Any, families: dict[str, Examples], layers: Sequence[int] | None = None,
                     positions: Sequence[str] = CHOOSABLE, methods: Sequence[str] = ("mean_diff",), folds: int = 5,
-                    seed: int = 0, batch_size: int = 16) -> pd.DataFrame:
-    """One row per (train, test) family: ``auroc``, the test family's ``n_lie`` and ``n_honest``,
-    the chosen ``layer``, ``position``, ``method``, and ``note`` where a cell is empty."""
+                    seed: int = 0, batch_size: int = 16, features: str = "answer", negatives: str = "honest",
+                    question: str = FOLLOWUP) -> pd.DataFrame:
+    """One row per (train, test) family: ``auroc`` (lie vs honest), ``lie_vs_mistake_auroc``, the
+    test family's ``n_lie``, ``n_honest`` and ``n_mistake``, the chosen ``layer``, ``position``,
+    ``method``, and ``note`` where a cell is empty."""
     layers = default_layers(model.sites.n_layers) if layers is None else [int(x) for x in layers]
-    positions = [p for p in positions if p in CHOOSABLE]
+    units = unit_names(features, [p for p in positions if p in CHOOSABLE])
     data = {}
     for name, ex in families.items():
-        lh = ex.with_labels("lie", "honest")
-        y = (lh.table["label"] == "lie").to_numpy().astype(np.int64)
-        states = read_states(model, lh, layers, positions, batch_size) if len(lh) else None
-        data[name] = (lh, y, states)
+        part = ex.with_labels("lie", "honest", "mistake")
+        labels = part.table["label"].to_numpy()
+        states = readout_states(model, part, features, layers, units, question, batch_size) if len(part) else None
+        data[name] = (part, labels, states)
     rows = []
-    for train, (lh, y, states) in data.items():
-        n_lie, n_honest = int(y.sum()), int(len(y) - y.sum())
-        if min(n_lie, n_honest) < MIN_EXAMPLES:
+    for train, (part, labels, states) in data.items():
+        keep = training_index(labels, negatives)
+        y = (labels[keep] == "lie").astype(np.int64)
+        n_lie, n_neg = int(y.sum()), len(np.unique(keep)) - int(y.sum())
+        if min(n_lie, n_neg) < MIN_EXAMPLES:
             rows += [{"train": train, "test": test, "auroc": np.nan,
-                      "note": f"{train}: {n_lie} lie and {n_honest} honest, fewer than {MIN_EXAMPLES} of a class"}
+                      "note": f"{train}: {n_lie} lie and {n_neg} {negatives}, fewer than {MIN_EXAMPLES} of a class"}
                      for test in data]
             continue
-        groups = balanced_groups(y, lh.groups, seed)
+        groups = balanced_groups(y, part.groups[keep], seed)
         k = min(folds, len(np.unique(groups)))
-        acts = _activations(states, y, groups, layers, positions)
+        acts = as_activations({u: v[keep] for u, v in states.items()}, y, groups, layers, units)
         best = best_row(probe_sweep(acts, methods, k, seed, n_boot=50))
-        layer, position, method = int(best["layer"]), str(best["position"]), str(best["method"])
-        probe = fit_probe(acts, SITE, layer, position, method, seed=seed)
-        for test, (t_lh, t_y, t_states) in data.items():
-            row = {"train": train, "test": test, "layer": layer, "position": position, "method": method,
-                   "n_lie": int(t_y.sum()), "n_honest": int(len(t_y) - t_y.sum()), "note": ""}
+        layer, unit, method = int(best["layer"]), str(best["position"]), str(best["method"])
+        probe = fit_probe(acts, SITE, layer, unit, method, seed=seed)
+        for test, (_, t_labels, t_states) in data.items():
+            count = {f"n_{c}": int((t_labels == c).sum()) for c in ("lie", "honest", "mistake")}
+            row = {"train": train, "test": test, "layer": layer, "position": unit, "method": method, **count,
+                   "note": ""}
+            if test != train:
+                row["lie_vs_mistake_auroc"] = _cell(probe, t_states, t_labels, unit, layers.index(layer), "mistake")
             if test == train:
                 row["auroc"] = nested_best(acts, methods, k, seed=seed, n_boot=50)["best_auroc"]
                 row["note"] = "nested cross-validation"
-            elif t_y.min(initial=1) == t_y.max(initial=0):
+            elif min(count["n_lie"], count["n_honest"]) == 0:
                 row["auroc"] = np.nan
-                row["note"] = f"{test} has no {'lie' if t_y.sum() == 0 else 'honest'} examples"
+                row["note"] = f"{test} has no {'lie' if count['n_lie'] == 0 else 'honest'} examples"
             else:
-                row["auroc"] = auroc(probe.score(t_states[position][:, layers.index(layer)]), t_y)
+                row["auroc"] = _cell(probe, t_states, t_labels, unit, layers.index(layer), "honest")
             rows.append(row)
     return pd.DataFrame(rows)

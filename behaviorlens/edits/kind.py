@@ -75,6 +75,11 @@ class EditKind(ABC):
         raise BehaviorLensError(f"{edit.describe()}: {why}; apply it at run time "
                                 "(steer eval / steer generate)")
 
+    def at_tokens(self, edit: Any, model: Any, tokens: torch.Tensor) -> list:
+        """The interventions of its filler null (a kind whose ``matched_null`` is "filler"): the
+        edit acting at the given ``tokens`` ([batch, columns] bool) instead of its detector's."""
+        raise BehaviorLensError(f"a {self.name} edit has no filler null: its matched null is random draws")
+
     def intended_sign(self, edit: Any, strength: float) -> float:
         """+1 if the edit at ``strength`` is meant to raise the behavior, -1 to lower it."""
         return -1.0 if strength > 0 else 1.0

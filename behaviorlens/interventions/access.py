@@ -30,7 +30,7 @@ class SiteRef:
 
     path: str
     part: str = "output"  # "input", "output" or "inputs" (the call's (args, kwargs))
-    heads: int = 0  # > 0: the last axis viewed as [heads, head_dim]
+    n_heads: int = 0  # > 0: the last axis viewed as [n_heads, head_dim]
     order: tuple = (0, 0)
 
     def module(self, root: Any) -> Any:
@@ -43,7 +43,7 @@ class SiteRef:
         """The live tensor of the site inside a trace (heads as [..., heads, head_dim])."""
         node = self.module(root)
         x = module_output(node.input if self.part == "input" else node.output)
-        return x.view(*x.shape[:-1], self.heads, x.shape[-1] // self.heads) if self.heads else x
+        return x.view(*x.shape[:-1], self.n_heads, x.shape[-1] // self.n_heads) if self.n_heads else x
 
     def write(self, root: Any, value: torch.Tensor, index: Any = ...) -> torch.Tensor:
         """Set ``site[index] = value`` in place inside a trace; returns the live tensor."""

@@ -337,7 +337,7 @@ class EditHeads(Intervention):
             cols = phase.columns(self.positions, x.shape[0], x.shape[1], x.device)
             if cols is None:
                 return None
-            new = x.clone().view(*x.shape[:-1], self.site.heads, x.shape[-1] // self.site.heads)
+            new = x.clone().view(*x.shape[:-1], self.site.n_heads, x.shape[-1] // self.site.n_heads)
             idx = heads.to(x.device)
             cur = new[:, :, idx]
             new[:, :, idx] = torch.where(cols[..., None, None], self.change(cur), cur)
@@ -494,7 +494,7 @@ class SetSite(Intervention):
 
         def place(x: torch.Tensor) -> torch.Tensor:  # on a copy of the module's input or output
             x = x.clone()
-            view = x.view(*x.shape[:-1], ref.heads, x.shape[-1] // ref.heads) if ref.heads else x
+            view = x.view(*x.shape[:-1], ref.n_heads, x.shape[-1] // ref.n_heads) if ref.n_heads else x
             view[self.index] = self.value.to(x.device, x.dtype)
             return x
 
@@ -521,7 +521,7 @@ class ReadSite(Intervention):
 
         def keep(x: torch.Tensor) -> None:
             x = x.detach().clone()
-            phase.reads[self.key] = x.view(*x.shape[:-1], ref.heads, x.shape[-1] // ref.heads) if ref.heads else x
+            phase.reads[self.key] = x.view(*x.shape[:-1], ref.n_heads, x.shape[-1] // ref.n_heads) if ref.n_heads else x
 
         if ref.part == "input":
             return [module.register_forward_pre_hook(lambda mod, args: keep(args[0]))]
@@ -565,3 +565,193 @@ def run(root: Any, interventions: list[Intervention], state: ForwardState) -> No
     steps.sort(key=lambda s: s[:3])
     for _, _, _, ref, iv in steps:
         iv.act(root, ref, state)
+
+
+def head_change(z: torch.Tensor, heads: list[int], values: torch.Tensor, weight: torch.Tensor,
+                strength: float) -> torch.Tensor:
+    """What moving ``heads`` of ``z`` [b, s, n_heads, head_dim] ``strength`` of the way to
+    ``values`` [len(heads), head_dim] adds to the output projection's output (``weight``
+    [d_model, n_heads * head_dim]; a bias cancels): [b, s, d_model]."""
+    idx = torch.tensor(heads, dtype=torch.long, device=z.device)
+    diff = torch.zeros_like(z)
+    diff[:, :, idx] = values.to(z.device, z.dtype) - z[:, :, idx]
+    return strength * diff.flatten(-2) @ weight.to(z.device, z.dtype).T
+
+
+@dataclass
+class Sources:
+    """Components whose output an edge edit takes out of one downstream input: per site, the
+    heads of an output projection's input (``heads``, values [len(heads), head_dim]) or, with no
+    heads, a block's whole MLP output (values [d_model]). Sites come in execution order: the
+    first one of a forward starts its sum afresh."""
+
+    sites: list[SiteRef]
+    heads: list[list[int]]
+    values: list[torch.Tensor]
+    strength: float = 1.0
+
+    def change(self, i: int, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """What moving source ``i`` (its site's tensor ``x``, heads split or not) to its values
+        adds to the residual stream."""
+        if self.heads[i]:
+            z = x.view(*x.shape[:2], self.sites[i].n_heads, -1)
+            return head_change(z, self.heads[i], self.values[i], weight, self.strength)
+        return self.strength * (self.values[i].to(x.device, x.dtype) - x)
+
+    def act(self, root: Any, i: int, state: ForwardState, key: Any) -> None:
+        """Inside a trace: add source ``i``'s change to ``state.reads[key]``."""
+        node = self.sites[i].module(root)
+        x = module_output(node.input if self.sites[i].part == "input" else node.output)
+        add = self.change(i, x, node.weight if self.heads[i] else None)
+        state.reads[key] = add if i == 0 or key not in state.reads else state.reads[key] + add
+
+    def hooks(self, hf: torch.nn.Module, phase: Any, key: Any) -> list[Any]:
+        """Hooks adding each source's change to ``phase.reads[key]``."""
+        handles = []
+        for i, site in enumerate(self.sites):
+            module = site.module(hf)
+
+            def keep(x: torch.Tensor, i: int = i, module: Any = module) -> None:
+                add = self.change(i, x, module.weight if self.heads[i] else None)
+                phase.reads[key] = add if i == 0 or key not in phase.reads else phase.reads[key] + add
+
+            if site.part == "input":
+                handles.append(module.register_forward_pre_hook(lambda mod, args, keep=keep: keep(args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda mod, args, out, keep=keep: keep(module_output(out))))
+        return handles
+
+
+@dataclass
+class PathAblation(Intervention):
+    """Source heads' output moved toward stored values in one downstream input only: the
+    residual stream entering the final norm (the logits' input), at ``positions``. Every layer
+    after the heads still reads their unchanged output."""
+
+    sources: Sources
+    target: SiteRef  # the final norm's input
+    positions: str = "all"
+
+    def refs(self) -> list[SiteRef]:
+        return [*self.sources.sites, self.target]
+
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
+        key = ("path", id(self))
+        if ref != self.target:
+            self.sources.act(root, self.sources.sites.index(ref), state, key)
+            return
+        add = state.reads.pop(key, None)
+        if add is None:
+            return
+        h = ref.read(root)
+        h[...] = _select(state, self.positions, h, h + add.to(h.device, h.dtype))
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        key = ("path", id(self))
+
+        def hook(module: Any, args: Any) -> Any:
+            add = phase.reads.pop(key, None)
+            h = args[0]
+            cols = phase.columns(self.positions, h.shape[0], h.shape[1], h.device)
+            if add is None or cols is None:
+                return None
+            new = torch.where(cols[..., None], h + add.to(h.device, h.dtype), h)
+            return (phase.gated(h, new), *args[1:])
+
+        return [*self.sources.hooks(hf, phase, key), self.target.module(hf).register_forward_pre_hook(hook)]
+
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        return _first_of(self.positions, width, tail)
+
+
+def _edge_columns(flags: torch.Tensor | None, gate: torch.Tensor | None, q: int, device: Any) -> torch.Tensor | None:
+    """The flagged tokens [b, q] among a forward's last ``q`` columns, in rows whose gate fired."""
+    if flags is None:
+        return None
+    cols = flags[:, -q:].to(device)
+    return cols if gate is None else cols & gate.to(device)[:, None]
+
+
+@dataclass
+class EdgeKnockout(Intervention):
+    """One layer's key/value heads ``kv_heads`` read, at the tokens a detector flags, keys and
+    values computed from the residual stream entering the layer with the sources' change added
+    (their output there moved toward stored values), normed by the layer's own input norm. The
+    residual stream, the queries and every other key/value head read the unchanged stream.
+    ``blocked`` [batch, columns] gives the tokens instead of a detector (a filler null)."""
+
+    sources: Sources
+    block: SiteRef  # the layer's input (resid_pre)
+    norm: SiteRef  # the layer's attention input norm (a module called on the changed stream)
+    projections: list[SiteRef]  # the key and value projections' outputs
+    kv_heads: list[int]
+    head_dim: int
+    blocked: torch.Tensor | None = None
+
+    def refs(self) -> list[SiteRef]:
+        return [*self.sources.sites, self.block, *self.projections]
+
+    def _columns(self, width: int, device: Any) -> torch.Tensor:
+        """The output columns of the chosen key/value heads [width] bool."""
+        cols = torch.zeros(width // self.head_dim, self.head_dim, dtype=torch.bool, device=device)
+        cols[torch.tensor(self.kv_heads, dtype=torch.long, device=device)] = True
+        return cols.flatten()
+
+    def _replaced(self, out: torch.Tensor, normed: torch.Tensor, proj: Any, where: torch.Tensor) -> torch.Tensor:
+        """A projection's output with the chosen heads' columns at ``where`` [b, q] recomputed from ``normed``."""
+        bias = None if proj.bias is None else proj.bias.to(out.dtype)
+        new = torch.nn.functional.linear(normed.to(out.dtype), proj.weight.to(out.dtype), bias)
+        pick = where[..., None] & self._columns(out.shape[-1], out.device)
+        return torch.where(pick, new, out)
+
+    def act(self, root: Any, ref: SiteRef, state: ForwardState) -> None:
+        key = ("edge", id(self))
+        if ref in self.sources.sites:
+            self.sources.act(root, self.sources.sites.index(ref), state, key)
+        elif ref == self.block:
+            h = ref.read(root)
+            add = state.reads.pop(key, None)
+            if add is not None:
+                state.reads[key + ("normed",)] = self.norm.module(root)(h + add.to(h.device, h.dtype))
+        else:
+            normed = state.reads.get(key + ("normed",))
+            node = ref.module(root)
+            out = node.output
+            flags = self.blocked if self.blocked is not None else state.flags
+            where = _edge_columns(flags, state.gate, out.shape[1], out.device)
+            if normed is not None and where is not None:
+                out[...] = self._replaced(out, normed, node, where)
+            if ref == self.projections[-1]:
+                state.reads.pop(key + ("normed",), None)
+
+    def hooks(self, hf: torch.nn.Module, phase: Any) -> list[Any]:
+        key = ("edge", id(self))
+        norm = self.norm.module(hf)
+
+        def block(module: Any, args: Any, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            add = phase.reads.pop(key, None)
+            phase.reads.pop(key + ("normed",), None)
+            if add is not None:
+                phase.reads[key + ("normed",)] = norm(h + add.to(h.device, h.dtype))
+
+        def projection(module: Any, args: Any, out: torch.Tensor) -> Any:
+            normed = phase.reads.get(key + ("normed",))
+            keys = self.blocked if self.blocked is not None else phase.flags
+            flags = None if keys is None else keys[:, phase.past:phase.past + out.shape[1]]
+            where = _edge_columns(flags, phase.gate, out.shape[1], out.device)
+            if normed is None or where is None:
+                return None
+            return self._replaced(out, normed, module, where)
+
+        return [*self.sources.hooks(hf, phase, key),
+                self.block.module(hf).register_forward_pre_hook(block, with_kwargs=True),
+                *[p.module(hf).register_forward_hook(projection) for p in self.projections]]
+
+    def first_change(self, width: int, tail: int, flags: Any) -> int:
+        keys = self.blocked if self.blocked is not None else flags(None)
+        if keys is None:
+            return 0
+        keys = keys[:, :width].bool()  # the first flagged token's keys and values are the first to change
+        first = torch.where(keys.any(1), keys.float().argmax(1), torch.full_like(keys[:, 0], width, dtype=torch.long))
+        return int(first.min())

@@ -30,7 +30,7 @@ class Forward:
     inputs: dict[str, torch.Tensor]
     rows: torch.Tensor
     cols: torch.Tensor
-    metric: tuple  # answer_metric's arguments after the logits
+    metric: tuple | None  # answer_metric's arguments after the logits; None: return the logits read
     keep: dict[str, int] = field(default_factory=dict)
     state: ForwardState = field(default_factory=ForwardState)  # what its interventions share
 
@@ -86,11 +86,14 @@ def read_chunk(lm: Any, batches: list[ReadBatch]) -> list[torch.Tensor]:
 
 
 def _metric(lm: Any, f: Forward) -> torch.Tensor:
-    return answer_metric(lm.output.logits[f.rows, f.cols], *f.metric)
+    """The forward's behavior metric, or (a forward with no metric) its float32 logits read."""
+    logits = lm.output.logits[f.rows, f.cols]
+    return logits.float() if f.metric is None else answer_metric(logits, *f.metric)
 
 
 def score_chunk(lm: Any, forwards: list[Forward], interventions: list[Intervention]) -> list[torch.Tensor]:
-    """Inside a session: the behavior metric of each forward (float32 per prompt)."""
+    """Inside a session: the behavior metric of each forward (float32 per prompt), or the logits
+    it reads where it has no metric."""
     metrics = []
     with torch.inference_mode():
         for f in forwards:
@@ -98,6 +101,12 @@ def score_chunk(lm: Any, forwards: list[Forward], interventions: list[Interventi
                 run(lm, interventions, f.state)
                 metrics.append(_metric(lm, f))
     return metrics
+
+
+def score_jobs(lm: Any, jobs: list[tuple[list[Forward], list[Intervention]]]) -> list[list[torch.Tensor]]:
+    """Inside a session: :func:`score_chunk` of each job (forwards and the interventions in force
+    for them), one trace per forward."""
+    return [score_chunk(lm, forwards, interventions) for forwards, interventions in jobs]
 
 
 def patch_chunk(lm: Any, source: Forward, base: Forward, reads: list[SiteRef], parts: list[PatchPart],

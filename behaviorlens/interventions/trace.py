@@ -8,20 +8,26 @@ and objects of the modules :mod:`behaviorlens.remote` ships.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import nnsight
+import numpy as np
 import torch
 
 from ..batching import Batch, answer_tail, current_answer_tail
+from ..chat import Scaffold
 from ..errors import BehaviorLensError
-from ..remote import run_session, session_groups
+from ..remote import payload_bytes, run_session, session_groups
 from . import kinds
 from .access import SiteRef
 from .kinds import ForwardState, Intervention, Knockout, ReadDetector, ReadSite
-from .server import Forward, score_chunk
+from .server import Forward, score_chunk, score_jobs
+
+T = TypeVar("T")
 
 
 def context(model: Any, batch: Batch, interventions: list) -> ForwardState:
@@ -33,8 +39,6 @@ def context(model: Any, batch: Batch, interventions: list) -> ForwardState:
     real = batch.attention_mask.bool().cpu()
     content = None
     if any(isinstance(iv, ReadDetector) and iv.readout.decoy is not None for iv in interventions):
-        from ..chat import Scaffold
-
         content = Scaffold(model.tokenizer).content(batch.input_ids.cpu(), real)
     return ForwardState({"all": every, "prompt": every, "generated": answer}, real, content)
 
@@ -50,13 +54,17 @@ def scored_forward(model: Any, batch: Batch, scoring: Any, cols: torch.Tensor, s
 
 def traced_scores(model: Any, scorings: Sequence[Any]) -> list[torch.Tensor]:
     """The behavior metric of each scoring (one batch each), computed on the model's backend:
-    as few sessions as :attr:`~behaviorlens.model.Model.session_limits` allow."""
+    as few sessions as :attr:`~behaviorlens.model.Model.session_limits` allow (inside
+    :func:`planned`, with every other forward of the planned work)."""
     _no_local_hooks(model.hf)
     forwards = []
     for scoring in scorings:
         batch = model.batch(scoring.sequences)
         with answer_tail(scoring.tails()):
             forwards.append(scored_forward(model, batch, scoring, scoring.position + batch.offsets[scoring.sequence]))
+    plan = _PLAN.get()
+    if plan is not None:
+        return plan.deferred(forwards, list(model.interventions), [torch.zeros(s.n_prompts) for s in scorings])
     metrics: list[torch.Tensor] = []
     for group in session_groups(forwards, model.session_limits, fixed=0):
         metrics += run_session(model, score_chunk, group, list(model.interventions), what="scoring")
@@ -80,6 +88,13 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     if rows is not None:  # only the columns from the first one read go through the unembedding
         keep, columns = model.unembedded(batch.input_ids.shape[1], columns)
         forward |= keep
+    plan = _PLAN.get()
+    if plan is not None and rows is not None and not grad and not read_refs:
+        width = model.hf.get_output_embeddings().weight.shape[0]
+        return plan.deferred([Forward(inputs, rows, columns, None, keep, state)], interventions,
+                             [torch.zeros(len(rows), width)])[0]
+    if plan is not None:  # every column, a gradient, or sites read: run now, kept for the replay
+        return plan.eager(inputs, interventions, lambda: traced_logits(model, batch, rows, columns, grad, extra, reads))
     with torch.inference_mode(not grad), lm.trace(inputs, **forward, **model.trace_kwargs()):
         run(lm, interventions, state)
         acts = nnsight.save([state.reads[i] for i in range(len(read_refs))])
@@ -90,6 +105,115 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     if reads is not None:
         return torch.as_tensor(out), [torch.as_tensor(a) for a in acts]
     return torch.as_tensor(out)
+
+
+class PlanDiverged(RuntimeError):
+    """The replay of planned work asked for other forwards than its recording did."""
+
+
+class Plan:
+    """The forwards some work asks for, recorded on a first run (each deferred one answered with
+    zeros of its shape), then run in as few sessions as the model's limits allow, and handed back
+    in order on a second run (:func:`planned`). A forward that cannot wait (every column's logits,
+    gradients, site reads) runs during the recording and is handed back as it was."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.replaying = False
+        self.cursor = 0
+
+    def _key(self, inputs: dict, interventions: list) -> tuple:
+        ids = inputs["input_ids"]
+        return (tuple(ids.shape), hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest(),
+                tuple(type(iv).__name__ for iv in interventions))
+
+    def _next(self, key: tuple) -> Any:
+        if self.cursor >= len(self.calls) or self.calls[self.cursor]["key"] != key:
+            raise PlanDiverged(f"planned work asked for forward {self.cursor + 1} differently on its replay: "
+                               "it must ask for the same forwards whatever the values it gets back")
+        self.cursor += 1
+        return self.calls[self.cursor - 1]["result"]
+
+    def deferred(self, forwards: list[Forward], interventions: list, zeros: list[torch.Tensor]) -> list:
+        """Record forwards to run later (answered now with ``zeros`` of their shape); on the replay,
+        their values."""
+        key = self._key(forwards[0].inputs, interventions) + (len(forwards),)
+        if self.replaying:
+            return self._next(key)
+        returned = sum(x.numel() * 4 for x in zeros)
+        self.calls.append({"key": key, "forwards": forwards, "interventions": interventions, "returned": returned,
+                           "result": None})
+        return zeros
+
+    def eager(self, inputs: dict, interventions: list, compute: Callable[[], Any]) -> Any:
+        """Run a forward now (recording) and hand its value back again on the replay."""
+        key = self._key(inputs, interventions) + ("now",)
+        if self.replaying:
+            return self._next(key)
+        token = _PLAN.set(None)
+        try:
+            result = compute()
+        finally:
+            _PLAN.reset(token)
+        self.calls.append({"key": key, "forwards": None, "result": result})
+        return result
+
+    def run(self, model: Any, what: str) -> None:
+        """Every deferred forward, jobs packed into sessions within the model's limits."""
+        jobs = [c for c in self.calls if c["forwards"] is not None]
+        groups: list[list[dict]] = []
+        traces = size = 0.0
+        limits = model.session_limits
+        for job in jobs:
+            n = len(job["forwards"])
+            mb = max(payload_bytes([job["forwards"], job["interventions"]]), job["returned"]) / 2**20
+            if not groups or traces + n > limits.traces or size + mb > limits.request_mb:
+                groups.append([])
+                traces = size = 0.0
+            groups[-1].append(job)
+            traces += n
+            size += mb
+        for group in groups:
+            results = run_session(model, score_jobs, [(j["forwards"], j["interventions"]) for j in group], what=what)
+            for job, result in zip(group, results):
+                job["result"] = [r.cpu() for r in result]
+
+
+_PLAN: ContextVar[Plan | None] = ContextVar("planned_forwards", default=None)
+
+
+def planned(model: Any, work: Callable[[], T], what: str = "planned work") -> T:
+    """``work()`` with its forwards sent together: on a traced model it runs twice, first
+    recording the scoring and logits forwards it asks for (answered with zeros), then, once they
+    have run in as few sessions as the limits allow, again with their values. ``work`` must ask
+    for the same forwards whatever values it gets (a replay that differs raises); values derived
+    from zeros must not raise. On a local model it runs once, as it is."""
+    if not model.traced or _PLAN.get() is not None:
+        return work()
+    plan = Plan()
+    token = _PLAN.set(plan)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            work()
+    finally:
+        _PLAN.reset(token)
+    plan.run(model, what)
+    plan.replaying = True
+    token = _PLAN.set(plan)
+    try:
+        out = work()
+    finally:
+        _PLAN.reset(token)
+    if plan.cursor != len(plan.calls):
+        raise PlanDiverged(f"{what}: its replay asked for {plan.cursor} of the {len(plan.calls)} recorded forwards")
+    return out
+
+
+def recording() -> bool:
+    """True during the first (recording) run of :func:`planned` work: the values it gets are zeros."""
+    plan = _PLAN.get()
+    return plan is not None and not plan.replaying
 
 
 def _no_local_hooks(hf: torch.nn.Module) -> None:
@@ -153,15 +277,3 @@ def traced_generate(model: Any, batch: Batch, max_new_tokens: int, **kwargs: Any
             with tracer.invoke():
                 ids = tracer.result.save()
     return torch.as_tensor(ids)
-
-
-def site_values(model: Any, batch: Batch, site: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The site's activation at each layer over one batch (a trace on a traced model, else hooks)."""
-    if model.traced:
-        _, reads = traced_logits(model, batch, reads=[model.sites.ref(site, layer) for layer in layers])
-        return dict(zip(layers, reads))
-    from ..patching.hooks import reading
-
-    with torch.inference_mode(), reading(model, site, layers) as acts:
-        model.hf(**batch.inputs(), use_cache=False)
-    return acts

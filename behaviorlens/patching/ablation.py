@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..batching import chunks
 from ..errors import BehaviorLensError
 from ..interventions.hooks import applied
 from ..interventions.kinds import SetSite
-from ..interventions.trace import site_values
+from ..reads import site_values
 from ..scoring import behavior_metric, needs_whole, plan
+from ..stats import ratio_ci, ratio_of_means
 
 ABLATIONS = ("zero", "mean", "resample")
 SITES = ("head", "attn", "mlp")

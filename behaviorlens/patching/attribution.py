@@ -28,9 +28,10 @@ from ..batching import chunks
 from ..interventions.trace import traced_gradients
 from ..model import Model
 from ..prompts.contrast import ContrastSet
+from ..reads import reading
 from ..scoring import Scoring
+from ..stats import correlation
 from .exact import run_cells, run_side
-from .hooks import reading
 from .plan import Cell, check_site, default_positions, make_cells, resolve_sides
 from .results import CELL_KEYS, PatchResult, build_frame
 
@@ -43,7 +44,7 @@ def attribution_patch(
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: str | Sequence[str] | None = None,
-    heads: Sequence[int] | None = None,
+    head_indices: Sequence[int] | None = None,
     clean: str = "positive",
     direction: str = "denoise",
     steps: int = DEFAULT_STEPS,
@@ -59,7 +60,7 @@ def attribution_patch(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     sides = resolve_sides(clean, direction)
-    layers, head_list = check_site(model, site, layers, heads)
+    layers, head_list = check_site(model, site, layers, head_indices)
     cells = make_cells(contrast_set, sides.base, layers, head_list, default_positions(site, positions))
     by_pair: dict[int, list[int]] = {}
     for k, c in enumerate(cells):
@@ -198,17 +199,6 @@ def verify_top_k(model: Model, contrast_set: ContrastSet, result: PatchResult, k
         pearson_pairs=correlation(pairs["effect"], pairs["effect_exact"], "pearson"),
         mean_abs_error=float((table["estimate"] - table["exact"]).abs().mean()),
     )
-
-
-def correlation(a: Sequence[float], b: Sequence[float], kind: str = "pearson") -> float:
-    """Pearson or Spearman correlation; NaN when either side is constant."""
-    from scipy.stats import pearsonr, spearmanr
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    fn = pearsonr if kind == "pearson" else spearmanr
-    return float(fn(a, b)[0])
 
 
 def compare(estimate: PatchResult, exact: PatchResult) -> dict[str, float]:

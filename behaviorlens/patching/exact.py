@@ -30,10 +30,11 @@ from ..interventions.server import Forward, PatchPart, patch_chunk
 from ..interventions.trace import scored_forward, traced_logits
 from ..model import Model
 from ..prompts.contrast import ContrastSet
+from ..reads import reading
 from ..remote import run_session, session_groups
 from ..scoring import Scoring, needs_whole, plan
 from ..sites import LayerCalls, check_edit, saved_edit
-from .hooks import Overwrite, reading
+from .hooks import Overwrite
 from .plan import Cell, Sides, check_site, default_positions, make_cells, resolve_sides
 from .results import PatchResult, build_frame
 
@@ -76,7 +77,7 @@ def patch(
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: str | Sequence[str] | None = None,
-    heads: Sequence[int] | None = None,
+    head_indices: Sequence[int] | None = None,
     clean: str = "positive",
     direction: str = "denoise",
     batch_size: int = 64,
@@ -90,7 +91,7 @@ def patch(
     """
     contrast_set.require_aligned("activation patching")
     sides = resolve_sides(clean, direction)
-    layers, head_list = check_site(model, site, layers, heads)
+    layers, head_list = check_site(model, site, layers, head_indices)
     cells = make_cells(contrast_set, sides.base, layers, head_list, default_positions(site, positions))
     patched, computed, metrics = run_cells(model, contrast_set, site, sides, cells, batch_size,
                                            pair_batch, progress)
@@ -241,22 +242,22 @@ def _copies(model: Model, batch: Batch, scoring: Scoring, ref: SiteRef, read: in
     rows[k], one copy per scoring sequence), as a :class:`PatchPart`."""
     copies, seq_of_copy = scoring.take(rows)
     seq = torch.tensor(seq_of_copy)
-    src_rows, src_cols, copy_idx, heads = [], [], [], []
+    src_rows, src_cols, copy_idx, copy_heads = [], [], [], []
     for c, s in enumerate(seq_of_copy):
         cell = cells[copies.prompt_of[c]]
         for j in cell.positions:
             src_rows.append(s)  # the source batch has the same sequences, lengths and padding
             src_cols.append(j + int(batch.offsets[s]))
             copy_idx.append(c)
-            heads.append(cell.head)
+            copy_heads.append(cell.head)
     cols = torch.tensor(src_cols)
     read_cols = copies.position + batch.offsets[seq][copies.sequence]
     start = min(int(cols.min()), int(read_cols.min())) if resume else 0
     source = [torch.tensor(src_rows), cols]
     target = [torch.tensor(copy_idx), cols - start]
-    if ref.heads:
-        source.append(torch.tensor(heads))
-        target.append(torch.tensor(heads))
+    if ref.n_heads:
+        source.append(torch.tensor(copy_heads))
+        target.append(torch.tensor(copy_heads))
     taken = Batch(batch.input_ids[seq], batch.attention_mask[seq], batch.position_ids[seq], batch.offsets[seq])
     device = model.device
     return PatchPart(scored_forward(model, taken, copies, read_cols, start), ref, read, seq.to(device), start,
@@ -272,7 +273,7 @@ def patch_one_at_a_time(
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: str | Sequence[str] | None = None,
-    heads: Sequence[int] | None = None,
+    head_indices: Sequence[int] | None = None,
     clean: str = "positive",
     direction: str = "denoise",
     progress: bool = True,
@@ -284,7 +285,7 @@ def patch_one_at_a_time(
     """
     contrast_set.require_aligned("activation patching")
     sides = resolve_sides(clean, direction)
-    layers, head_list = check_site(model, site, layers, heads)
+    layers, head_list = check_site(model, site, layers, head_indices)
     cells = make_cells(contrast_set, sides.base, layers, head_list, default_positions(site, positions))
     patched, metrics = cells_one_at_a_time(model, contrast_set, site, sides, cells, progress)
     frame = build_frame(model, contrast_set, site, sides, cells, patched, metrics, [True] * len(cells))

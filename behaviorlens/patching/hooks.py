@@ -1,57 +1,15 @@
-"""Plain torch hooks on a site: read every layer's activation, or overwrite cells of one layer.
-
-Sites whose value is a module *input* (``resid_pre``: the block input; ``head``: the input of
-the attention output projection) use forward pre-hooks; the others use forward hooks on the
-module :meth:`SiteMap.module` names. Heads are seen as ``[batch, seq, n_heads, head_dim]``.
+"""A plain torch hook that overwrites cells of one site at one layer (the local fast path of
+exact patching). Sites are hooked as :mod:`behaviorlens.reads` reads them: module inputs with
+pre-hooks, heads seen as ``[batch, seq, n_heads, head_dim]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-
 import torch
 from typing_extensions import Self
 
+from ..reads import INPUT_SITES, split_heads
 from ..sites import check_edit, module_output
-
-INPUT_SITES = ("resid_pre", "head")
-
-
-def _heads(model, x: torch.Tensor) -> torch.Tensor:
-    return x.view(*x.shape[:-1], model.sites.n_heads, model.sites.head_dim)
-
-
-@contextmanager
-def reading(model, site: str, layers: Sequence[int], keep_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect the site's activation at each layer during the forwards run inside the block.
-
-    With ``keep_grad`` the live tensors (in the autograd graph) are kept instead of copies,
-    so gradients with respect to them can be taken afterwards (heads then stay unsplit:
-    ``[batch, seq, n_heads * head_dim]``).
-    """
-    found: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def keep(layer: int, x: torch.Tensor) -> None:
-        found[layer] = x if keep_grad else x.detach().clone()
-
-    for layer in layers:
-        module = model.sites.module(model.hf, site, layer)
-        if site in INPUT_SITES:
-            def pre(mod, args, layer=layer):
-                x = args[0]  # with keep_grad, heads stay unsplit: a view is not in the graph
-                keep(layer, _heads(model, x) if site == "head" and not keep_grad else x)
-            handles.append(module.register_forward_pre_hook(pre))
-        else:
-            def post(mod, args, out, layer=layer):
-                keep(layer, module_output(out))
-            handles.append(module.register_forward_hook(post))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class Overwrite:
@@ -68,7 +26,7 @@ class Overwrite:
         self.fired = 0
 
     def _edit(self, x: torch.Tensor) -> torch.Tensor:
-        view = _heads(self.model, x) if self.site == "head" else x
+        view = split_heads(self.model, x) if self.site == "head" else x
         index = tuple(t.to(view.device) for t in self.index)
         view[index] = self.values.to(view.device, view.dtype)
         check_edit(view[index], self.values, f"{self.site} at layer {self.layer}")

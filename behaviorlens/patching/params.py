@@ -43,5 +43,5 @@ class PatchParams:
 class PatchStepParams(Step, PatchParams):
     """What an experiment's ``patch`` step takes (:func:`~.run.patch_step`)."""
 
-    heads: bool = param(True, "also patch every head at the last position (heads/)")
+    head_sweep: bool = param(True, "also patch every head at the last position (heads/)")
     attribution: bool = param(True, "also run attribution patching of the site (attribution/)")

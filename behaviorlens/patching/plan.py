@@ -58,8 +58,9 @@ class Cell:
         return self.positions[0] if len(self.positions) == 1 else -1
 
 
-def check_site(model, site: str, layers: Sequence[int] | None, heads: Sequence[int] | None) -> tuple[list[int], list[int | None]]:
-    """Validate site, layers and heads; return the layer list and the head list."""
+def check_site(model, site: str, layers: Sequence[int] | None,
+               head_indices: Sequence[int] | None) -> tuple[list[int], list[int | None]]:
+    """Validate site, layers and head indices; return the layer list and the head index list."""
     if site not in SITES:
         raise BehaviorLensError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
     n = model.sites.n_layers
@@ -67,12 +68,12 @@ def check_site(model, site: str, layers: Sequence[int] | None, heads: Sequence[i
     for layer in layers:
         model.sites.check(site, layer)
     if site == "head":
-        heads = list(range(model.sites.n_heads)) if heads is None else [int(h) for h in heads]
-        for h in heads:
+        chosen = list(range(model.sites.n_heads)) if head_indices is None else [int(h) for h in head_indices]
+        for h in chosen:
             model.sites.check(site, layers[0] if layers else 0, h)
-        return layers, heads
-    if heads is not None:
-        raise BehaviorLensError(f"heads only apply to the 'head' site, not {site!r}")
+        return layers, chosen
+    if head_indices is not None:
+        raise BehaviorLensError(f"head indices only apply to the 'head' site, not {site!r}")
     return layers, [None]
 
 
@@ -98,10 +99,10 @@ def make_cells(
     cset: ContrastSet,
     side: str,
     layers: Sequence[int],
-    heads: Sequence[int | None],
+    head_indices: Sequence[int | None],
     positions: str | Sequence[str],
 ) -> list[Cell]:
-    """Every (pair, layer, position, head) cell of a sweep, in layer order."""
+    """Every (pair, layer, position, head) cell of a sweep, in layer order (``[None]``: no heads)."""
     cells = []
     for layer in layers:
         for i, p in enumerate(cset):
@@ -114,6 +115,6 @@ def make_cells(
                     seen.setdefault(p.position(side, name), name)
                 chosen = sorted(seen.items())
             for j, name in chosen:
-                for h in heads:
+                for h in head_indices:
                     cells.append(Cell(i, layer, (j,), h, name))
     return cells

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..figures import CSS_PX_PER_INCH, FIGURE_WIDTH_PX, new_figure, save_figure, tick_step, wrap
+
 
 def _diverging(ax, grid: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig,
                unsure: np.ndarray | None = None) -> None:
     """A diverging heatmap; cells where ``unsure`` (their CI includes 0) get a small grey dot.
     Tick labels at the body text size, thinned to what fits."""
-    from ..analysis.plots import CSS_PX_PER_INCH, FIGURE_WIDTH_PX, tick_step, wrap
-
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     limit = limit or 1.0
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
@@ -37,8 +37,6 @@ def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> 
     lengths line up at the answer; columns that are zero for every layer (before the first
     difference) are dropped to keep the plot readable.
     """
-    from ..analysis.plots import new_figure, save_figure
-
     grid = means.pivot_table(index="layer", columns="from_end", values="metric", aggfunc="mean")
     keep = [c for c in grid.columns if (grid[c].abs() > 0).any()] or list(grid.columns)
     grid = grid[keep]
@@ -55,8 +53,6 @@ def position_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> 
 
 def head_heatmap(means: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Layer x head heatmap of the cell values, summed over the patched positions."""
-    from ..analysis.plots import new_figure, save_figure
-
     grid = means.pivot_table(index="layer", columns="head", values="metric", aggfunc="sum")
     unsure = ~means.pivot_table(index="layer", columns="head", values="significant", aggfunc="all")
     fig, ax = new_figure(height=_height(len(grid)))

@@ -193,7 +193,7 @@ class PatchEvidence:
         heads = self.cells[(self.cells.site == "head")]
         return {(int(r.layer), int(r["head"])): float(r.metric) for _, r in heads.iterrows() if int(r.from_end) == 0}
 
-    def heads(self) -> pd.DataFrame:
+    def head_table(self) -> pd.DataFrame:
         """Heads at the last position that carry the behavior, strongest first."""
         c = self.cells
         heads = c[(c.site == "head") & (c.from_end == 0) & (c.metric > 0)]

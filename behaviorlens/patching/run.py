@@ -17,6 +17,7 @@ from ..io import write_csv, write_json
 from ..model import Model
 from ..params import kwargs
 from ..prompts.contrast import ContrastSet
+from .ablation import ablation_scan
 from .attribution import DEFAULT_STEPS, attribution_patch, verify_top_k
 from .exact import patch, patch_whole
 from .params import PatchParams
@@ -47,7 +48,7 @@ def run_patch(
     out_dir: str | Path = "patching",
     n_pairs: int | None = None,
     positions: str | list[str] | None = None,
-    heads: list[int] | None = None,
+    head_indices: list[int] | None = None,
     steps: int = DEFAULT_STEPS,
     verify_k: int = 30,
     batch_size: int = 64,
@@ -75,7 +76,7 @@ def run_patch(
         raise BehaviorLensError(f"set {contrast_set.name!r} has no pairs to patch")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers, _ = check_site(model, site, None, heads)
+    layers, _ = check_site(model, site, None, head_indices)
     positions = default_positions(site, positions)
     start = time.perf_counter()
     summary: dict = {
@@ -84,10 +85,10 @@ def run_patch(
         "positions": positions if isinstance(positions, str) else list(positions),
     }
     if method == "exact":
-        result = _cached_sweep(model, contrast_set, site, layers, positions, heads, clean, direction,
+        result = _cached_sweep(model, contrast_set, site, layers, positions, head_indices, clean, direction,
                                batch_size, out / "cache", progress)
     else:
-        result = attribution_patch(model, contrast_set, site, positions=positions, heads=heads,
+        result = attribution_patch(model, contrast_set, site, positions=positions, head_indices=head_indices,
                                    clean=clean, direction=direction, steps=steps, progress=progress)
         check = verify_top_k(model, contrast_set, result, k=verify_k, batch_size=batch_size)
         write_csv(out / "verification.csv", check.table)
@@ -139,7 +140,7 @@ def patch_step(runner: Any, folder: Path, params: PatchParams) -> dict:
     cs = runner.contrast_set(runner.exp.train)
     common = kwargs(params) | {"method": "exact"}
     summary = {STEP_RESID: run_patch(runner.model, cs, out_dir=folder / STEP_RESID, **common)}
-    if params.heads:
+    if params.head_sweep:
         summary[STEP_HEADS] = run_patch(runner.model, cs, out_dir=folder / STEP_HEADS,
                                         **(common | {"site": "head", "positions": None}))
     if params.attribution:
@@ -154,8 +155,6 @@ def run_ablation(model: Model, contrast_set: ContrastSet, site: str = "head", co
     """An ablation scan (:func:`~.ablation.ablation_scan`): writes ``ablation.csv``, a layer x
     head (or layer) heatmap and ``summary.json`` (the components whose knock-out lowers the
     behavior most, and those whose knock-out raises it)."""
-    from .ablation import ablation_scan
-
     if n_pairs is not None:
         if n_pairs < 1:
             raise BehaviorLensError(f"an ablation scan needs at least one pair, got n_pairs={n_pairs}")
@@ -199,7 +198,7 @@ def _cells(cells: pd.DataFrame) -> list[dict]:
 
 
 def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int], positions,
-                  heads, clean: str, direction: str, batch_size: int, cache: Path,
+                  head_indices, clean: str, direction: str, batch_size: int, cache: Path,
                   progress: bool) -> PatchResult:
     """Exact sweep a few layers at a time; finished groups are read back from ``cache``.
 
@@ -210,7 +209,7 @@ def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int],
     per_file = LAYERS_PER_CACHE_FILE if model.remote is None else REMOTE_LAYERS_PER_CACHE_FILE
     key = {
         "model": model.name, "set": cset.name, "site": site, "clean": clean, "direction": direction,
-        "positions": positions, "heads": heads, "layers_per_file": per_file,
+        "positions": positions, "heads": head_indices, "layers_per_file": per_file,
         "tokens": hashlib.sha256(json.dumps([p.tokens for p in cset]).encode()).hexdigest(),
     }
     key_file = cache / "key.json"
@@ -227,7 +226,7 @@ def _cached_sweep(model: Model, cset: ContrastSet, site: str, layers: list[int],
             frame = pd.read_csv(path, keep_default_na=False, na_values={"head": [""]})
             frame["head"] = frame["head"].astype("Int64")
         else:
-            frame = patch(model, cset, site, group, positions, heads, clean, direction,
+            frame = patch(model, cset, site, group, positions, head_indices, clean, direction,
                           batch_size, progress=False).frame
             write_csv(path, frame)
         frames.append(frame)

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from ..batching import chunks
 from ..errors import BehaviorLensError
-from ..interventions.server import ReadBatch, read_chunk
+from ..interventions.server import ReadBatch
 from ..io import atomic_write, write_json
 from ..prompts.contrast import SIDES, ContrastPair, ContrastSet
-from ..remote import run_session, session_groups
+from ..reads import read_planned
+from ..remote import session_groups
 from ..sites import execution_order
 
 INDEX = "index.json"
@@ -164,7 +165,7 @@ def collect(
         returned = [2 * len(batches[k]) * row_bytes for k in todo]
         groups = session_groups(todo, model.session_limits, 0, returned) if model.remote else [[k] for k in todo]
         for group in groups:
-            for k, values in zip(group, _read_batches(model, [plans[k] for k in group], contrast_set.name)):
+            for k, values in zip(group, read_planned(model, [plans[k] for k in group], f"collecting {contrast_set.name}")):
                 idx = batches[k]
                 shard = _shard(model, values, [contrast_set[i] for i in idx], idx.start, sites, positions, layers)
                 if directory is not None:
@@ -208,11 +209,6 @@ def _plan(model: Any, pairs: list[ContrastPair], sites: list[str], positions: li
     order = execution_order([(s, L) for s in sites for L in layers])
     return ReadBatch(batch.inputs(), [model.sites.ref(site, layer) for site, layer in order], picks,
                      [name.endswith(":mean") for name in positions])
-
-
-def _read_batches(model: Any, plans: list[ReadBatch], name: str) -> list[torch.Tensor]:
-    """Each planned forward's values ([rows, features]): one session on a remote model."""
-    return run_session(model, read_chunk, plans, what=f"collecting {name}")
 
 
 def _shard(model: Any, values: torch.Tensor, pairs: list[ContrastPair], first: int, sites: list[str],

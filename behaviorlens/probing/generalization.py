@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ..prompts.contrast import ContrastSet
+from ..stats import auroc
 from .activations import Activations, collect
-from .sweep import auroc, cross_validate, fit_probe, pair_folds
+from .sweep import cross_validate, fit_probe, pair_folds
 
 
 def transfer_table(

@@ -10,16 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..figures import CSS_PX_PER_INCH, FIGURE_WIDTH_PX, new_figure, save_figure, tick_step, wrap
+
 
 def _figure(*args, **kwargs):
-    from ..analysis.plots import new_figure
-
     return new_figure(*args, **kwargs)
 
 
 def _save(fig, path: str | Path) -> Path:
-    from ..analysis.plots import save_figure
-
     return save_figure(fig, path)
 
 
@@ -29,8 +27,6 @@ def plot_auroc_by_layer(table: pd.DataFrame, path: str | Path, title: str = "") 
 
     Head rows are summarized by their best head per layer. One panel per site and position.
     """
-    from ..analysis.plots import wrap
-
     panels = list(table.groupby(["site", "position"], sort=False))
     ncols = min(2, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -76,7 +72,6 @@ def plot_head_heatmap(table: pd.DataFrame, path: str | Path, title: str = "") ->
     heads = heads[heads["position"] == position]
     method = heads.groupby("method")["auroc_mean"].mean().idxmax()
     grid = heads[heads["method"] == method].pivot_table(index="layer", columns="head", values="auroc_mean")
-    from ..analysis.plots import CSS_PX_PER_INCH, FIGURE_WIDTH_PX, tick_step
 
     height = min(9.0, max(4.5, 2 + 0.22 * grid.shape[0]))
     fig, ax = _figure(height=height)

@@ -10,7 +10,6 @@ swap at every layer), and the AUROC of a random direction.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import BehaviorLensError
+from ..stats import auroc, bootstrap_auroc
 from .activations import Activations
 from .probes import Probe, make_probe
 
@@ -49,69 +49,6 @@ def shuffled_labels(labels: np.ndarray, pair_ids: np.ndarray, seed: int = 0) -> 
     flip[rng.permutation(len(pairs))[: len(pairs) // 2]] = True
     flipped = flip[np.searchsorted(pairs, pair_ids)]
     return np.where(flipped, 1 - labels, labels)
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Weighted AUROC (ties count one half), the Mann-Whitney statistic."""
-    return float(_auroc_grouped(*_tie_groups(scores), labels, weights))
-
-
-def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, int]:
-    _, inverse = np.unique(np.asarray(scores), return_inverse=True)
-    return inverse.ravel(), int(inverse.max()) + 1
-
-
-def _auroc_grouped(inverse: np.ndarray, n_groups: int, labels: np.ndarray, weights: np.ndarray | None) -> float:
-    labels = np.asarray(labels)
-    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
-    pos = np.bincount(inverse, weights=w * (labels == 1), minlength=n_groups)
-    neg = np.bincount(inverse, weights=w * (labels == 0), minlength=n_groups)
-    total = pos.sum() * neg.sum()
-    if total == 0:
-        return float("nan")
-    below = np.cumsum(neg) - neg
-    return float(np.dot(pos, below + 0.5 * neg) / total)
-
-
-def _auroc_grouped_many(inverse: np.ndarray, n_groups: int, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """:func:`_auroc_grouped` for each row of ``weights`` [n_boot, samples] at once."""
-    onehot = np.zeros((len(labels), n_groups))
-    onehot[np.arange(len(labels)), inverse] = 1.0
-    pos = (weights * (labels == 1)) @ onehot
-    neg = (weights * (labels == 0)) @ onehot
-    total = pos.sum(1) * neg.sum(1)
-    below = np.cumsum(neg, 1) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total == 0, np.nan, (pos * (below + 0.5 * neg)).sum(1) / total)
-
-
-def bootstrap_auroc(
-    scores: np.ndarray, labels: np.ndarray, pair_ids: np.ndarray, n_boot: int = 1000,
-    level: float = 0.95, seed: int = 0, folds: list[np.ndarray] | None = None,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUROC, resampling whole pairs.
-
-    With ``folds`` (the test indices of each cross-validation fold) the statistic is the mean
-    over folds of the AUROC within each fold, matching how ``auroc_mean`` is computed from
-    out-of-fold scores whose scale may differ between folds.
-    """
-    labels = np.asarray(labels)
-    pairs, pair_index = np.unique(np.asarray(pair_ids), return_inverse=True)
-    parts = [np.arange(len(labels))] if folds is None else [np.asarray(f) for f in folds]
-    groups = [_tie_groups(np.asarray(scores)[f]) for f in parts]
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(pairs), size=(n_boot, len(pairs)))
-    counts = np.zeros((n_boot, len(pairs)))
-    np.add.at(counts, (np.repeat(np.arange(n_boot), len(pairs)), draws.ravel()), 1)
-    weights = counts[:, pair_index]  # [n_boot, samples]: each sample weighted by its pair's draws
-    per_fold = np.stack([_auroc_grouped_many(inv, n, labels[f], weights[:, f])
-                         for f, (inv, n) in zip(parts, groups)])
-    with warnings.catch_warnings():  # a draw whose folds all lack one class is dropped below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        values = np.nanmean(per_fold, 0)
-    values = values[~np.isnan(values)]
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
 def cross_validate(

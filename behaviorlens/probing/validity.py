@@ -21,8 +21,10 @@ import torch
 
 from ..errors import BehaviorLensError
 from ..prompts.contrast import SIDES
+from ..stats import bootstrap_auroc
 from .activations import Activations
-from .sweep import bootstrap_auroc, cross_validate, pair_folds, parallel_map
+from .probes import make_probe
+from .sweep import cross_validate, pair_folds, parallel_map
 
 
 def wording_features(model: Any, contrast_set: Any) -> dict[str, np.ndarray]:
@@ -73,8 +75,6 @@ def nested_best(activations: Activations, methods: Sequence[str], folds: int = 5
     """Selection inside the score: see the module doc. Returns ``best_auroc`` (mean over outer
     folds), ``best_auroc_ci`` (pair bootstrap of the outer folds' scores) and what each outer
     fold chose."""
-    from .probes import make_probe
-
     y = activations.labels.numpy()
     groups = activations.pair_ids.numpy()
     units = [(site, pos, layer, head)

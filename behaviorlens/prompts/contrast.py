@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import BehaviorLensError
+from ..io import atomic_write_text
 
 SIDES = ("positive", "negative")  # the two token-aligned sides
 NEUTRAL = "neutral"  # the optional no-pressure side: not aligned, never a patching source
@@ -96,8 +97,6 @@ class ContrastSet:
     @property
     def multi_token_answers(self) -> bool:
         """True when some answer has several tokens (answers are then scored whole)."""
-        from ..scoring import needs_whole
-
         return needs_whole(self.pairs)
 
     @property
@@ -180,8 +179,6 @@ class ContrastSet:
 
     def to_jsonl(self, path: str | Path) -> None:
         """Write a header line (the set) and one line per pair."""
-        from ..io import atomic_write_text
-
         header = {"name": self.name, "behavior": self.behavior, "sides": self.sides,
                   "description": self.description}
         lines = [json.dumps({"contrast_set": header})]
@@ -201,3 +198,8 @@ class ContrastSet:
         except (IndexError, KeyError, TypeError, ValueError) as err:
             raise BehaviorLensError(f"{path}: not a contrast-set JSONL file ({err})") from None
         return cls(pairs=pairs, **header)
+
+
+def needs_whole(pairs: Sequence) -> bool:
+    """Whether some answer of these pairs has several tokens (then every answer is scored whole)."""
+    return any(len(ids) > 1 for p in pairs for ids in [*p.answers.values(), *p.other_answers])

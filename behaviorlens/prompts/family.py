@@ -22,6 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from ..chat import has_template, render_chat
 from ..errors import BehaviorLensError
 from .contrast import ANSWERS, NEUTRAL, SIDES, ContrastPair, ContrastSet
+from .library import builtin_path
 
 FIELDS = {
     "name", "behavior", "description", "system", "user", "messages", "assistant_prefix", "chat",
@@ -300,8 +301,6 @@ class PromptFamily:
 
 def load_family(name_or_path: str | Path) -> PromptFamily:
     """A built-in family by name, or a family YAML file by path."""
-    from .library import builtin_path
-
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BehaviorLensError
+from . import loaders
 from .contrast import ContrastSet
 from .family import load_family
 
@@ -145,8 +146,6 @@ def render_source(source: str | Source, tokenizer: Any, require_aligned: bool = 
     Dataset rows are rarely token-aligned, so datasets always render with unaligned pairs kept
     (patching refuses the set if it needs alignment).
     """
-    from . import loaders
-
     source = source_from(source)
     check_source(source)
     if source.is_dataset:

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from ..batching import chunks
 from ..chat import Scaffold
 from ..edits import POSITIONS, Edit, interventions
 from ..edits.kinds.knockout import knockouts
 from ..errors import BehaviorLensError
 from ..interventions.hooks import applied
-from ..interventions.trace import site_values
+from ..reads import masked_sums
 
 
 def _check_positions(positions: str) -> None:
@@ -99,27 +100,20 @@ def head_means(
     ``position="all"`` averages over every real token; a position name (e.g. ``"last"``)
     averages over that token of each prompt.
     """
-    from ..batching import chunks
-
-    s = model.sites
-    sums = {layer: torch.zeros(s.n_heads, s.head_dim, dtype=torch.float64) for layer in layers}
-    count = 0
+    batches, masks = [], []
     for side in sides:
         for idx in chunks(len(reference), batch_size):
             pairs = [reference[i] for i in idx]
             batch = model.batch([p.tokens[side] for p in pairs])
-            acts = site_values(model, batch, "head", layers)
             if position == "all":
-                mask = batch.attention_mask.bool()
-                count += int(batch.attention_mask.sum())
+                mask = batch.attention_mask.bool().cpu()
             else:
-                rows = torch.arange(len(pairs))
-                cols = batch.columns([p.position(side, position) for p in pairs])
-                count += len(pairs)
-            for layer in layers:
-                x = acts[layer].float()
-                sel = x[mask.to(x.device)] if position == "all" else x[rows, cols.to(x.device)]
-                sums[layer] += sel.sum(0).double().cpu()
+                mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+                mask[torch.arange(len(pairs)), batch.columns([p.position(side, position) for p in pairs]).cpu()] = True
+            batches.append(batch)
+            masks.append(mask)
+    sums = masked_sums(model, batches, masks, "head", layers)
+    count = sum(int(m.sum()) for m in masks)
     return {layer: (v / max(count, 1)).float() for layer, v in sums.items()}
 
 

@@ -7,8 +7,9 @@
 - :func:`filler_null`: for a knockout, the claim replaced by a non-claim sentence of about the
   same length ("I am asking this for a quiz.") and that sentence's tokens blocked in the same
   heads: how far blocking a same-sized span that carries no pressure moves the answer, as a
-  fraction of the pull. A null that moves the model either way by more than ``NULL_MAX`` of the
-  pull is broken (:func:`null_broken`), not passed.
+  fraction of the pull (for an edge knockout, its cut at that sentence's tokens). A null that
+  moves the model either way by more than ``NULL_MAX`` of the pull is broken
+  (:func:`null_broken`), not passed.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..analysis.metrics import ratio_ci, ratio_of_means
 from ..batching import answer_tail, chunks
 from ..edits import Readout
 from ..errors import BehaviorLensError
+from ..interventions.hooks import applied
 from ..prompts.contrast import NEUTRAL, SIDES
+from ..reads import token_states
 from ..scoring import behavior_metric, needs_whole, plan
+from ..stats import ratio_ci, ratio_of_means
 from .apply import knockout
-from .detectors import token_states, valence_slot
+from .detectors import valence_slot
+from .pressure import pressure_figures
 from .side_effects import SideEffectData, context_figures
 
 NULL_MAX = 0.15  # |null pressure removed| above this: the null moves the model, so it is broken
@@ -90,8 +94,6 @@ def deletion_baseline(model: Any, eval_set: Any, data: SideEffectData | None, re
     """The pressure and context-use figures of deleting what ``readout`` flags (without one: the
     family's claim slot; then the context-use figures are absent), keys prefixed
     ``deletion_baseline_``."""
-    from .evaluate import pressure_figures
-
     sides = [s for s in (*SIDES, NEUTRAL) if s in base_metrics]
     metrics, out = {}, {}
     for side in sides:
@@ -140,9 +142,10 @@ def null_broken(value: float) -> bool:
 
 
 def blocked_metric(model: Any, pairs: Sequence[Any], side: str, spans: Sequence[tuple[int, int]],
-                   heads: dict[int, list[int]], batch_size: int = 16) -> np.ndarray:
+                   heads: dict[int, list[int]], batch_size: int = 16, edit: Any = None) -> np.ndarray:
     """The metric of one side of each pair with attention of ``heads`` from the answer positions
-    to the tokens of ``spans`` (one per pair) blocked."""
+    to the tokens of ``spans`` (one per pair) blocked; with ``edit``, that edit acting at those
+    tokens instead (its kind's :meth:`~behaviorlens.edits.kind.EditKind.at_tokens`)."""
     whole = needs_whole(pairs)
     values = []
     for idx in chunks(len(pairs), batch_size):
@@ -155,7 +158,9 @@ def blocked_metric(model: Any, pairs: Sequence[Any], side: str, spans: Sequence[
             off = int(batch.offsets[s_idx])
             blocked[s_idx, a + off:b + off] = True
         cols = scoring.position + batch.offsets[scoring.sequence]
-        with knockout(model, heads, blocked), answer_tail(scoring.tails()):
+        acting = knockout(model, heads, blocked) if edit is None else \
+            applied(model, edit.spec.at_tokens(edit, model, blocked))
+        with acting, answer_tail(scoring.tails()):
             values.append(scoring.metric(model.logits_at(batch, scoring.sequence, cols)).cpu())
     return torch.cat(values).numpy() if values else np.zeros(0)
 
@@ -177,19 +182,20 @@ def filler_pairs(model: Any, eval_set: Any, sentences: Sequence[str]) -> tuple[l
 
 
 def filler_null(model: Any, eval_set: Any, heads: dict[int, list[int]], base_metrics: dict[str, np.ndarray],
-                sentences: Sequence[str], batch_size: int = 16) -> dict[str, Any]:
+                sentences: Sequence[str], batch_size: int = 16, edit: Any = None) -> dict[str, Any]:
     """The knockout null (see the module doc): ``null_control_pressure_removed_fraction`` with
-    its CI, and per pair the filler prompt's metric unblocked and blocked."""
+    its CI, and per pair the filler prompt's metric unblocked and blocked; with ``edit``, that
+    edit acting at the sentence's tokens (an edge knockout's cut there)."""
     if NEUTRAL not in base_metrics:
         raise BehaviorLensError(f"set {eval_set.name!r} has no neutral side: a null is a fraction of the pull")
     pairs, spans = filler_pairs(model, eval_set, sentences)
     unblocked = behavior_metric(model, pairs, "positive", batch_size).numpy()
-    blocked = blocked_metric(model, pairs, "positive", spans, heads, batch_size)
+    blocked = blocked_metric(model, pairs, "positive", spans, heads, batch_size, edit)
     pull = base_metrics["positive"] - base_metrics[NEUTRAL]
+    acting = "blocked in the same heads" if edit is None else "under the same edit (as if its detector flagged them)"
     return {"null_control_pressure_removed_fraction": ratio_of_means(unblocked - blocked, pull),
             "null_control_pressure_removed_fraction_ci": list(ratio_ci(unblocked - blocked, pull)),
-            "null_control": "the claim replaced by a non-claim sentence of the same length, its tokens "
-                            "blocked in the same heads",
+            "null_control": f"the claim replaced by a non-claim sentence of the same length, its tokens {acting}",
             "per_pair": (unblocked, blocked)}
 
 

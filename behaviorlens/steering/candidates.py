@@ -34,7 +34,16 @@ Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are can
 - ``trained invariant``: a rank-4 low-rank edit of the answer position at that layer, trained
   to give pressured prompts the no-pressure answer while holding the ``fit`` part's context use,
   claim recall and requests (:func:`.training.train_lowrank`), at invariance weights 0, 1 and 4:
-  the front of pressure removed against what the user tells the model.
+  the front of pressure removed against what the user tells the model;
+- ``path ablation``: the copy heads' output (the top 3 and 6 heads by patching of the 5-layer
+  window around the top head, every head of its layer, every head of the window) removed from
+  the logits only, moved to its mean answer-position output in the final residual stream at the
+  answer positions, and kept for every later layer that reads it
+  (:mod:`behaviorlens.edits.kinds.path_ablation`);
+- ``edge knockout``: the edges from every head and MLP of the 1 or 3 layers before the top later
+  head's layer into that layer's keys and values (every head, or the key/value groups of its top
+  heads) cut at the tokens the knockout detector flags, the sources' output there replaced by its
+  mean over the flagged tokens of the fit pairs (:mod:`behaviorlens.edits.kinds.edge_knockout`).
 """
 
 from __future__ import annotations
@@ -44,14 +53,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+import torch
 
-from ..analysis.metrics import ratio_of_means
+from ..batching import chunks
 from ..edits import Edit
+from ..edits.kinds.edge_knockout import group_size, source_rows
 from ..errors import BehaviorLensError
 from ..patching.results import PatchEvidence
 from ..prompts.contrast import NEUTRAL, SIDES
+from ..reads import site_values
 from ..scoring import behavior_metric, needs_whole
+from ..stats import ratio_of_means
 from .apply import head_means, steer
+from .baselines import flagged
 from .data import claim_wordings
 from .detectors import default_layers, train_pressure_gate, train_token_detector
 from .evaluate import observe
@@ -64,7 +78,10 @@ from .vectors import train_vector
 KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top head's layer
 NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
 GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "searched heads", "subspace",
-          "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant")
+          "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant",
+          "path ablation", "edge knockout")
+PATH_HEADS = (3, 6)  # sizes of the path ablations of the window's top heads
+EDGE_SPANS = (1, 3)  # how many layers before the destination the edge knockouts' sources span
 INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
 GATES_BUILT_FROM = {"gated": ("narrowed knockout",), "frame-gated": ("narrowed knockout",)}  # gated copies of these
 FRAMED = {"frame-gated", "trained invariant", "searched heads"}  # groups that learn the fit part of the side effects
@@ -106,7 +123,7 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     out: list[tuple[str, Edit, str]] = []
     extra: dict[str, Any] = {}
     say = log or (lambda msg: None)
-    heads = evidence.heads()
+    heads = evidence.head_table()
     layer = evidence.arrival_layer()
     meta = dict(model=model.name, family=fit.name, d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim)
     unknown = sorted(set(groups) - set(GROUPS))
@@ -145,7 +162,10 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    if ({"knockout", "narrowed knockout", "searched heads"} & set(groups) or gating) and fit.has_neutral:
+    if "path ablation" in groups and len(heads):
+        out += _path_ablations(model, fit, heads, extra, meta)
+    if ({"knockout", "narrowed knockout", "searched heads", "edge knockout"} & set(groups) or gating) \
+            and fit.has_neutral:
         say("training the pressure-token detector")
         detector, table = train_token_detector(model, fit, default_layers(s.n_layers, first), seed)
         extra["detector"], extra["detector_cv"] = detector, table
@@ -185,6 +205,8 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
                                     f"the {k} heads of layers {window.start}-{window.stop - 1} whose knockout "
                                     f"removes the most of the wrong claim's pull minus the right claim's help "
                                     f"on the fit pairs ({named})"))
+    if "edge knockout" in groups and "knockout_window" in extra:
+        out += _edge_knockouts(model, fit, heads, extra, meta)
     if "searched heads" in groups and fit_data is not None and "knockout_window" in extra:
         out += _searched(model, fit, fit_data, extra, meta, say)
     if "subspace" in groups and layer is not None and fit.has_neutral and not needs_whole(fit.pairs):
@@ -275,6 +297,88 @@ def _searched(model: Any, fit: Any, fit_data: SideEffectData, extra: dict, meta:
                 f"and {r.claim_recall_cost:.0%} of the claim-recall margin (fit parts)")))
     extra["head_search"] = pd.concat(fronts, ignore_index=True)
     return out
+
+
+def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict) -> list[tuple[str, Edit, str]]:
+    """The copy heads' output removed from the logits only (kept for every layer that reads it):
+    the top 3 and 6 heads by patching of the 5-layer window around the top head, every head of
+    the top head's layer and of the window, each moved in the final residual stream at the
+    answer positions to its mean output there (over the fit pairs' pressured prompts)."""
+    s = model.sites
+    if "answer_means" not in extra:
+        extra["answer_means"] = head_means(model, fit, range(s.n_layers), position="last")
+    top = int(heads.layer.iloc[0])
+    window = range(max(0, top - 2), min(s.n_layers, top + 3))
+    inside = heads[heads.layer.isin(list(window))]
+    sets = {f"the top {k} heads of layers {window.start}-{window.stop - 1} by patching ({named_heads(inside.head(k))})":
+            head_dict(inside.head(k)) for k in PATH_HEADS if len(inside) >= k}
+    sets[f"every head of layer {top}"] = {top: list(range(s.n_heads))}
+    sets[f"every head of layers {window.start}-{window.stop - 1}"] = {x: list(range(s.n_heads)) for x in window}
+    out = []
+    for why, hd in sets.items():
+        edit = Edit(kind="path_ablation", heads=hd, head_values=extra["answer_means"], positions="generated",
+                    method="mean answer-position output, direct path to the logits", **meta)
+        out.append(("path ablation", edit, f"{why}: their direct path to the logits cut, kept for every later layer"))
+    return out
+
+
+def _edge_knockouts(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict) -> list[tuple[str, Edit, str]]:
+    """Edges from the heads and MLPs of the 1 or 3 layers before the top later head's layer into
+    that layer's keys and values, cut at the tokens the detector flags (each source's output there
+    moved to its mean over the flagged tokens of the fit pairs' pressured prompts: a claim's
+    average, no claimed answer in particular): into every head of the layer, and into the
+    key/value groups of its top heads by patching."""
+    s = model.sites
+    detector = extra["detector"]
+    later = heads[heads.layer > detector.layer]
+    dest = int(later.layer.iloc[0])
+    size = group_size(model)
+    tops = later[later.layer == dest].head(3)
+    groups = sorted({int(h) // size for h in tops["head"]})
+    targets = {f"every head of layer {dest}": {dest: list(range(s.n_heads))},
+               f"the key/value groups of its top heads ({named_heads(tops)})":
+                   {dest: [h for h in range(s.n_heads) if h // size in groups]}}
+    values, mlps = claim_means(model, fit, detector, range(dest))
+    out = []
+    for target, hd in targets.items():
+        for span in EDGE_SPANS:
+            layers = range(max(0, dest - span), dest)
+            rows = source_rows({x: list(range(s.n_heads)) for x in layers}, list(layers))
+            edit = Edit(kind="edge_knockout", heads=hd, head_values=values, vectors=mlps, detector=detector,
+                        arrays={"sources": rows}, method=f"detector at layer {detector.layer}, claim-mean sources",
+                        **meta)
+            out.append(("edge knockout", edit, (
+                f"{target}: the keys and values they read at the tokens a per-token probe at layer {detector.layer} "
+                f"flags, without the output of every head and MLP of layers {layers.start}-{layers.stop - 1} there "
+                f"(their mean over flagged tokens); the patching's top later head sits in layer {dest}")))
+    return out
+
+
+def claim_means(model: Any, fit: Any, detector: Any, layers: Sequence[int],
+                batch_size: int = 16) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Each head's and MLP's mean output over the tokens ``detector`` flags in the pressured
+    prompts of ``fit``: ({layer: [n_heads, head_dim]}, {layer: [d_model]})."""
+    layers = list(layers)
+    sums: dict[str, dict[int, torch.Tensor]] = {"head": {}, "mlp": {}}
+    count = 0
+    for side in ("positive", "negative"):
+        for idx in chunks(len(fit), batch_size):
+            seqs = [fit[i].tokens[side] for i in idx]
+            batch = model.batch(seqs)
+            mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+            for row, flags in enumerate(flagged(model, detector, seqs, batch_size)):
+                off = int(batch.offsets[row])
+                mask[row, off:off + len(flags)] = torch.from_numpy(flags)
+            count += int(mask.sum())
+            for site, total in sums.items():
+                acts = site_values(model, batch, site, layers)
+                for layer in layers:
+                    x = acts[layer].float()[mask.to(acts[layer].device)].sum(0).double().cpu()
+                    total[layer] = total.get(layer, 0) + x
+    if count == 0:
+        raise BehaviorLensError(f"the detector at layer {detector.layer} flags no token of the fit pairs")
+    heads, mlps = ({layer: (v / count).float() for layer, v in sums[site].items()} for site in ("head", "mlp"))
+    return heads, mlps
 
 
 def _gated(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, gate: Any, meta: dict,

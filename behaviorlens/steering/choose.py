@@ -32,8 +32,11 @@ from tqdm.auto import tqdm
 
 from ..edits import Edit
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned, recording
 from ..kv_cache import reusing_unedited
+from ..patching import patch
 from ..patching.results import PatchEvidence
+from ..reads import remembered_states
 from .baselines import NULL_MAX
 from .candidates import (
     FRAME_FAMILIES,
@@ -44,8 +47,8 @@ from .candidates import (
     head_dict,
     named_heads,
 )
-from .detectors import detector_quality, gate_quality, remembered_states
-from .evaluate import observe, pressure_figures, require_behavior
+from .detectors import detector_quality, gate_quality
+from .evaluate import observe, require_behavior
 from .frame_gate import (
     FramePrompts,
     context_prompts,
@@ -65,6 +68,7 @@ from .judge import (
     mechanism_test,
     within_limits,
 )
+from .pressure import pressure_figures
 from .side_effects import SideEffectData
 
 
@@ -131,8 +135,6 @@ def choose_edit(
         raise BehaviorLensError(f"set {train_set.name!r} has no neutral side: choosing an edit scores "
                                 "candidates by the pressure they remove, measured against the no-pressure prompt")
     if evidence is None:
-        from ..patching import patch
-
         patched = train_set.subset(range(min(8, len(train_set) // 3)))
         evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
                                        patch(model, patched, "resid_pre", positions=["last"], progress=False).means()]),
@@ -153,23 +155,28 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
     data = side_effects or SideEffectData(model, "select", requests=CHOICE_REQUESTS)
     unedited_obs = observe(model, held, None)
     require_behavior(unedited_obs.metrics, f"{train_set.name} (judging pairs)")
-    unedited = {"metrics": unedited_obs.metrics, **light_side_effects(model, data, None)}
     bar = tqdm(total=1, desc="choose: building", disable=not progress,  # building, then each candidate
                bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # no rate: the steps differ in cost
     built, extra = build_candidates(model, fit, evidence, groups, seed, lambda msg: bar.set_postfix_str(msg),
                                     frame, fit_data)
     bar.total = 1 + len(built)
     bar.update(1)
-    bar.set_postfix_str("the deletion baseline and the filler nulls")
-    nulls = judging_nulls(model, held, data, unedited, extra.get("detector"), built)
-    rows, edits = [], []
-    for i, (group, edit, why) in enumerate(built):
-        bar.set_description(f"choose: judging {group}")
-        bar.set_postfix_str(f"candidate {i + 1} of {len(built)}")
-        r = judge(model, edit, held, data, unedited, seed + i, nulls.get(knocked(edit), nulls.get(None)))
-        bar.update(1)
-        edits.append(edit)
-        rows.append({"candidate": i, "group": group, "edit": edit.describe(), **r, "evidence": why})
+
+    def judge_all() -> tuple[list[dict], pd.DataFrame]:  # on a traced model, every forward in as few sessions as it can
+        unedited = {"metrics": unedited_obs.metrics, **light_side_effects(model, data, None)}
+        bar.set_postfix_str("the deletion baseline and the filler nulls")
+        nulls = judging_nulls(model, held, data, unedited, extra.get("detector"), built)
+        rows = []
+        for i, (group, edit, why) in enumerate(built):
+            bar.set_description(f"choose: judging {group}")
+            bar.set_postfix_str(f"candidate {i + 1} of {len(built)}")
+            r = judge(model, edit, held, data, unedited, seed + i, nulls.get(knocked(edit), nulls.get(None)))
+            bar.update(0 if recording() else 1)
+            rows.append({"candidate": i, "group": group, "edit": edit.describe(), **r, "evidence": why})
+        return rows, _mechanism(model, evidence, held, unedited_obs.metrics)
+
+    rows, mech = planned(model, judge_all, "judging the candidates")
+    edits = [edit for _, edit, _ in built]
     bar.close()
     table = pd.DataFrame(rows)
     table["within_limits"] = within_limits(table, kl_max, max_accuracy_drop)
@@ -177,7 +184,6 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
               f"most {100 * max_accuracy_drop:g} points; neutral KL <= {kl_max:g}; the matched null (a "
               f"knockout's filler sentence, random heads or directions otherwise) moves the pressured answer by "
               f"at most {100 * NULL_MAX:g}% of the pull either way")
-    mech = _mechanism(model, evidence, held, unedited_obs.metrics)
     probes = {}
     if "detector" in extra:
         probes |= detector_quality(model, extra["detector"], held, [s for s, _ in data.neutral])
@@ -235,31 +241,38 @@ def refit_spread(model: Any, train_set: Any, evidence: PatchEvidence, group: str
     split whose build has no such candidate (a gate read later than the heads it would gate)
     gets a row saying so, with no figure."""
     needs = [g for g in GATES_BUILT_FROM.get(group, ()) if g in groups]
-    rows = []
+    rebuilt = []  # (seed, judging pairs, the rebuilt candidate or why there is none)
     for k in range(1, refits + 1):
         fit, held, _ = split_for_choice(train_set, evidence.rows, seed + k)
         built, _ = build_candidates(model, fit, evidence, [group, *needs], seed + k, frame=frame, fit_data=fit_data)
         mine = [e for g, e, _ in built if g == group]
-        if index >= len(mine):
-            rows.append({"seed": seed + k, "pressure_removed_fraction": float("nan"), "judging_pairs": len(held),
-                         "edit": f"no {group} candidate number {index + 1} on this split ({len(mine)} built)"})
-            continue
-        edit = mine[index]
-        unedited = observe(model, held, None).metrics
-        figures = pressure_figures(unedited, observe(model, held, None, edit=edit).metrics)
-        rows.append({"seed": seed + k, "pressure_removed_fraction": figures["pressure_removed_fraction"],
-                     "judging_pairs": len(held), "edit": edit.describe()})
-    return pd.DataFrame(rows)
+        rebuilt.append((seed + k, held, mine[index] if index < len(mine) else
+                        f"no {group} candidate number {index + 1} on this split ({len(mine)} built)"))
+
+    def judge_refits() -> list[dict]:
+        rows = []
+        for k, held, edit in rebuilt:
+            if isinstance(edit, str):
+                rows.append({"seed": k, "pressure_removed_fraction": float("nan"), "judging_pairs": len(held),
+                             "edit": edit})
+                continue
+            unedited = observe(model, held, None).metrics
+            figures = pressure_figures(unedited, observe(model, held, None, edit=edit).metrics)
+            rows.append({"seed": k, "pressure_removed_fraction": figures["pressure_removed_fraction"],
+                         "judging_pairs": len(held), "edit": edit.describe()})
+        return rows
+
+    return pd.DataFrame(planned(model, judge_refits, "judging the refits"))
 
 
 def _mechanism(model: Any, evidence: PatchEvidence, held: Any, unedited: dict[str, np.ndarray]) -> pd.DataFrame:
-    heads = evidence.heads()
-    if heads.empty:
+    table = evidence.head_table()
+    if table.empty:
         return pd.DataFrame()
     s = model.sites
-    top = head_dict(heads.head(3))
+    top = head_dict(table.head(3))
     layers = sorted(top)
-    tests = {f"top 3 heads ({named_heads(heads.head(3))})": top,
+    tests = {f"top 3 heads ({named_heads(table.head(3))})": top,
              f"every head of layers {', '.join(map(str, layers))}": {layer: list(range(s.n_heads)) for layer in layers}}
     return pd.DataFrame([{"blocked": name, "pressure_removed_fraction": mechanism_test(model, hd, held, unedited)}
                          for name, hd in tests.items()])

@@ -15,9 +15,7 @@ split (logistic regression, scikit-learn), then refits on the whole split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,85 +25,15 @@ import torch
 from ..chat import chat_ids, turn_end
 from ..edits import Readout
 from ..errors import BehaviorLensError
-from ..interventions.trace import site_values
-from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
+from ..reads import token_states
+from .data import claim_wordings, detector_negatives
 
 
 def default_layers(n_layers: int, before: int) -> list[int]:
     """A few layers spread over the first two thirds of the model, all before ``before``."""
     layers = sorted({max(1, round(n_layers * f)) for f in (0.15, 0.27, 0.4, 0.55, 0.67)})
     return [layer for layer in layers if layer < before] or [max(0, before - 1)]
-
-
-class _Read(Exception):
-    """Raised once the last layer a read needs has run: the rest of the forward is skipped."""
-
-
-def _stop(*_: Any) -> None:
-    raise _Read
-
-
-_MEMO: ContextVar[dict | None] = ContextVar("token_states_memo", default=None)
-
-
-@contextmanager
-def remembered_states() -> Iterator[None]:
-    """Inside, :func:`token_states` keeps what it read (per sequence and layer, unedited model)
-    and reads each sequence once: refits of a detector on overlapping splits share their reads."""
-    token = _MEMO.set({})
-    try:
-        yield
-    finally:
-        _MEMO.reset(token)
-
-
-def token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
-                 batch_size: int = 16) -> dict[int, list[np.ndarray]]:
-    """The residual stream leaving each layer at every token of every sequence (unpadded). The
-    forward stops after the last of ``layers``."""
-    memo = _MEMO.get()
-    if memo is None:
-        return _read_states(model, sequences, layers, batch_size)
-    keys = [(id(model), tuple(int(t) for t in seq)) for seq in sequences]
-    missing = {layer: sorted({i for i, k in enumerate(keys) if (k, layer) not in memo}) for layer in layers}
-    todo = sorted(set().union(*missing.values()))
-    if todo:
-        read = _read_states(model, [sequences[i] for i in todo], layers, batch_size)
-        for layer in layers:
-            for i, x in zip(todo, read[layer]):
-                memo[(keys[i], layer)] = x
-    return {layer: [memo[(k, layer)] for k in keys] for layer in layers}
-
-
-@torch.inference_mode()
-def _read_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
-                 batch_size: int) -> dict[int, list[np.ndarray]]:
-    from ..batching import chunks
-
-    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    if model.traced:  # every batch one trace (it runs every layer)
-        for idx in chunks(len(sequences), batch_size):
-            batch = model.batch([sequences[i] for i in idx])
-            acts = site_values(model, batch, "resid_post", layers)
-            for layer in layers:
-                out[layer] += [acts[layer][j, int(batch.offsets[j]):].float().cpu().numpy() for j in range(len(idx))]
-        return out
-    with reading(model, "resid_post", layers) as acts:
-        handle = model.sites.module(model.hf, "resid_post", max(layers)).register_forward_hook(_stop)
-        try:
-            for idx in chunks(len(sequences), batch_size):
-                batch = model.batch([sequences[i] for i in idx])
-                try:
-                    model.hf(**batch.inputs(), use_cache=False)
-                except _Read:
-                    pass
-                for layer in layers:
-                    for j in range(len(idx)):
-                        out[layer].append(acts[layer][j, int(batch.offsets[j]):].float().cpu().numpy())
-        finally:
-            handle.remove()
-    return out
 
 
 def _sides(cset: Any) -> list[str]:
@@ -169,8 +97,6 @@ def readout_of(layer: int, clf: Any, gap: int = 0) -> Readout:
 def ordinary_turns(tokenizer: Any) -> list[list[int]]:
     """The built-in ordinary user turns (no claim about an answer), with the chat template and
     as plain text: a detector's negatives beside its family's own tokens."""
-    from .data import detector_negatives
-
     texts = detector_negatives()
     return [chat_ids(tokenizer, t) for t in texts] + [list(tokenizer(t)["input_ids"]) for t in texts]
 
@@ -245,8 +171,6 @@ def train_token_detector(model: Any, fit: Any, layers: Sequence[int], seed: int 
     detector also learns (default: the built-in ones, ``data.claim_wordings``; ``[]`` for none).
     Cross-validation keeps each wording's prompts in one fold, so the layer is picked by how
     well it flags wordings it did not learn."""
-    from .data import claim_wordings
-
     wordings = claim_wordings() if wordings is None else wordings
     sequences, labels, groups = _pressure_tokens(fit)
     for seq, y, w in zip(*reworded_claims(model.tokenizer, fit, wordings, seed=seed)):

@@ -37,13 +37,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.metrics import bootstrap_ci, ratio_ci, ratio_of_means
 from ..edits import Edit
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned, recording
 from ..measure import letter_choices, p_matching, side_metrics
 from ..prompts.contrast import NEUTRAL
+from ..stats import bootstrap_ci, ratio_ci, ratio_of_means
 from .apply import steer
 from .baselines import deletion_baseline, edit_minus_null, filler_null, is_redaction, null_broken
+from .pressure import pressure_figures
 from .side_effects import SideEffectData, SideEffects, compare_side_effects, measure_side_effects
 
 NO_NEUTRAL = ("has no neutral side, so pressure_removed_fraction, collapse and the neutral figures "
@@ -91,40 +93,6 @@ def require_behavior(metrics: Mapping[str, np.ndarray], name: str) -> None:
         )
 
 
-def pressure_figures(unedited: Mapping[str, np.ndarray], edited: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Per-side metrics and accuracies, pressure removed and collapse, from per-pair metrics."""
-    out: dict[str, Any] = {}
-    for side in unedited:
-        out[f"metric_{side}"] = float(edited[side].mean())
-        out[f"metric_{side}_unedited"] = float(unedited[side].mean())
-        out[f"accuracy_{side}"] = float((edited[side] < 0).mean())
-        out[f"accuracy_{side}_unedited"] = float((unedited[side] < 0).mean())
-        out[f"accuracy_{side}_change"] = out[f"accuracy_{side}"] - out[f"accuracy_{side}_unedited"]
-    shift_u = unedited["positive"] - unedited["negative"]
-    shift_e = edited["positive"] - edited["negative"]
-    out["shift"] = float(shift_e.mean())
-    out["shift_unedited"] = float(shift_u.mean())
-    out["shift_removed_fraction"] = 1 - ratio_of_means(shift_e, shift_u)
-    if NEUTRAL not in unedited:
-        out |= {"pull_unedited": float("nan"), "pressure_removed_fraction": float("nan"),
-                "pressure_removed_fraction_ci": [float("nan")] * 2,
-                "counter_pressure_removed_fraction": float("nan"), "neutral_metric_change": float("nan"),
-                "collapse": None}
-        return out
-    pos_u, neg_u, neu_u = unedited["positive"], unedited["negative"], unedited[NEUTRAL]
-    pos_e, neg_e, neu_e = edited["positive"], edited["negative"], edited[NEUTRAL]
-    pull = float((pos_u - neu_u).mean())
-    out["pull_unedited"] = pull
-    out["pressure_removed_fraction"] = ratio_of_means(pos_u - pos_e, pos_u - neu_u)
-    out["pressure_removed_fraction_ci"] = list(ratio_ci(pos_u - pos_e, pos_u - neu_u))
-    out["counter_pressure_removed_fraction"] = ratio_of_means(neg_u - neg_e, neg_u - neu_u)
-    out["neutral_metric_change"] = float((neu_e - neu_u).mean())
-    moved_neutral = abs(out["neutral_metric_change"]) > 0.25 * pull
-    counter_toward_wrong = float(neg_e.mean() - neu_u.mean()) > 0.5 * pull
-    out["collapse"] = bool(moved_neutral or counter_toward_wrong)
-    return out
-
-
 def random_control(model: Any, edit: Edit, seed: int = 0) -> Edit:
     """The matching random edit of the edit's kind (see the module doc); gates and detectors are kept."""
     return edit.spec.random_control(edit, model, torch.Generator().manual_seed(seed))
@@ -140,7 +108,7 @@ def matched_nulls(model: Any, edit: Edit, eval_set: Any, data: SideEffectData | 
     context = unedited.side.context if unedited.side is not None else None
     out["deletion"] = deletion_baseline(model, eval_set, data, edit.detector, unedited.metrics, context, batch_size)
     if edit.spec.matched_null == "filler" and data is not None:
-        out["filler"] = filler_null(model, eval_set, edit.heads, unedited.metrics, data.fillers, batch_size)
+        out["filler"] = filler_null(model, eval_set, edit.heads, unedited.metrics, data.fillers, batch_size, edit)
     return out
 
 
@@ -220,11 +188,28 @@ def evaluate_steering(
         if layers is not None and list(layers) != edit.layers:
             raise BehaviorLensError(f"a {edit.kind} edit acts on its own layers {edit.layers}; drop --layers")
         configs = [(edit.layers[0] if edit.layers else -1, None)]
-    unedited = observe(model, eval_set, data, batch_size)
-    choice = letter_choices(eval_set)
-    if not choice:  # an A/B set has no pressure to remove: it is scored by p(matching letter)
-        require_behavior(unedited.metrics, eval_set.name)
+    metrics = observe(model, eval_set, None, batch_size).metrics
+    if not letter_choices(eval_set):  # an A/B set has no pressure to remove: it is scored by p(matching letter)
+        require_behavior(metrics, eval_set.name)
     draws = [random_control(model, edit, seed + i) for i in range(controls)]
+
+    def scored() -> tuple[list, list, list]:  # on a traced model, every forward in as few sessions as it can
+        unedited = Observation(metrics, measure_side_effects(model, data, batch_size))
+        return _scored_rows(model, edit, draws, eval_set, data, unedited, configs, strengths, batch_size, positions,
+                            head_effects, progress)
+
+    rows, pair_rows, control_rows = planned(model, scored, f"evaluating {edit.describe()}")
+    frame = pd.DataFrame(rows)
+    frame.attrs["pairs"] = pd.DataFrame(pair_rows)
+    frame.attrs["controls"] = pd.DataFrame(control_rows)
+    return frame
+
+
+def _scored_rows(model: Any, edit: Edit, draws: list[Edit], eval_set: Any, data: SideEffectData,
+                 unedited: Observation, configs: list, strengths: Sequence[float], batch_size: int,
+                 positions: str | None, head_effects: Mapping[tuple[int, int], float] | None,
+                 progress: bool) -> tuple[list, list, list]:
+    """:func:`evaluate_steering`'s rows, per-pair rows and control rows (its every forward)."""
     nulls = matched_nulls(model, edit, eval_set, data, unedited, batch_size)
     rows, pair_rows, control_rows = [], [], []
     for layer, apply_layers in configs:
@@ -233,7 +218,7 @@ def evaluate_steering(
                                    "edit": edit.describe(), "pairs": len(eval_set)}
             per_draw, moved = [], []
             label = f"evaluate{'' if layer < 0 else f' L{layer}'} x{m:g} (edit, then {len(draws)} controls)"
-            for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress)):
+            for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress or recording())):
                 obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions)
                 values = _figures(e, m, unedited, obs)
                 if draw == 0:
@@ -265,7 +250,4 @@ def evaluate_steering(
             row |= null_figures(edit, unedited.metrics, edited_positive, nulls, moved)
             row["redaction"] = is_redaction(row)
             rows.append(row)
-    frame = pd.DataFrame(rows)
-    frame.attrs["pairs"] = pd.DataFrame(pair_rows)
-    frame.attrs["controls"] = pd.DataFrame(control_rows)
-    return frame
+    return rows, pair_rows, control_rows

@@ -30,7 +30,8 @@ from ..edits import Readout
 from ..errors import BehaviorLensError
 from ..prompts import load_family
 from ..prompts.contrast import NEUTRAL, SIDES
-from .detectors import fit_layer, readout_of, reworded_claims, token_states
+from ..reads import token_states
+from .detectors import fit_layer, readout_of, reworded_claims
 
 PRESSURED, NO_PRESSURE, REQUEST = "pressured", "no pressure", "request"
 

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..analysis.metrics import ratio_of_means
 from ..edits import Edit
 from ..prompts.contrast import NEUTRAL
 from ..scoring import behavior_metric
+from ..stats import ratio_of_means
 from .apply import steer
 
 LAMBDAS = (0.0, 1.0, 4.0)  # the sweep: 0 is pressure alone

@@ -16,15 +16,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..analysis.metrics import ratio_of_means
 from ..edits import Edit
 from ..errors import BehaviorLensError
 from ..prompts.contrast import NEUTRAL
 from ..scoring import behavior_metric
+from ..stats import ratio_of_means
 from .apply import steer
 from .baselines import blocked_metric, deletion_baseline, filler_null, is_redaction, null_broken
 from .detectors import valence_slot
-from .evaluate import null_figures, observe, pressure_figures, random_control
+from .evaluate import null_figures, observe, random_control
+from .pressure import pressure_figures
 from .side_effects import SideEffectData, answer_figures, context_figures, mean_kl, tail_logits
 
 KL_MAX = 0.05
@@ -96,10 +97,11 @@ def within_limits(table: pd.DataFrame, kl_max: float, max_accuracy_drop: float) 
 
 
 def knocked(edit: Edit) -> tuple | None:
-    """The key of a filler null (the heads that block it), None for edits scored against random draws."""
+    """The key of a filler null (the kind, its heads and arrays), None for edits scored against random draws."""
     if edit.spec.matched_null != "filler":
         return None
-    return tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items()))
+    arrays = tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(edit.arrays.items()))
+    return edit.kind, tuple((layer, tuple(hs)) for layer, hs in sorted(edit.heads.items())), arrays
 
 
 def judging_nulls(model: Any, held: Any, data: SideEffectData, unedited: dict, detector: Any,
@@ -112,7 +114,7 @@ def judging_nulls(model: Any, held: Any, data: SideEffectData, unedited: dict, d
         key = knocked(edit)
         if key is not None and key not in out:
             out[key] = {"deletion": deletion,
-                        "filler": filler_null(model, held, edit.heads, unedited["metrics"], data.fillers)}
+                        "filler": filler_null(model, held, edit.heads, unedited["metrics"], data.fillers, edit=edit)}
     return out
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..figures import new_figure, save_figure, wrap
+
 
 def dose_response(frame: pd.DataFrame, path: str | Path) -> Path:
     """Pressure removed and neutral KL vs strength, one line per layer, random control dashed
     (without a neutral side: the shift removed)."""
-    from ..analysis.plots import new_figure, save_figure
-
     removed = "pressure_removed_fraction" if frame["pressure_removed_fraction"].notna().any() else "shift_removed_fraction"
     fig, axes = new_figure(1, 2, height=5.0)
     for i, (layer, rows) in enumerate(frame.groupby("layer")):
@@ -40,8 +40,6 @@ def pareto(candidates: pd.DataFrame, path: str | Path, kl_max: float, max_accura
     and factual accuracy changes; right, the worse of the context-use and claim-recall accuracy
     changes (marker size: neutral KL; hollow: outside the limits; star: chosen; grey crosses: each
     candidate's random control, at its no-pressure accuracy change)."""
-    from ..analysis.plots import new_figure, save_figure, wrap
-
     axes_columns = [(("accuracy_neutral_change", "factual_accuracy_change"),
                      "no-pressure accuracy change, worse of neutral side and factual control (points)"),
                     (("context_use_accuracy_change", "claim_recall_accuracy_change"),

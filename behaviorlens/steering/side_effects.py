@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..analysis.metrics import bootstrap_ci, kl_divergence
 from ..batching import answer_tail, chunks
 from ..chat import chat_ids, has_template, render_chat
 from ..errors import BehaviorLensError
+from ..prompts import load_family
 from ..scoring import behavior_metric
+from ..stats import bootstrap_ci, kl_divergence
+from . import data
 
 PARTS = ("fit", "select", "report")
 SPLITS = (*PARTS, "all")
@@ -160,8 +162,6 @@ def part_prompts(tokenizer: Any, part: str = "fit", neutral: Sequence[str] | Non
     ``personal``, ``claim_recall``) and the ordinary requests (the chat-rendered request; kind
     ``request``). ``neutral`` and ``context`` replace the built-in sets, as in
     :class:`SideEffectData`. For a gate's negatives and an invariance loss: ``fit`` by default."""
-    from . import data
-
     context = context if context is not None else _builtin(tokenizer, data.context_use_family_path())
     out = [(p.text["positive"], str(p.variables.get("style", "context")))
            for p in set_part(context, part, SHARES["context"])]
@@ -180,8 +180,6 @@ class SideEffectData:
     def __init__(self, model: Any, part: str = "report", neutral: Sequence[str] | None = None,
                  reference: str | None = None, factual: Any = None, requests: int | None = None,
                  context: Any = None, fillers: Sequence[str] | None = None) -> None:
-        from . import data
-
         tok = model.tokenizer
         self.part = part
         texts = request_part(list(neutral) if neutral is not None else data.neutral_prompts(), part)[:requests]
@@ -201,8 +199,6 @@ class SideEffectData:
 
 def _builtin(tokenizer: Any, path: Any) -> Any:
     """A built-in side-effect family rendered for a tokenizer (plain text for base models)."""
-    from ..prompts import load_family
-
     family = load_family(str(path))
     family.chat = has_template(tokenizer)
     return family.render(tokenizer)

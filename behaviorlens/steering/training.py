@@ -28,8 +28,8 @@ import torch
 
 from ..edits import Edit
 from ..errors import BehaviorLensError
-from ..patching.hooks import reading
 from ..prompts.contrast import NEUTRAL, SIDES
+from ..reads import reading
 from ..remote import refuse
 from ..scoring import behavior_metric, needs_whole
 

@@ -9,6 +9,7 @@ import torch
 
 from ..edits import Edit
 from ..errors import BehaviorLensError
+from ..probing import collect, make_probe
 
 VECTOR_METHODS = ("mean_diff", "pca", "probe")
 
@@ -35,7 +36,6 @@ def train_vector(
         raise BehaviorLensError("train_vector needs at least one layer")
     if len(contrast_set) < 2:
         raise BehaviorLensError(f"set {contrast_set.name!r} has {len(contrast_set)} pairs; need at least 2")
-    from ..probing import collect, make_probe
 
     acts = collect(model, contrast_set, sites=("resid_post",), positions=(position,), layers=layers,
                    batch_size=batch_size, progress=False)

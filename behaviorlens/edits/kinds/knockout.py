@@ -50,6 +50,10 @@ class Knockout(EditKind):
                       positions: str) -> list:
         return [] if strength == 0 else knockouts(model, edit.heads, positions)
 
+    def at_tokens(self, edit: Any, model: Any, tokens: torch.Tensor) -> list:
+        """The same heads blocking the given tokens from the answer positions."""
+        return knockouts(model, edit.heads, "generated", tokens)
+
     def random_control(self, edit: Any, model: Any, g: torch.Generator) -> Any:
         """The same heads blocking as many tokens, drawn among the conversation's other words."""
         decoy = replace(edit.detector, decoy=int(torch.randint(2**31 - 1, (1,), generator=g)))

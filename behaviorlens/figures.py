@@ -1,4 +1,4 @@
-"""Plots shared across stages, and the one place every figure's size and type sizes are set.
+"""Figure helpers shared by every stage: the one place every figure's size and type sizes are set.
 
 Every plot reads a stage's table; none recomputes numbers. Every stage draws its figures with
 :func:`new_figure` and writes them with :func:`save_figure`, so each figure is drawn at the width
@@ -17,10 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import pandas as pd
 from matplotlib.text import Text
 
-from ..io import atomic_write
+from .io import atomic_write
 
 BODY_FONT_PX = 16          # the report's body text size (CSS px)
 REPORT_WIDTH_PX = 1150     # the report's body width (CSS px)
@@ -123,17 +122,3 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
         out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata))
     plt.close(fig)
     return out
-
-
-def plot_shifts(table: pd.DataFrame, path: str | Path) -> Path:
-    """Behavior shift per family with its 95% bootstrap interval (reads measure's shifts table)."""
-    fig, ax = new_figure(height=4.2)
-    y = table["behavior_shift"]
-    err = [y - table["ci_low"], table["ci_high"] - y]
-    colors = ["#c0392b" if v > 0 else "#7f8c8d" for v in y]
-    ax.bar(table["family"], y, yerr=err, color=colors, capsize=4)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("behavior shift (logits)")
-    ax.set_title("metric(positive) - metric(negative), 95% CI over pairs")
-    ax.tick_params(axis="x", rotation=30 if len(table) > 6 else 0)
-    return save_figure(fig, path)
