@@ -190,6 +190,23 @@ class SiteMap:
         self.check("attn", layer)
         return SiteRef(f"{self.arch.layers}.{layer}.{self.arch.attn}", "inputs", order=(layer, RANKS["attn_call"]))
 
+    def final_norm_ref(self) -> SiteRef:
+        """The input of the final norm: the residual stream the logits read."""
+        return SiteRef(self.arch.final_norm, "input", order=(self.n_layers, 0))
+
+    def split_refs(self, layer: int) -> tuple[SiteRef, list[SiteRef]]:
+        """Block ``layer``'s attention norm (its input) and its key and value projections (their
+        outputs, in execution order), from the family's :class:`SplitBlock`, or a clear error."""
+        parts = SPLIT_BLOCKS.get(self.arch.family)
+        if parts is None:
+            raise BehaviorLensError(f"the {self.arch.family} family has no known split of a block into its "
+                                    f"norm and projections: {SPLIT_REASONS.get(self.arch.family, 'none is known')}")
+        self.check("attn", layer)
+        block = f"{self.arch.layers}.{layer}"
+        projections = [SiteRef(f"{block}.{path}", "output", order=(layer, 2, i + 1))
+                       for i, path in enumerate((parts.k_proj, parts.v_proj))]
+        return SiteRef(f"{block}.{parts.attn_norm}"), projections
+
     def residual_source_refs(self) -> list[SiteRef]:
         """Every output that sums into the residual stream: embeddings, each attn and mlp."""
         refs = [SiteRef(self.arch.embed, order=(-1, RANKS["embed"]))]

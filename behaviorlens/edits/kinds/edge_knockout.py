@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from ...errors import BehaviorLensError
-from ...interventions.access import SiteRef
 from ...interventions.kinds import EdgeKnockout as Cut
 from ..kind import EditKind, check_heads, head_names, need
 from .path_ablation import check_values, draw_heads, head_sources, residual_heads
@@ -128,10 +127,9 @@ def cut(edit: Any, model: Any, strength: float, tokens: torch.Tensor | None = No
     dest = edit.layers[0]
     heads, mlps = sources(edit)
     src = head_sources(model, heads, edit.head_values, strength, {layer: edit.vectors[layer] for layer in mlps})
-    attn = s.attention_call_ref(dest).path
-    projections = [SiteRef(f"{attn}.{name}_proj", "output", order=(dest, 2, i + 1)) for i, name in enumerate("kv")]
+    norm, projections = s.split_refs(dest)
     size = group_size(model)
-    return Cut(src, s.ref("resid_pre", dest), SiteRef(f"{s.arch.layers}.{dest}.input_layernorm"), projections,
+    return Cut(src, s.ref("resid_pre", dest), norm, projections,
                sorted({h // size for h in edit.heads[dest]}), s.head_dim, tokens)
 
 

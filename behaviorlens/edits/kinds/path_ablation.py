@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from ...errors import BehaviorLensError
-from ...interventions.access import SiteRef
 from ...interventions.kinds import PathAblation as Cut
 from ...interventions.kinds import Sources
 from ..kind import EditKind, check_heads, head_names, need
@@ -52,7 +51,7 @@ class PathAblation(EditKind):
     def interventions(self, edit: Any, model: Any, strength: float, layers: Sequence[int] | None,
                       positions: str) -> list:
         s = model.sites
-        target = SiteRef(s.arch.final_norm, "input", order=(s.n_layers, 0))
+        target = s.final_norm_ref()
         return [Cut(head_sources(model, edit.heads, edit.head_values, strength), target, positions)]
 
     def random_control(self, edit: Any, model: Any, g: torch.Generator) -> Any:
