@@ -8,6 +8,7 @@ gives the same activations as the same row alone.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+
+from .errors import BehaviorLensError
 
 T = TypeVar("T")
 
@@ -69,6 +72,25 @@ def chunks(n: int, size: int) -> Iterator[range]:
         raise ValueError(f"batch size must be at least 1, got {size}")
     for start in range(0, n, size):
         yield range(start, min(start + size, n))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, where: str = "--max-memory") -> int:
+    """A memory size such as ``40GiB``, ``500MB`` or a number of bytes, or a one-line error."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not found or found.group(2).lower() not in _UNITS or float(found.group(1)) <= 0:
+        raise BehaviorLensError(f"{where}: {text!r} is not a memory size such as 40GiB, 500MB or 2e9")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def rows_within(requested: int, row_bytes: int, budget: int | None) -> int:
+    """``requested`` rows, or as many (at least 1) as ``budget`` bytes hold at ``row_bytes`` each."""
+    if budget is None or row_bytes <= 0:
+        return requested
+    return max(1, min(requested, budget // row_bytes))
 
 
 def map_batches(

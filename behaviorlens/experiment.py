@@ -76,6 +76,7 @@ class ModelSpec(Schema):
     remote: str | bool | None = None
     session_traces: int = SessionLimits.traces  # what one remote request may hold
     session_mb: float = SessionLimits.request_mb
+    max_memory: str | None = None  # e.g. 40GiB: a batch's working memory where a stage sizes batches by memory
 
 
 class Families(Schema):
@@ -242,7 +243,8 @@ class Runner:
             self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
                                      device_map=m.get("device_map"), remote=self.remote,
                                      session_limits=SessionLimits(m.get("session_traces", SessionLimits.traces),
-                                                                  m.get("session_mb", SessionLimits.request_mb)))
+                                                                  m.get("session_mb", SessionLimits.request_mb)),
+                                     max_memory=m.get("max_memory"))
         return self._model
 
     @property

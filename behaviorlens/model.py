@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import kv_cache
-from .batching import Batch, pad
+from .batching import Batch, pad, parse_bytes
 from .errors import BehaviorLensError
 from .interventions.trace import traced_generate, traced_logits
 from .remote import SessionLimits, check_ndif, mode, trace_kwargs
@@ -60,6 +60,7 @@ class Model:
     remote: str | None = None  # None, "local" (nnsight's simulation of NDIF) or "ndif"
     interventions: list = field(default_factory=list)  # in force on the trace path (steering.apply)
     session_limits: SessionLimits = field(default_factory=SessionLimits)  # what one remote request holds
+    max_memory: int | None = None  # bytes a batch's working memory may take (--max-memory)
 
     @property
     def traced(self) -> bool:
@@ -92,6 +93,16 @@ class Model:
         hook = getattr(embedding, "_hf_hook", None)  # accelerate: where an offloaded module runs
         return getattr(hook, "execution_device", None) or embedding.weight.device
 
+    def memory_budget(self) -> int | None:
+        """Bytes a batch's working memory may take, where a stage sizes its batches by memory:
+        ``max_memory``, else 90% of a CUDA device's free memory, else none (the CPU, or NDIF's
+        machines, whose memory is not known here)."""
+        if self.max_memory is not None:
+            return self.max_memory
+        if self.remote is None and self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0] * 0.9)
+        return None
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -114,12 +125,16 @@ class Model:
 
     def generate(self, batch: Batch, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Greedy continuations (prompt and new ids) with the edits in force at every step."""
+        return self.generate_each([batch], max_new_tokens, **kwargs)[0]
+
+    def generate_each(self, batches: Sequence[Batch], max_new_tokens: int, **kwargs: Any) -> list[torch.Tensor]:
+        """:meth:`generate` of each batch; on a traced model in as few sessions as the limits allow."""
         if self.traced:
-            return traced_generate(self, batch, max_new_tokens, pad_token_id=self.pad_id, **kwargs)
+            return traced_generate(self, batches, max_new_tokens, pad_token_id=self.pad_id, **kwargs)
         with torch.inference_mode():
-            return self.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                    **kwargs)
+            return [self.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                     **kwargs) for b in batches]
 
     def logits_at(self, batch: Batch, rows: torch.Tensor, columns: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Float32 logits at (row, padded column) pairs: [reads, vocab].
@@ -203,6 +218,7 @@ def load_model(
     device_map: str | dict | None = None,
     remote: bool | str | None = None,
     session_limits: SessionLimits | None = None,
+    max_memory: str | int | None = None,
 ) -> Model:
     """Load a causal LM by name: ``"default"``, a Hugging Face id, a local folder or a .gguf file.
 
@@ -211,12 +227,16 @@ def load_model(
     ``remote="local"`` runs every forward as a trace through nnsight's simulation of NDIF (the
     model still loads here); ``remote="ndif"`` (or ``True``) runs them on NDIF, which must serve
     ``name`` (a Hugging Face id): only the config and tokenizer load here. ``session_limits`` bound
-    what one remote request holds (stages group their traces into sessions).
+    what one remote request holds (stages group their traces into sessions). ``max_memory`` (``40GiB``,
+    bytes) bounds a batch's working memory where a stage sizes batches by memory (default: the free
+    memory of a CUDA device).
     """
     remote = mode(remote)
+    budget = None if max_memory is None else parse_bytes(max_memory)
     if remote == "ndif":
         model = _load_ndif(name)
         model.session_limits = session_limits or model.session_limits
+        model.max_memory = budget
         return model
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
@@ -229,7 +249,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = Model(name=name, lm=lm, tokenizer=tokenizer, sites=SiteMap.from_config(hf.config), remote=remote,
-                  session_limits=session_limits or SessionLimits())
+                  session_limits=session_limits or SessionLimits(), max_memory=budget)
     model.load_seconds = time.perf_counter() - start
     return model
 

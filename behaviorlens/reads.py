@@ -4,12 +4,13 @@
   run inside the block (local models; with ``keep_grad`` the live tensors, for gradients).
 - :func:`site_values`: a site at each layer over one batch (a trace on a traced model).
 - :func:`token_states`: the residual stream at every token of each sequence, the forward
-  stopped after the last layer needed; inside :func:`remembered_states` each sequence is read once.
+  stopped after the last layer needed (on a traced model every batch together, as few sessions
+  as the limits allow); inside :func:`remembered_states` each sequence is read once.
 - :func:`states_at`: the residual stream at one chosen token per sequence and name.
 - :func:`masked_sums`: a site's sum over chosen tokens of many batches (head means), one session
   on a remote model.
 - :func:`read_planned`: planned reads at chosen columns (:class:`~.interventions.server.ReadBatch`),
-  one session per call on a remote model (collection's reads).
+  as few sessions as the limits allow on a remote model (collection's reads, token states).
 
 Sites whose value is a module *input* (``resid_pre``: the block input; ``head``: the input of
 the attention output projection) are read with forward pre-hooks, the others with forward
@@ -28,8 +29,8 @@ import torch
 
 from .batching import Batch, chunks
 from .interventions.server import ReadBatch, read_chunk
-from .interventions.trace import traced_logits
-from .remote import run_session
+from .interventions.trace import now, traced_logits
+from .remote import run_session, session_groups
 from .sites import module_output
 
 INPUT_SITES = ("resid_pre", "head")
@@ -137,6 +138,18 @@ def token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequenc
 def _token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
                   batch_size: int) -> dict[int, list[np.ndarray]]:
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    if model.traced and not model.interventions:  # every batch in as few sessions as the limits allow
+        parts = list(chunks(len(sequences), batch_size))
+        batches = [model.batch([sequences[i] for i in idx]) for idx in parts]
+        plans = [ReadBatch(b.inputs(), [model.sites.ref("resid_post", layer) for layer in layers], [], [])
+                 for b in batches]
+        ids = {"input_ids": torch.cat([b.input_ids.flatten().cpu() for b in batches])}
+        values = now(ids, [], lambda: read_planned(model, plans, "reading token states"))
+        for b, v in zip(batches, values):
+            v = v.float().cpu().view(len(b), len(layers), b.input_ids.shape[1], -1)
+            for j, layer in enumerate(layers):
+                out[layer] += [v[k, j, int(b.offsets[k]):].numpy() for k in range(len(b))]
+        return out
     for idx in chunks(len(sequences), batch_size):
         batch = model.batch([sequences[i] for i in idx])
         acts = site_values(model, batch, "resid_post", layers, stop=True)
@@ -193,5 +206,12 @@ def masked_sums(model: Any, batches: Sequence[Batch], masks: Sequence[torch.Tens
 
 
 def read_planned(model: Any, plans: list[ReadBatch], what: str) -> list[torch.Tensor]:
-    """Each planned forward's values (``[rows, features]``): one session on a remote model."""
-    return run_session(model, read_chunk, plans, what=what)
+    """Each planned forward's values (``[rows, features]``): on a remote model, as few sessions as
+    its limits allow (what comes back counted too)."""
+    d = model.sites.d_model
+    returned = [4 * d * len(p.refs) * p.inputs["input_ids"].shape[0] * (len(p.picks) or p.inputs["input_ids"].shape[1])
+                for p in plans]
+    out: list[torch.Tensor] = []
+    for group in session_groups(plans, model.session_limits, fixed=0, returned=returned):
+        out += run_session(model, read_chunk, group, what=what)
+    return out

@@ -23,7 +23,8 @@ from typing import Any
 from .errors import BehaviorLensError
 
 MODES = ("local", "ndif")
-SHIPPED = ("behaviorlens.interventions.access", "behaviorlens.interventions.kinds", "behaviorlens.interventions.server")
+SHIPPED = ("behaviorlens.interventions.access", "behaviorlens.interventions.kinds", "behaviorlens.interventions.server",
+           "behaviorlens.circuits.split")
 CRITICAL = ("nnsight", "transformers", "torch")
 
 

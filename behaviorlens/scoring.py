@@ -136,6 +136,36 @@ def plan(pairs: Sequence, side: str, whole: bool | None = None) -> Scoring:
     )
 
 
+def own_tokens(sequences: Sequence[Sequence[int]]) -> Scoring:
+    """What to run to score each sequence's own tokens after its first, teacher-forced and summed:
+    one prompt per sequence whose matching answer is those tokens and whose other answer is empty
+    (log p = 0), so its metric is the sequence's log-likelihood. The whole sequence runs (its last
+    column too, which a gate reads) and every column but the last is read."""
+    sequences = [list(s) for s in sequences]
+    if any(len(s) < 2 for s in sequences):
+        raise BehaviorLensError("a sequence scored on its own tokens needs at least two of them")
+    seq = [i for i, s in enumerate(sequences) for _ in s[1:]]
+    pos = [t for s in sequences for t in range(len(s) - 1)]
+    tok = [x for s in sequences for x in s[1:]]
+    return Scoring(
+        sequences=sequences, prompt_of=list(range(len(sequences))), sequence=torch.tensor(seq),
+        position=torch.tensor(pos), token=torch.tensor(tok), answer=torch.tensor(seq) * 2,
+        answer_prompt=torch.arange(len(sequences)).repeat_interleave(2),
+        answer_matching=torch.tensor([True, False]).repeat(len(sequences)), n_prompts=len(sequences), whole=True,
+    )
+
+
+def log_likelihoods(model, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+    """Each sequence's log-likelihood of its tokens after the first (:func:`own_tokens`): [sequences],
+    float32, on the CPU. On a traced model it is computed on the server, every batch together
+    (inside :func:`~behaviorlens.interventions.trace.planned` work, with its other forwards)."""
+    scorings = [own_tokens([sequences[i] for i in idx]) for idx in chunks(len(sequences), batch_size)]
+    if not scorings:
+        return torch.zeros(0)
+    metrics = traced_scores(model, scorings) if model.traced else [score(model, s) for s in scorings]
+    return torch.cat([m.float().cpu() for m in metrics])
+
+
 def score(model, scoring: Scoring) -> torch.Tensor:
     """One batched forward of the scoring's sequences (a shared prefix runs once); the metric per prompt."""
     if model.traced:

@@ -49,21 +49,26 @@ def main() -> None:
 
     from behaviorlens import load_family, load_model
     from behaviorlens.circuits import forward as F
-    from behaviorlens.circuits.attribution import edge_attribution, sides
+    from behaviorlens.circuits.attribution import edge_attribution
     from behaviorlens.circuits.exact import agreement, exact_edges, sample_edges
     from behaviorlens.circuits.graph import Graph
 
     model = load_model()
     cset = load_family(args.family).render(model.tokenizer).subset(range(args.pairs))
     g = Graph.of(model)
-    pos, _ = sides(model, cset, range(len(cset)))
-    W = F.Weights(model, g)
+    pos, _ = F.sides(model, cset, range(len(cset)))
+    B = F.blocks(model)
     eap = edge_attribution(model, cset)
     top = np.argsort(-np.abs(eap.values))[: args.edges]
-    F.run(model, g, pos, weights=W)  # records the shared prefix: "split forward" is the suffix alone
+    F.run(model, pos, B)  # records the shared prefix: "split forward" is the suffix alone
+
+    def bare() -> None:
+        with torch.inference_mode():
+            model.hf(**pos.spec.inputs, use_cache=False)
+
     peers = {
-        "bare forward": lambda: model.logits(pos.batch),
-        "split forward": lambda: F.run(model, g, pos, weights=W),
+        "bare forward": bare,
+        "split forward": lambda: F.run(model, pos, B),
         "EAP (all edges)": lambda: edge_attribution(model, cset),
         f"EAP-IG, {args.steps} steps": lambda: edge_attribution(model, cset, steps=args.steps),
         f"exact, {args.edges} edges": lambda: exact_edges(model, cset, top, batch_size=64),

@@ -8,7 +8,7 @@ the size of the requests: how many traces, and the bytes nnsight serialized for 
 (uncompressed; what a remote run uploads per stage: one request per session or lone trace). A bare forward of the stage's first batch is
 timed in the same run as the unit.
 
-    .venv/bin/python bench/remote.py [--pairs 8] [--family capitals_opinion] [--out DIR]
+    .venv/bin/python bench/remote.py [--pairs 8] [--family capitals_opinion] [--only circuit] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import pandas as pd
 import torch
 
 from behaviorlens import load_model
+from behaviorlens.circuits.attribution import edge_attribution
+from behaviorlens.circuits.exact import exact_edges
+from behaviorlens.circuits.faithfulness import evaluate
 from behaviorlens.edits import Edit, Readout
 from behaviorlens.measure import measure
 from behaviorlens.patching import patch
@@ -53,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--family", default="capitals_opinion")
+    parser.add_argument("--only", default="", help="run only the stages whose name contains this")
     parser.add_argument("--out", default=None, help="folder for remote.csv")
     args = parser.parse_args()
 
@@ -84,7 +88,13 @@ def main() -> None:
         "ablation scan mlp (mean)": lambda m: ablation_scan(m, cset, "mlp", "mean", layers=[2, 10, 20]),
         "steer eval scoring: knockout": steered(knock, lambda m: measure(m, cset)),
         "steer generate: vector (16 tokens)": steered(vector, lambda m: m.generate(prompts, 16)),
+        "circuit EAP (all edges)": lambda m: torch.tensor(edge_attribution(m, cset).effect),
+        "circuit exact edge patching (20 edges)": lambda m: torch.tensor(
+            exact_edges(m, cset, range(0, 70000, 3500)).effect),
+        "circuit faithfulness (3 circuits)": lambda m: torch.tensor(
+            evaluate(m, cset, [range(700), range(3500), range(7000)]).metric),
     }
+    stages = {name: fn for name, fn in stages.items() if args.only in name}
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.hf(**prompts.inputs(), use_cache=False)

@@ -232,23 +232,9 @@ def prepare_stage(model: Any, stage: str, pairs: int) -> tuple[Callable[[], Any]
         data = small_side_effects(model, "report")
         return (lambda: evaluate_steering(model, edit, cset, controls=1, side_effects=data)), cset, "vector"
     if stage == "steer train":
-        from behaviorlens.patching import patch
-        from behaviorlens.patching.results import PatchEvidence
         from behaviorlens.steering import choose_edit
 
-        # PatchEvidence.arrival_layer raises IndexError when no residual cell reaches 0.8 x the largest
-        # (every cell negative or NaN, as one pair on a random model can give): take the first pair
-        # whose evidence it accepts
-        for i in range(len(cset)):  # one patched pair: the other 12 leave the chooser its 6 judging pairs
-            patched = cset.subset([i])
-            evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
-                                                patch(model, patched, "resid_pre", positions=["last"],
-                                                      progress=False).means()]), {p.row for p in patched})
-            try:
-                evidence.arrival_layer()
-                break
-            except IndexError:
-                continue
+        evidence = one_pair_evidence(model, cset)
         data = small_side_effects(model, "select")
 
         def run() -> Any:
@@ -269,6 +255,26 @@ def prepare_stage(model: Any, stage: str, pairs: int) -> tuple[Callable[[], Any]
         chat = chat_examples(model, request_part(builtin.neutral_prompts(), "select")[:SIDE_EFFECT_ITEMS])
         return (lambda: train_detector(model, labelled.examples, labelled.contrast, chat)), lie, ""
     raise SystemExit(f"scale: unknown stage {stage!r}")
+
+
+def one_pair_evidence(model: Any, cset: Any) -> Any:
+    """Exact head and last-token residual patching of one pair (the others leave the chooser its
+    judging pairs): the first pair whose evidence ``PatchEvidence.arrival_layer`` accepts (it raises
+    IndexError when no residual cell reaches 0.8 x the largest, as one pair on a random model can give)."""
+    from behaviorlens.patching import patch
+    from behaviorlens.patching.results import PatchEvidence
+
+    for i in range(len(cset)):
+        patched = cset.subset([i])
+        evidence = PatchEvidence(pd.concat([patch(model, patched, "head", progress=False).means(),
+                                            patch(model, patched, "resid_pre", positions=["last"],
+                                                  progress=False).means()]), {p.row for p in patched})
+        try:
+            evidence.arrival_layer()
+            return evidence
+        except IndexError:
+            continue
+    raise SystemExit("no pair gives patching evidence the chooser accepts")
 
 
 def allow_no_behavior() -> None:

@@ -152,11 +152,10 @@ CASES = [
     ("experiment with an unknown remote", lambda t: ["run", experiment(t, model={"name": "default", "remote": "cloud"})],
      ["model.remote", "cloud", "local, ndif"]),
     ("NDIF for a local model", lambda t: ["info", "--remote"], ["--remote", "Hugging Face id", "--remote local"]),
+    ("a memory size that is not one", lambda t: ["info", "--max-memory", "lots"],
+     ["--max-memory", "'lots'", "40GiB"]),
     ("NDIF without a key", lambda t: ["info", "--model", "meta-llama/Llama-3.1-70B", "--remote"],
      ["no NDIF API key", "NDIF_API_KEY"]),
-    ("a stage with no trace path, remotely", lambda t: ["circuit", "capitals_opinion", "--remote", "local",
-                                                        "--out", str(t / "c")],
-     ["circuit discovery cannot run remotely (local)", "plain torch"]),
 ]
 
 

@@ -128,3 +128,17 @@ def test_map_batches_halves_the_batch_on_out_of_memory():
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
         map_batches(3, 4, never, log=logged.append)
+
+
+def test_memory_sizes_and_the_rows_a_budget_holds():
+    from behaviorlens.batching import parse_bytes, rows_within
+    from behaviorlens.errors import BehaviorLensError
+
+    assert parse_bytes("40GiB") == 40 * 2**30 and parse_bytes("500 MB") == 500 * 10**6
+    assert parse_bytes("2e9") == 2 * 10**9 and parse_bytes(1024) == 1024 and parse_bytes("1.5kib") == 1536
+    for bad in ("lots", "40 GiBs", "-1GB", "0"):
+        with pytest.raises(BehaviorLensError, match="not a memory size"):
+            parse_bytes(bad)
+    assert rows_within(8, 100, None) == 8  # no budget: as asked
+    assert rows_within(8, 100, 350) == 3 and rows_within(8, 100, 10_000) == 8
+    assert rows_within(8, 100, 50) == 1  # never fewer than one row

@@ -8,9 +8,10 @@ import torch
 from conftest import tiny_family, tiny_model
 
 from behaviorlens.circuits import forward as F
-from behaviorlens.circuits.attribution import edge_attribution, edge_products, sides
+from behaviorlens.circuits.attribution import edge_attribution
 from behaviorlens.circuits.exact import agreement, exact_edges
 from behaviorlens.circuits.graph import Graph
+from behaviorlens.circuits.split import edge_products
 from behaviorlens.reads import reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,11 +47,11 @@ def test_exact_edge_patching_matches_torch_hooks(tiny_llama):
     cs = tiny_family().render(m.tokenizer)
     g = Graph.of(m)
     pairs = list(range(len(cs)))
-    pos, neg = sides(m, cs, pairs)
+    pos, neg = F.sides(m, cs, pairs)
     outs = {}
     for name, side in (("pos", pos), ("neg", neg)):
         with torch.inference_mode(), reading(m, "head", [0]) as heads, reading(m, "mlp", [0]) as mlps:
-            m.hf(**side.batch.inputs(), use_cache=False)
+            m.hf(**side.spec.inputs, use_cache=False)
         wo = m.sites.attn_out_proj(m.hf, 0).weight.detach().view(64, 4, 16)
         outs[name] = {"L0H2": torch.einsum("bshe,dhe->bshd", heads[0], wo)[:, :, 2], "L0.mlp": mlps[0]}
     cases = [("L0H2", "L1.mlp", m.hf.model.layers[1].post_attention_layernorm),
@@ -63,9 +64,7 @@ def test_exact_edge_patching_matches_torch_hooks(tiny_llama):
         delta = outs["neg"][up] - outs["pos"][up]
         handle = module.register_forward_pre_hook(lambda mod, args, delta=delta: (args[0] + delta, *args[1:]))
         try:
-            batch = pos.batch
-            cols = pos.scoring.position + batch.offsets[pos.scoring.sequence]
-            patched = pos.scoring.metric(m.logits_at(batch, pos.scoring.sequence, cols))
+            patched = F.model_metric(m, pos)
         finally:
             handle.remove()
         reference = (F.model_metric(m, pos) - patched).numpy()
@@ -99,3 +98,22 @@ def test_attribution_leaves_the_weights_as_it_found_them(tiny_llama):
     edge_attribution(m, tiny_family().render(m.tokenizer))
     assert [p.requires_grad for p in m.hf.parameters()] == before and any(before)
     assert all(p.grad is None for p in m.hf.parameters())
+
+
+def test_a_memory_budget_shrinks_the_chunks_and_keeps_the_figures(tiny_llama, monkeypatch):
+    """A budget of two pairs' split-forward memory sends EAP two pairs at a time, same figures."""
+    import dataclasses
+
+    from behaviorlens.circuits import split
+
+    m = tiny_llama
+    cs = tiny_family().render(m.tokenizer)
+    whole = edge_attribution(m, cs, pair_batch=8)
+    sizes = []
+    job = split.attribution_job
+    monkeypatch.setattr(split, "attribution_job", lambda *args: sizes.append(args[-1]) or job(*args))
+    budget = dataclasses.replace(m, max_memory=2 * 3 * F.row_bytes(m, cs))
+    assert budget.memory_budget() == 6 * F.row_bytes(m, cs) and m.memory_budget() is None  # the CPU: none
+    chunked = edge_attribution(budget, cs, pair_batch=8)
+    assert sizes == [2, len(cs) - 2]
+    assert np.allclose(chunked.effect, whole.effect, atol=1e-5) and np.allclose(chunked.shift, whole.shift, atol=1e-6)

@@ -7,7 +7,6 @@ import torch
 from conftest import tiny_family, tiny_model
 
 from behaviorlens.circuits import forward as F
-from behaviorlens.circuits.attribution import sides
 from behaviorlens.circuits.graph import Graph
 from behaviorlens.errors import BehaviorLensError
 
@@ -34,15 +33,15 @@ def test_split_forward_equals_model(arch):
     m = tiny_model(arch)
     cs = tiny_family().render(m.tokenizer)  # rows of different lengths: left padding
     g = Graph.of(m)
-    pos, neg = sides(m, cs, range(len(cs)))
-    plain = F.run(m, g, pos, keep_outputs=True)
+    pos, neg = F.sides(m, cs, range(len(cs)))
+    plain = F.run(m, pos, keep_outputs=True)
     assert torch.allclose(plain.metric, F.model_metric(m, pos), atol=1e-5)
     assert plain.metric.abs().max() > 1e-3
-    other = F.run(m, g, neg, keep_outputs=True)
+    other = F.run(m, neg, keep_outputs=True)
     assert torch.allclose(other.metric, F.model_metric(m, neg), atol=1e-5)
     # every edge kept = the plain run; every edge given the negative side's value = the negative run
-    keep = F.run(m, g, pos, mask=torch.ones(g.n_up, g.n_ports), replace=other.outputs)
-    none = F.run(m, g, pos, mask=torch.zeros(g.n_up, g.n_ports), replace=other.outputs)
+    keep = F.run(m, pos, mask=torch.ones(g.n_up, g.n_ports), replace=other.outputs)
+    none = F.run(m, pos, mask=torch.zeros(g.n_up, g.n_ports), replace=other.outputs)
     assert torch.allclose(keep.metric, plain.metric, atol=1e-5)
     assert torch.allclose(none.metric, other.metric, atol=1e-5)
     assert (plain.metric - other.metric).abs().max() > 1e-3
@@ -52,7 +51,7 @@ def test_split_forward_equals_model(arch):
 def test_unsplit_families_say_why(arch):
     m = tiny_model(arch)
     with pytest.raises(BehaviorLensError, match=f"the {m.sites.arch.family} family has none"):
-        F.Weights(m, Graph.of(m))
+        F.paths_of(m)
 
 
 def test_the_first_split_forward_records_the_model_s_own_keys_and_values(tiny_llama):
@@ -61,16 +60,16 @@ def test_the_first_split_forward_records_the_model_s_own_keys_and_values(tiny_ll
     m = tiny_llama
     cs = tiny_family().render(m.tokenizer)
     g = Graph.of(m)
-    pos, neg = sides(m, cs, range(len(cs)))
+    pos, neg = F.sides(m, cs, range(len(cs)))
     assert neg.prefix is pos.prefix and not pos.prefix.recorded and pos.start > 0
-    F.run(m, g, neg)
+    F.run(m, neg)
     assert pos.prefix.recorded
     with torch.inference_mode(), m.sites.capture_layer_calls(m.hf) as calls:
-        m.hf(**pos.batch.inputs(), use_cache=False)
-    real = pos.batch.attention_mask[:, :pos.start].bool()  # padding columns attend nowhere in the model
+        m.hf(**pos.spec.inputs, use_cache=False)
+    real = pos.spec.inputs["attention_mask"][:, :pos.start].bool()  # padding columns attend nowhere in the model
     for L in range(g.n_layers):
         for ours, theirs in ((pos.prefix.keys[L], calls.keys_values.keys[L]),
                              (pos.prefix.values[L], calls.keys_values.values[L])):
             theirs = theirs[:, :, :pos.start].transpose(1, 2)
             assert torch.allclose(ours[real], theirs[real], atol=1e-5)
-    assert torch.allclose(F.run(m, g, pos).metric, F.model_metric(m, pos), atol=1e-5)  # a later run reads them
+    assert torch.allclose(F.run(m, pos).metric, F.model_metric(m, pos), atol=1e-5)  # a later run reads them

@@ -94,10 +94,11 @@ def test_model_from_args_passes_remote_and_session_limits_on(monkeypatch):
 
     seen = {}
     monkeypatch.setattr("behaviorlens.cli.options.load_model", lambda name, **kw: seen.update(name=name, **kw) or "m")
-    args = build_parser().parse_args(["info", "--model", "x", "--remote", "local", "--dtype", "bfloat16"])
+    args = build_parser().parse_args(["info", "--model", "x", "--remote", "local", "--dtype", "bfloat16",
+                                      "--max-memory", "40GiB"])
     assert cli_options.model_from_args(args) == "m"
     assert seen == {"name": "x", "device": None, "dtype": "bfloat16", "device_map": None, "remote": "local",
-                    "session_limits": None}
+                    "session_limits": None, "max_memory": "40GiB"}
     args = build_parser().parse_args(["info", "--remote", "local", "--session-traces", "8"])
     cli_options.model_from_args(args)
     assert seen["session_limits"] == SessionLimits(traces=8, request_mb=SessionLimits.request_mb)

@@ -214,3 +214,34 @@ def test_an_edge_knockout_at_given_tokens_is_its_cut_at_the_detectors_tokens(m):
         torch.testing.assert_close(m.logits(batch), plain, atol=1e-6, rtol=0)
     with pytest.raises(BehaviorLensError, match="has no filler null"):
         Edit(kind="path_ablation", heads={1: [0]}, head_values=means(m), **meta(m)).spec.at_tokens(None, m, flags)
+
+
+def test_eap_sources_are_the_nodes_whose_edges_into_the_destination_carry_the_behavior(m):
+    """Summed positive effect of each upstream node's edges into the destination groups' keys and
+    values, the top k; edges into other ports, from the input, or of negative effect never count."""
+    import numpy as np
+
+    from behaviorlens.circuits.attribution import EdgeScores
+    from behaviorlens.circuits.graph import Graph
+    from behaviorlens.steering.candidates import eap_sources
+
+    g = Graph.of(m)  # 3 layers, 4 heads in 2 key/value groups
+    effect = np.zeros((g.n_edges, 1))
+    ups, ports = g.edge_index
+
+    def put(up: str, port: str, value: float) -> None:
+        u, p = g.parse_edge(f"{up}->{port}")
+        effect[np.flatnonzero((ups == u) & (ports == p))[0], 0] = value
+
+    put("L0H1", "L2KV1.k", 0.5)
+    put("L0H1", "L2KV1.v", 0.2)  # L0H1 sums to 0.7
+    put("L1.mlp", "L2KV1.v", 0.4)
+    put("L1H3", "L2KV1.k", 0.3)
+    put("L1H2", "L2KV1.k", -0.9)  # carries against the behavior
+    put("L0H0", "L2KV0.k", 2.0)  # another group
+    put("L0H0", "L2H1.q", 2.0)  # a query
+    put("input", "L2KV1.k", 3.0)  # the input is no head or MLP
+    scores = EdgeScores(g, effect, np.ones(1), "eap")
+    assert eap_sources(scores, 2, [1], 2) == ({0: [1]}, [1])
+    assert eap_sources(scores, 2, [1], 5) == ({0: [1], 1: [3]}, [1])
+    assert eap_sources(scores, 2, [0, 1], 1) == ({0: [0]}, [])

@@ -235,14 +235,15 @@ def test_a_remote_run_records_what_each_step_sent_within_its_request_budget(expe
     # The budget follows from the sessions: measure and probe send one request per family (every
     # side's batches, every batch's reads); patch one per exact sweep of up to 16 layers and one
     # for its whole-residual restore, for resid and heads, and attribution 5 (its two sides, the
-    # gradient trace, the exact check of its top cells, the restore). Steer: its side-effect data
-    # (4 generation batches), head means (1, and 1 per refit), the pairs it must find a behavior
-    # on (1 each for choosing and evaluating), the steering vector's collection (1), one session
-    # for judging every candidate with its controls, nulls and the mechanism test, one for the
-    # refits, one for the evaluation with its controls, and the reference text's logits at every
-    # token (2, run while the evaluation is planned).
+    # gradient trace, the exact check of its top cells, the restore). Steer 10: the greedy
+    # continuations of its side-effect data (1: both parts' chat and plain batches), head means (1,
+    # and 1 per refit), the pairs it must find a behavior on before building or scoring anything (1
+    # each for choosing and evaluating), the steering vector's collection (1), one session for
+    # judging every candidate with its controls, nulls and the mechanism test, one for the refits,
+    # and one for the evaluation with its controls and side effects (the reference text's
+    # log-likelihood computed there, one number per chunk back).
     assert {step: s["remote_requests"] for step, s in sent.items()} == {"measure": 2, "probe": 2, "patch": 9,
-                                                                        "steer": 15}
+                                                                        "steer": 10}
     assert all(s["remote_bytes"] > 1000 * s["remote_requests"] for s in sent.values())
     remote_tables, local_tables = _tables(tmp_path / "remote"), _tables(tmp_path / "local")
     assert remote_tables.keys() == local_tables.keys()

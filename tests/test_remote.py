@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_family, tiny_model
@@ -133,13 +134,19 @@ def test_steered_generation_gives_the_local_tokens_under_the_simulation(kind, co
             "gated": Edit(kind="vector", vectors={1: 4 * torch.ones(64)}, gate=gate),
             "knockout": Edit(kind="knockout", heads={1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, n_heads=4,
                              detector=Readout(0, direction, 0.0, 1), positions="generated")}[kind]
+    batches = [batch, m.batch([[3, 11, 12, 13], [2, 14], [4, 15, 16]])]
     with steer(m, edit):
-        fast = m.generate(batch, 6)
-    with steer(t, edit):
-        slow = t.generate(batch, 6)
-    assert torch.equal(fast, slow)
-    assert not torch.equal(fast, m.generate(batch, 6))
+        fast = m.generate_each(batches, 6)
+    with steer(t, edit), remote.counting_requests() as sent:
+        slow = t.generate_each(batches, 6)
+    assert sent.requests == 1  # both batches' generate traces in one session
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert not torch.equal(fast[0], m.generate(batch, 6))
     assert torch.equal(t.generate(batch, 6), m.generate(batch, 6))  # unedited: no loop over the steps
+    t.session_limits = remote.SessionLimits(traces=1)  # one generate trace per session
+    with steer(t, edit), remote.counting_requests() as sent:
+        split = t.generate_each(batches, 6)
+    assert sent.requests == 2 and all(torch.equal(a, b) for a, b in zip(fast, split, strict=True))
     assert counted
 
 
@@ -333,6 +340,30 @@ def test_planned_work_sends_its_forwards_together_and_gives_the_values_of_unplan
 
     with pytest.raises(PlanDiverged, match="differently on its replay"):
         planned(t, diverging)
+
+
+def test_planned_work_passes_over_reads_its_replay_kept_from_the_recording():
+    """Site reads run while recording; where the work keeps them (remembered states), its replay
+    does not read again, and the plan passes over those reads instead of diverging."""
+    from behaviorlens.interventions.trace import planned
+    from behaviorlens.reads import remembered_states, token_states
+    from behaviorlens.scoring import behavior_metric
+
+    m = tiny_model("llama")
+    t = traced(m)
+    pairs = list(tiny_family().render(m.tokenizer))
+    seqs = [p.tokens["positive"] for p in pairs]
+
+    def work(model):
+        states = token_states(model, seqs, [1], batch_size=2)[1]  # read now (recording), kept for the replay
+        return [torch.tensor(np.stack([x[-1] for x in states])), behavior_metric(model, pairs, "positive")]
+
+    want = work(m)
+    with remembered_states(), remote.counting_requests() as sent:
+        got = planned(t, lambda: work(t))
+    assert sent.requests == 1 + 1  # every batch read in one session, then one session of scoring
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("position", ["all", "last"])

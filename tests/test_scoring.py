@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_tokenizer
 
 from behaviorlens.errors import BehaviorLensError
+from behaviorlens.interventions.trace import planned
 from behaviorlens.measure import measure
 from behaviorlens.patching import patch
 from behaviorlens.patching.exact import patch_one_at_a_time
 from behaviorlens.prompts import PromptFamily
-from behaviorlens.scoring import behavior_metric
+from behaviorlens.remote import counting_requests
+from behaviorlens.scoring import behavior_metric, log_likelihoods
 
 
 def family(answers=(" w50 w51", " w52 w53 w54"), n=5, **extra):
@@ -109,3 +113,21 @@ def test_two_word_cities_on_the_default_model(default_model):
     first = behavior_metric(m, multi.pairs, "positive", whole=False)
     whole = torch.tensor(table[table.side == "positive"].metric.to_numpy())
     assert (first - whole).abs().max() > 0.05
+
+
+def test_a_sequence_scored_on_its_own_tokens_gives_its_log_likelihood_on_either_path(tiny_llama):
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 120, (n,), generator=g).tolist() for n in (12, 7, 2, 12)]
+    by_hand = []
+    for s in seqs:
+        logits = tiny_llama.logits(tiny_llama.batch([s]))[0, :-1]
+        by_hand.append(-float(torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum")))
+    local = log_likelihoods(tiny_llama, seqs, batch_size=3)
+    torch.testing.assert_close(local, torch.tensor(by_hand), atol=1e-4, rtol=0)
+    traced = dataclasses.replace(tiny_llama, remote="local", interventions=[])
+    with counting_requests() as sent:  # computed on the server, deferred with the rest of planned work
+        remote = planned(traced, lambda: log_likelihoods(traced, seqs, batch_size=3))
+    assert sent.requests == 1
+    torch.testing.assert_close(remote, local, atol=1e-4, rtol=0)
+    with pytest.raises(BehaviorLensError, match="at least two"):
+        log_likelihoods(tiny_llama, [[5]])

@@ -166,6 +166,8 @@ def test_the_chooser_builds_and_judges_the_edge_groups_like_every_candidate(plan
     drawn = paths[paths.null_control.notna()]  # (a 3-layer model leaves no other heads for the widest)
     assert len(drawn) and drawn.null_control.str.contains("of the same size").all()  # random draws: its null
     assert edges.null_control.str.contains("non-claim sentence").all()  # a knockout's filler null
+    by_eap = edges[edges.evidence.str.contains("by edge attribution")]
+    assert len(by_eap) == 2  # into every head of the layer, and into its top heads' groups
     assert table[table.null_control.notna()].null_control_pressure_removed_fraction.notna().all()
     assert table.deletion_baseline_pressure_removed_fraction.notna().all()
     assert table.within_limits.dtype == bool

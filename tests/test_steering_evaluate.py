@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -112,8 +113,9 @@ def test_no_behavior_to_remove_stops_with_one_line(planted):
     for p in same:  # every side the same prompt: pull exactly 0
         p.tokens["positive"] = p.tokens["negative"] = p.tokens["neutral"]
         p.spans["positive"] = p.spans["negative"] = p.spans["neutral"]
-    with pytest.raises(BehaviorLensError, match="no behavior to remove"):
-        evaluate_steering(model, edit, same, side_effects=side, controls=0)
+    for m in (model, dataclasses.replace(model, remote="local", interventions=[])):  # traced: checked on the replay
+        with pytest.raises(BehaviorLensError, match="no behavior to remove"):
+            evaluate_steering(m, edit, same, side_effects=side, controls=0)
 
 
 def test_pressure_figures_need_no_neutral_side_to_say_so():

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..errors import BehaviorLensError
 from ..prompts.contrast import ContrastSet
-from .faithfulness import Evaluator, mask_of
+from . import forward as F
+from . import split
+from .faithfulness import batches_of
+from .graph import Graph
 
 
 @dataclass
@@ -34,27 +36,20 @@ class Pruned:
 
 
 def acdc(model, cset: ContrastSet, candidates: Sequence[int], threshold: float = 0.01,
-         convention: str = "counterfactual", pair_batch: int = 8, progress: bool = False) -> Pruned:
-    """Greedy pruning of ``candidates`` (edge indices) on ``cset``; see the module doc."""
+         convention: str = "counterfactual", pair_batch: int = 8) -> Pruned:
+    """Greedy pruning of ``candidates`` (edge indices) on ``cset``, as one job (each visit needs
+    the last one's result: on a traced model the loop runs inside the session); see the module doc."""
     if threshold < 0:
         raise BehaviorLensError(f"the ACDC threshold must be at least 0, got {threshold}")
     start = time.perf_counter()
-    ev = Evaluator(model, cset, convention, pair_batch)
-    g = ev.g
+    g = Graph.of(model)
     ups, ports = g.edge_index
     cand = np.asarray(candidates, dtype=int)
     order = cand[np.lexsort((-ups[cand], -ports[cand]))]  # logits first, latest upstream first
-    keep = set(cand.tolist())
-    current = ev.faithfulness(mask_of(g, sorted(keep)))
-    rows = []
-    for e in tqdm(order, desc="ACDC", disable=not progress):
-        keep.discard(int(e))
-        trial = ev.faithfulness(mask_of(g, sorted(keep)))
-        dropped = current - trial < threshold
-        if dropped:
-            current = trial
-        else:
-            keep.add(int(e))
-        rows.append({"edge": g.edge_names(ups[[e]], ports[[e]])[0], "faithfulness_without": trial,
-                     "dropped": bool(dropped), "faithfulness": current})
-    return Pruned(np.array(sorted(keep), dtype=int), current, pd.DataFrame(rows), time.perf_counter() - start)
+    item = (F.paths_of(model), g.shape, batches_of(model, cset, convention, pair_batch), convention, len(cset),
+            [(int(ups[e]), int(ports[e])) for e in order], threshold)
+    dropped, without, running, final = F.on_model(model, split.prune_job, [item], "ACDC")[0]
+    kept = np.array(sorted(int(e) for e, d in zip(order, dropped) if not d), dtype=int)
+    steps = pd.DataFrame({"edge": g.edge_names(ups[order], ports[order]), "faithfulness_without": without,
+                          "dropped": dropped, "faithfulness": running})
+    return Pruned(kept, final, steps, time.perf_counter() - start)

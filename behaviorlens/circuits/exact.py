@@ -4,7 +4,8 @@ The patched run is the positive side with ``input(p) = plain input(p) - a_u(pos)
 the edge's port only; every node downstream of the port is recomputed (u comes before p, so its
 own output is the plain run's). Its effect is
 ``m(positive) - m(patched)`` (the quantity EAP estimates). Copies of the pairs, one per edge,
-run as one batch, each starting at its port's layer from the plain run's cached outputs.
+run as one batch, each starting at its port's layer from the plain run's cached outputs
+(:func:`.split.exact_job`; a chunk of pairs is one job).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from ..batching import chunks
+from ..batching import chunks, rows_within
 from ..prompts.contrast import ContrastSet
 from ..stats import correlation
 from . import forward as F
-from .attribution import EdgeScores, sides
+from . import split
+from .attribution import EdgeScores
 from .graph import Graph
 
 
@@ -28,44 +28,42 @@ def exact_edges(model, cset: ContrastSet, edges: Sequence[int], pair_batch: int 
                 progress: bool = False) -> EdgeScores:
     """Exact effect of each listed edge (indices into ``Graph.edge_index``) on every pair.
 
-    Returns :class:`EdgeScores` whose rows are the listed edges (others are zero).
+    Returns :class:`EdgeScores` whose rows are the listed edges (others are zero). ``pair_batch``
+    pairs per job and ``batch_size`` copies per patched run, or fewer where the model's memory
+    budget holds fewer.
     """
     g = Graph.of(model)
-    W = F.Weights(model, g)
+    paths = F.paths_of(model)
+    row, budget = F.row_bytes(model, cset), model.memory_budget()
+    pair_batch = rows_within(pair_batch, 2 * row, budget)  # both sides' outputs are kept
+    batch_size = rows_within(batch_size, row, max(row, budget - 2 * row * pair_batch) if budget else None)
     edges = np.asarray(edges, dtype=int)
     ups, ports = (a[edges] for a in g.edge_index)
-    effect = np.zeros((g.n_edges, len(cset)))
-    shift = np.zeros(len(cset))
     order = np.argsort(g.port_layer[ports], kind="stable")  # edges of one layer start together
-    bar = tqdm(total=len(edges) * len(cset), desc="exact edge patching", disable=not progress)
+    items, layout = [], []
     for chunk in chunks(len(cset), pair_batch):
         pairs = list(chunk)
-        pos, neg = sides(model, cset, pairs)
-        a_pos = F.run(model, g, pos, keep_outputs=True, weights=W)
-        a_neg = F.run(model, g, neg, keep_outputs=True, weights=W)
-        shift[pairs] = (a_pos.metric - a_neg.metric).numpy()
+        pos, neg, scoring = F.pair_specs(model, cset, pairs)
         per_copy = max(1, batch_size // max(1, len(pairs)))
+        parts, part_edges = [], []
         for part in chunks(len(order), per_copy):
             ks = order[list(part)]
-            copies = pos.take([p for _ in ks for p in range(len(pairs))])
-            seq = torch.tensor([s for _ in ks for s in range(pos.rows)])
-            copy_of_row = torch.tensor(copies.scoring.prompt_of) // len(pairs)
-            shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            seq, reads = F.copies_of(pos, scoring, [p for _ in ks for p in range(len(pairs))])
+            copy_of_row = reads.pair_of_row // len(pairs)
+            acts = [(int(ups[k]), int(ports[k]), (copy_of_row == c).nonzero()[:, 0]) for c, k in enumerate(ks)]
+            parts.append(split.Patches(seq, reads, acts, int(g.port_layer[ports[ks]].min())))
+            part_edges.append(ks)
+        items.append((paths, g.shape, pos, neg, parts))
+        layout.append((pairs, part_edges))
+    results = F.on_model(model, split.exact_job, items, "exact edge patching", progress=progress)
+    effect = np.zeros((g.n_edges, len(cset)))
+    shift = np.zeros(len(cset))
+    for (pairs, part_edges), (m_pos, m_neg, patched) in zip(layout, results):
+        shift[pairs] = (m_pos - m_neg).numpy()
+        for ks, metric in zip(part_edges, patched):
+            per_edge = metric.view(len(ks), len(pairs)).numpy()
             for c, k in enumerate(ks):
-                rows = (copy_of_row == c).nonzero()[:, 0]
-                value = a_neg.outputs[ups[k], seq[rows]] - a_pos.outputs[ups[k], seq[rows]]
-                if ports[k] in shifts:  # another edge into the same port, in other rows
-                    r0, v0 = shifts[ports[k]]
-                    rows, value = torch.cat([r0, rows]), torch.cat([v0, value])
-                shifts[int(ports[k])] = (rows.to(model.device), value)
-            layer = int(g.port_layer[ports[ks]].min())
-            r = F.run(model, g, copies, cached=a_pos.outputs[:, seq], start_layer=layer, weights=W, shifts=shifts)
-            patched = r.metric.view(len(ks), len(pairs)).numpy()
-            base = a_pos.metric.numpy()[None]
-            for c, k in enumerate(ks):
-                effect[edges[k], pairs] = base[0] - patched[c]
-            bar.update(len(ks) * len(pairs))
-    bar.close()
+                effect[edges[k], pairs] = m_pos.numpy() - per_edge[c]
     return EdgeScores(g, effect, shift, "exact", cset.name)
 
 

@@ -33,20 +33,12 @@ from ..errors import BehaviorLensError
 from ..prompts.contrast import ContrastSet
 from ..stats import ratio_ci, ratio_of_means
 from . import forward as F
-from .attribution import EdgeScores, sides
+from . import split
+from .attribution import EdgeScores
 from .graph import Graph
 
 CIRCUIT_ABLATIONS = ("counterfactual", "mean", "resample")
 FRACTIONS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def mask_of(graph: Graph, edges: Sequence[int]) -> torch.Tensor:
-    """[n_up, n_ports] float mask with 1 at the given edges (indices into ``edge_index``)."""
-    ups, ports = graph.edge_index
-    idx = np.asarray(edges, dtype=int)
-    m = torch.zeros(graph.n_up, graph.n_ports)
-    m[torch.as_tensor(ups[idx]), torch.as_tensor(ports[idx])] = 1.0
-    return m
 
 
 def ranked(scores: EdgeScores) -> np.ndarray:
@@ -58,45 +50,28 @@ def random_edges(graph: Graph, k: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(graph.n_edges, size=k, replace=False)
 
 
-def _column_means(model, g: Graph, cset: ContrastSet, pair_batch: int, W: F.Weights) -> dict[int, torch.Tensor]:
-    """Per offset from the end (-1 = last column): every node's mean negative-side output."""
-    total: dict[int, torch.Tensor] = {}
-    count: dict[int, int] = {}
+def batches_of(model, cset: ContrastSet, convention: str, pair_batch: int = 8) -> list[split.Batch]:
+    """The set in batches of pairs as :class:`~.split.Prepared` takes them (for ``resample``,
+    each positive row's donor: the row of the next pair in the batch, a fixed derangement)."""
+    if convention not in CIRCUIT_ABLATIONS:
+        raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(CIRCUIT_ABLATIONS)}")
+    if len(cset) < (2 if convention == "resample" else 1):
+        raise BehaviorLensError(f"set {cset.name!r} has {len(cset)} pairs: too few to evaluate a circuit")
+    out = []
     for chunk in chunks(len(cset), pair_batch):
-        _, neg = sides(model, cset, list(chunk))
-        out = F.run(model, g, neg, keep_outputs=True, weights=W).outputs
-        for c in range(neg.width):
-            off = c - neg.width
-            keep = neg.own[:, c]
-            if keep.any():
-                total[off] = total.get(off, 0) + out[:, keep, c].sum(1)
-                count[off] = count.get(off, 0) + int(keep.sum())
-    return {off: total[off] / count[off] for off in total}
-
-
-def replacement(convention: str, pos: F.Side, a_pos: torch.Tensor, a_neg: torch.Tensor,
-                means: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """The replacement outputs [n_up, rows, S, d] of one batch under a convention."""
-    if convention == "counterfactual":
-        return a_neg
-    out = a_pos.clone()
-    S = pos.width
-    for c in range(S):
-        rows = pos.own[:, c]
-        if rows.any():
-            out[:, rows, c] = means[c - S][:, None].to(out.dtype)
-    if convention == "mean":
-        return out
-    pairs = sorted(set(pos.scoring.prompt_of))
-    if len(pairs) < 2:
-        raise BehaviorLensError("resample ablation needs at least 2 pairs per batch")
-    rows_of = {p: [r for r, q in enumerate(pos.scoring.prompt_of) if q == p] for p in pairs}
-    for i, p in enumerate(pairs):
-        other = rows_of[pairs[(i + 1) % len(pairs)]]
-        for k, r in enumerate(rows_of[p]):
-            o = other[min(k, len(other) - 1)]
-            cols = pos.own[r] & pos.own[o]
-            out[:, r, cols] = a_neg[:, o, cols]
+        pairs = list(chunk)
+        pos, neg, scoring = F.pair_specs(model, cset, pairs)
+        donors = []
+        if convention == "resample":
+            if len(pairs) < 2:
+                raise BehaviorLensError("resample ablation needs at least 2 pairs per batch")
+            rows_of = {p: [r for r, q in enumerate(scoring.prompt_of) if q == p] for p in range(len(pairs))}
+            donor = {}
+            for p in range(len(pairs)):
+                other = rows_of[(p + 1) % len(pairs)]
+                donor |= {r: other[min(k, len(other) - 1)] for k, r in enumerate(rows_of[p])}
+            donors = [donor[r] for r in range(len(scoring.prompt_of))]
+        out.append(split.Batch(pos, neg, torch.tensor(pairs), torch.tensor(donors, dtype=torch.long)))
     return out
 
 
@@ -115,46 +90,17 @@ class Evaluation:
         return ratio_of_means(num, den), lo, hi
 
 
-class Evaluator:
-    """The prepared batches of a set (positive side, replacements, full and empty metrics): the
-    metric of every pair under any circuit mask costs one masked split forward per batch."""
-
-    def __init__(self, model, cset: ContrastSet, convention: str = "counterfactual", pair_batch: int = 8) -> None:
-        if convention not in CIRCUIT_ABLATIONS:
-            raise BehaviorLensError(f"unknown ablation {convention!r}; use one of {', '.join(CIRCUIT_ABLATIONS)}")
-        if len(cset) < (2 if convention == "resample" else 1):
-            raise BehaviorLensError(f"set {cset.name!r} has {len(cset)} pairs: too few to evaluate a circuit")
-        self.model, self.g = model, Graph.of(model)
-        self.W = F.Weights(model, self.g)
-        means = _column_means(model, self.g, cset, pair_batch, self.W) if convention != "counterfactual" else None
-        self.batches = []
-        self.full, self.empty = np.zeros(len(cset)), np.zeros(len(cset))
-        for chunk in chunks(len(cset), pair_batch):
-            pairs = list(chunk)
-            pos, neg = sides(model, cset, pairs)
-            a_pos = F.run(model, self.g, pos, keep_outputs=True, weights=self.W)
-            a_neg = F.run(model, self.g, neg, keep_outputs=True, weights=self.W)
-            rep = replacement(convention, pos, a_pos.outputs, a_neg.outputs, means)
-            self.full[pairs] = a_pos.metric.numpy()
-            self.batches.append((pairs, pos, rep))
-        self.empty = self.metric(torch.zeros(self.g.n_up, self.g.n_ports))
-
-    def metric(self, mask: torch.Tensor) -> np.ndarray:
-        """The metric of every pair with only the mask's edges kept."""
-        out = np.zeros(len(self.full))
-        for pairs, pos, rep in self.batches:
-            out[pairs] = F.run(self.model, self.g, pos, mask=mask, replace=rep, weights=self.W).metric.numpy()
-        return out
-
-    def faithfulness(self, mask: torch.Tensor) -> float:
-        return ratio_of_means(self.metric(mask) - self.empty, self.full - self.empty)
-
-
-def evaluate(model, cset: ContrastSet, masks: Sequence[torch.Tensor], convention: str = "counterfactual",
+def evaluate(model, cset: ContrastSet, circuits: Sequence[Sequence[int]], convention: str = "counterfactual",
              pair_batch: int = 8) -> Evaluation:
-    """Run the positive side of every pair with each circuit mask; see the module doc."""
-    ev = Evaluator(model, cset, convention, pair_batch)
-    return Evaluation(np.stack([ev.metric(m) for m in masks]), ev.full, ev.empty)
+    """Run the positive side of every pair with each circuit (edge indices) kept and every other
+    edge replaced (one job: every batch prepared once, then every circuit); see the module doc."""
+    g = Graph.of(model)
+    ups, ports = g.edge_index
+    kept = [(torch.as_tensor(ups[np.asarray(e, dtype=int)]), torch.as_tensor(ports[np.asarray(e, dtype=int)]))
+            for e in circuits]
+    item = (F.paths_of(model), g.shape, batches_of(model, cset, convention, pair_batch), convention, len(cset), kept)
+    full, empty, metric = F.on_model(model, split.evaluate_job, [item], "circuit evaluation")[0]
+    return Evaluation(metric.numpy(), full.numpy(), empty.numpy())
 
 
 def curve(model, cset: ContrastSet, order: np.ndarray, fractions: Sequence[float] = FRACTIONS,
@@ -162,7 +108,7 @@ def curve(model, cset: ContrastSet, order: np.ndarray, fractions: Sequence[float
     """Faithfulness of the top-k circuits, k a fraction of all edges: one row per size."""
     g = Graph.of(model)
     sizes = sorted({max(1, int(f * g.n_edges)) for f in fractions})  # never above the stated fraction
-    ev = evaluate(model, cset, [mask_of(g, order[:k]) for k in sizes], convention, pair_batch)
+    ev = evaluate(model, cset, [order[:k] for k in sizes], convention, pair_batch)
     rows = []
     for i, k in enumerate(sizes):
         value, lo, hi = ev.faithfulness(i)
@@ -186,7 +132,7 @@ def controls(model, cset: ContrastSet, circuit: np.ndarray, convention: str = "c
     complement = np.setdiff1d(np.arange(g.n_edges), circuit)
     masks = {"circuit": circuit, "complement": complement}
     masks |= {f"random{i}": random_edges(g, k, seed + i) for i in range(n_random)}
-    ev = evaluate(model, cset, [mask_of(g, e) for e in masks.values()], convention, pair_batch)
+    ev = evaluate(model, cset, list(masks.values()), convention, pair_batch)
     rows = []
     for i, (name, edges) in enumerate(masks.items()):
         value, lo, hi = ev.faithfulness(i)

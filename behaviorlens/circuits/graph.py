@@ -18,15 +18,12 @@ import pandas as pd
 
 from ..errors import BehaviorLensError
 from ..sites import SiteMap, n_kv_heads
+from .split import Shape
 
 
 @dataclass(frozen=True)
-class Graph:
+class Graph(Shape):
     """Nodes and edges of one model's circuit graph (indices, names and layer of each)."""
-
-    n_layers: int
-    n_heads: int
-    n_kv: int
 
     @classmethod
     def of(cls, model) -> Graph:
@@ -38,10 +35,6 @@ class Graph:
         return cls(s.n_layers, s.n_heads, n_kv)
 
     # -- upstream nodes: input, then per layer heads 0..H-1 and the MLP -------------------------
-
-    @property
-    def n_up(self) -> int:
-        return 1 + self.n_layers * (self.n_heads + 1)
 
     def head_node(self, layer: int, head: int) -> int:
         return 1 + layer * (self.n_heads + 1) + head
@@ -58,14 +51,6 @@ class Graph:
 
     # -- ports: per layer the query of each head, key and value of each kv head, MLP; logits ----
 
-    @property
-    def ports_per_layer(self) -> int:
-        return self.n_heads + 2 * self.n_kv + 1
-
-    @property
-    def n_ports(self) -> int:
-        return self.n_layers * self.ports_per_layer + 1
-
     def q_port(self, layer: int, head: int) -> int:
         return layer * self.ports_per_layer + head
 
@@ -74,13 +59,6 @@ class Graph:
 
     def v_port(self, layer: int, kv: int) -> int:
         return layer * self.ports_per_layer + self.n_heads + self.n_kv + kv
-
-    def mlp_port(self, layer: int) -> int:
-        return layer * self.ports_per_layer + self.n_heads + 2 * self.n_kv
-
-    @property
-    def logits_port(self) -> int:
-        return self.n_ports - 1
 
     def kv_of(self, head: int) -> int:
         """The key/value head a query head reads."""
@@ -97,16 +75,15 @@ class Graph:
             names.append(f"L{L}.mlp")
         return names + ["logits"]
 
+    @property
+    def shape(self) -> Shape:
+        """The sizes alone, as a job takes them (a plain :class:`~.split.Shape`)."""
+        return Shape(self.n_layers, self.n_heads, self.n_kv)
+
     @cached_property
     def port_limit(self) -> np.ndarray:
         """Per port, how many upstream nodes precede it (edges come from nodes 0..limit-1)."""
-        lim = np.empty(self.n_ports, dtype=np.int64)
-        for L in range(self.n_layers):
-            first = L * self.ports_per_layer
-            lim[first:first + self.ports_per_layer - 1] = 1 + L * (self.n_heads + 1)
-            lim[self.mlp_port(L)] = 1 + L * (self.n_heads + 1) + self.n_heads
-        lim[-1] = self.n_up
-        return lim
+        return np.array(self.limits, dtype=np.int64)
 
     @cached_property
     def port_layer(self) -> np.ndarray:
@@ -123,10 +100,6 @@ class Graph:
     def valid(self) -> np.ndarray:
         """[n_up, n_ports] bool: whether the edge exists."""
         return np.arange(self.n_up)[:, None] < self.port_limit[None, :]
-
-    @property
-    def n_edges(self) -> int:
-        return int(self.port_limit.sum())
 
     @cached_property
     def edge_index(self) -> tuple[np.ndarray, np.ndarray]:

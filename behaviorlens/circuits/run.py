@@ -209,7 +209,7 @@ def _acdc(model, select: ContrastSet, heldout: ContrastSet, order: np.ndarray, n
     pruned = acdc(model, select, order[:n], threshold, convention, pair_batch)
     write_csv(out / "acdc.csv", pruned.steps)
     k = max(1, len(pruned.edges))
-    ev = Fa.evaluate(model, heldout, [Fa.mask_of(g, pruned.edges), Fa.mask_of(g, order[:k])], convention, pair_batch)
+    ev = Fa.evaluate(model, heldout, [pruned.edges, order[:k]], convention, pair_batch)
     return {"acdc_candidates": int(n), "acdc_threshold": threshold, "acdc_edges": len(pruned.edges),
             "acdc_seconds": round(pruned.seconds, 2), "acdc_select_faithfulness": pruned.faithfulness,
             "acdc_faithfulness": ev.faithfulness(0)[0],

@@ -117,11 +117,14 @@ def transfer(model, circuits: dict[str, np.ndarray], columns: dict[str, Contrast
     randoms = {name: [Fa.random_edges(g, len(e), seed + i) for i in range(n_random)] for name, e in circuits.items()}
     rows = []
     for family, cset in columns.items():
-        ev = Fa.Evaluator(model, cset, convention, pair_batch)
+        names = list(circuits)
+        kept = [circuits[n] for n in names] + [r for n in names for r in randoms[n]]
+        ev = Fa.evaluate(model, cset, kept, convention, pair_batch)
         den = ev.full - ev.empty
-        for name, edges in circuits.items():
-            num = ev.metric(Fa.mask_of(g, edges)) - ev.empty
-            rnd = np.stack([ev.metric(Fa.mask_of(g, r)) - ev.empty for r in randoms[name]]) if n_random else None
+        for i, (name, edges) in enumerate(circuits.items()):
+            num = ev.metric[i] - ev.empty
+            first = len(names) + i * n_random
+            rnd = ev.metric[first:first + n_random] - ev.empty if n_random else None
             lo, hi = ratio_ci(num, den)
             row = {"circuit": name, "family": family, "edges": len(edges), "edges_fraction": len(edges) / g.n_edges,
                    "faithfulness": ratio_of_means(num, den), "ci_low": lo, "ci_high": hi}

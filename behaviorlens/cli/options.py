@@ -25,6 +25,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default=None, help="e.g. cuda")
     parser.add_argument("--device-map", default=None, help="'auto' to shard over GPUs")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="e.g. 40GiB: the working memory a batch may take, where a stage sizes its batches "
+                             "by memory (default: a GPU's free memory)")
     add_remote_option(parser)
 
 
@@ -90,7 +93,7 @@ def prepare_out(path: str | Path | None) -> None:
 def model_from_args(args: argparse.Namespace):
     """The model the command's model options name (``--remote``: through nnsight)."""
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      remote=args.remote, session_limits=session_limits(args))
+                      remote=args.remote, session_limits=session_limits(args), max_memory=args.max_memory)
 
 
 # -- stage parameters as options -------------------------------------------------------------

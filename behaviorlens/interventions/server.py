@@ -53,7 +53,8 @@ class PatchPart:
 @dataclass
 class ReadBatch:
     """One forward that reads sites at chosen columns: each of ``refs`` (in execution order) at
-    each selection of ``picks`` (a column per row, or weights over the columns where ``means``)."""
+    each selection of ``picks`` (a column per row, or weights over the columns where ``means``);
+    with no picks, at every column."""
 
     inputs: dict[str, torch.Tensor]
     refs: list[SiteRef]
@@ -63,10 +64,12 @@ class ReadBatch:
 
 def read_values(lm: Any, batch: ReadBatch) -> torch.Tensor:
     """Inside a trace: every (site, selection) value, flattened and side by side: [rows, features]."""
-    rows = batch.picks[0].shape[0]
     values = []
     for ref in batch.refs:
         x = ref.read(lm)
+        rows = x.shape[0]
+        if not batch.picks:
+            values.append(x.reshape(rows, -1))
         index = torch.arange(rows, device=x.device)
         for mean, pick in zip(batch.means, batch.picks):
             pick = pick.to(x.device)
@@ -140,3 +143,23 @@ def patch_chunk(lm: Any, source: Forward, base: Forward, reads: list[SiteRef], p
                 run(lm, [*interventions, patch], f.state)
                 patched.append(_metric(lm, f))
     return source_metric, base_metric, torch.cat(patched) if patched else torch.zeros(0)
+
+
+def generate_chunk(lm: Any, jobs: list[tuple[dict[str, torch.Tensor], ForwardState, list[dict[str, torch.Tensor]]]],
+                   interventions: list[Intervention], max_new_tokens: int, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Inside a session: greedy ``generate`` of each job (its prompt, its forward state, and the
+    columns an edit touches in the prompt's forward and in each new token's), the interventions
+    acting at every step; the prompt and new token ids of each."""
+    out = []
+    with torch.inference_mode():
+        for prompt, state, steps in jobs:
+            with lm.generate(max_new_tokens=max_new_tokens, do_sample=False, **kwargs) as tracer:
+                with tracer.invoke(prompt):
+                    if interventions:  # (a loop that touches no module would never wait for the model)
+                        for _ in tracer.all():
+                            state.cols = steps[min(state.step, 1)]
+                            run(lm, interventions, state)
+                            state.step += 1
+                with tracer.invoke():
+                    out.append(tracer.result)
+    return out

@@ -25,7 +25,7 @@ from ..remote import payload_bytes, run_session, session_groups
 from . import kinds
 from .access import SiteRef
 from .kinds import ForwardState, Intervention, Knockout, ReadDetector, ReadSite
-from .server import Forward, score_chunk, score_jobs
+from .server import Forward, generate_chunk, score_chunk, score_jobs
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
         return plan.deferred([Forward(inputs, rows, columns, None, keep, state)], interventions,
                              [torch.zeros(len(rows), width)])[0]
     if plan is not None:  # every column, a gradient, or sites read: run now, kept for the replay
-        return plan.eager(inputs, interventions, lambda: traced_logits(model, batch, rows, columns, grad, extra, reads))
+        return now(inputs, interventions, lambda: traced_logits(model, batch, rows, columns, grad, extra, reads))
     with torch.inference_mode(not grad), lm.trace(inputs, **forward, **model.trace_kwargs()):
         run(lm, interventions, state)
         acts = nnsight.save([state.reads[i] for i in range(len(read_refs))])
@@ -115,7 +115,9 @@ class Plan:
     """The forwards some work asks for, recorded on a first run (each deferred one answered with
     zeros of its shape), then run in as few sessions as the model's limits allow, and handed back
     in order on a second run (:func:`planned`). A forward that cannot wait (every column's logits,
-    gradients, site reads) runs during the recording and is handed back as it was."""
+    gradients, site reads) runs during the recording and is handed back as it was; one the
+    replay does not ask for again (it kept the value, as :func:`~behaviorlens.reads.remembered_states`
+    does) is passed over."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
@@ -128,6 +130,9 @@ class Plan:
                 tuple(type(iv).__name__ for iv in interventions))
 
     def _next(self, key: tuple) -> Any:
+        while (self.cursor < len(self.calls) and self.calls[self.cursor]["forwards"] is None
+               and self.calls[self.cursor]["key"] != key):
+            self.cursor += 1  # a forward run now whose value the replay already holds (a memo of it)
         if self.cursor >= len(self.calls) or self.calls[self.cursor]["key"] != key:
             raise PlanDiverged(f"planned work asked for forward {self.cursor + 1} differently on its replay: "
                                "it must ask for the same forwards whatever the values it gets back")
@@ -205,9 +210,17 @@ def planned(model: Any, work: Callable[[], T], what: str = "planned work") -> T:
         out = work()
     finally:
         _PLAN.reset(token)
-    if plan.cursor != len(plan.calls):
-        raise PlanDiverged(f"{what}: its replay asked for {plan.cursor} of the {len(plan.calls)} recorded forwards")
+    left = [c for c in plan.calls[plan.cursor:] if c["forwards"] is not None]
+    if left:
+        raise PlanDiverged(f"{what}: its replay left {len(left)} of the recorded forwards unasked")
     return out
+
+
+def now(inputs: dict, interventions: list, compute: Callable[[], T]) -> T:
+    """``compute()`` (forwards of ``inputs``) run now even inside :func:`planned` work: during its
+    recording, and handed back on its replay."""
+    plan = _PLAN.get()
+    return compute() if plan is None else plan.eager(inputs, interventions, compute)
 
 
 def recording() -> bool:
@@ -247,33 +260,27 @@ def traced_gradients(model: Any, batch: Batch, rows: torch.Tensor, columns: torc
     return [torch.as_tensor(g).detach() for g in grads]
 
 
-def traced_generate(model: Any, batch: Batch, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-    """Greedy ``generate`` as one trace, the active interventions acting at every step (the
-    prompt's forward, then each new token's); returns the prompt and new token ids."""
+def traced_generate(model: Any, batches: Sequence[Batch], max_new_tokens: int, **kwargs: Any) -> list[torch.Tensor]:
+    """Greedy ``generate`` of each batch (prompt and new token ids), the active interventions
+    acting at every step (the prompt's forward, then each new token's): one trace per batch, as
+    few sessions as :attr:`~behaviorlens.model.Model.session_limits` allow."""
     _no_local_hooks(model.hf)
-    lm, interventions = model.lm, list(model.interventions)
+    interventions = list(model.interventions)
     if any(isinstance(iv, ReadDetector) and iv.readout.decoy is not None for iv in interventions) or \
             any(isinstance(iv, Knockout) and iv.blocked is not None for iv in interventions):
         raise BehaviorLensError("a knockout control (random tokens, or tokens given for the prompt only) has no "
                                 "traced generation: its tokens would have to be drawn anew at every step; "
                                 "score it (steer eval) or generate locally")
-    state = context(model, batch, interventions)
-    b = batch.input_ids.shape[0]
-    ones = torch.ones(b, 1, dtype=torch.bool)
-    steps = [state.cols, {"all": ones, "prompt": ~ones, "generated": ones}]  # the prompt's columns, then one new token's
-    run = kinds.run
-    prompt = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    jobs = []
+    for batch in batches:
+        state = context(model, batch, interventions)
+        ones = torch.ones(batch.input_ids.shape[0], 1, dtype=torch.bool)
+        steps = [state.cols, {"all": ones, "prompt": ~ones, "generated": ones}]  # the prompt's columns, then a new token's
+        jobs.append(({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, state, steps))
+    out: list[torch.Tensor] = []
     with warnings.catch_warnings():
         # the loop over steps ends when generation does; what follows it runs in its own invoke
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
-        with torch.inference_mode(), lm.generate(max_new_tokens=max_new_tokens, do_sample=False, **kwargs,
-                                                 **model.trace_kwargs()) as tracer:
-            with tracer.invoke(prompt):
-                if interventions:  # (a loop that touches no module would never wait for the model)
-                    for _ in tracer.all():
-                        state.cols = steps[min(state.step, 1)]
-                        run(lm, interventions, state)
-                        state.step += 1
-            with tracer.invoke():
-                ids = tracer.result.save()
-    return torch.as_tensor(ids)
+        for group in session_groups(jobs, model.session_limits, fixed=0):
+            out += run_session(model, generate_chunk, group, interventions, max_new_tokens, kwargs, what="generation")
+    return [torch.as_tensor(x) for x in out]

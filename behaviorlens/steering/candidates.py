@@ -41,9 +41,11 @@ Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are can
   answer positions, and kept for every later layer that reads it
   (:mod:`behaviorlens.edits.kinds.path_ablation`);
 - ``edge knockout``: the edges from every head and MLP of the 1 or 3 layers before the top later
-  head's layer into that layer's keys and values (every head, or the key/value groups of its top
-  heads) cut at the tokens the knockout detector flags, the sources' output there replaced by its
-  mean over the flagged tokens of the fit pairs (:mod:`behaviorlens.edits.kinds.edge_knockout`).
+  head's layer, or from the n_heads + 1 heads and MLPs whose edges into those keys and values
+  carry the most of the claim by edge attribution (EAP) on the fit pairs, into that layer's keys
+  and values (every head, or the key/value groups of its top heads) cut at the tokens the
+  knockout detector flags, the sources' output there replaced by its mean over the flagged tokens
+  of the fit pairs (:mod:`behaviorlens.edits.kinds.edge_knockout`).
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from ..batching import chunks
+from ..circuits.attribution import EdgeScores, edge_attribution
 from ..edits import Edit
 from ..edits.kinds.edge_knockout import group_size, source_rows
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned
 from ..patching.results import PatchEvidence
 from ..prompts.contrast import NEUTRAL, SIDES
 from ..reads import site_values
@@ -339,19 +344,49 @@ def _edge_knockouts(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta
                f"the key/value groups of its top heads ({named_heads(tops)})":
                    {dest: [h for h in range(s.n_heads) if h // size in groups]}}
     values, mlps = claim_means(model, fit, detector, range(dest))
+    scores = edge_attribution(model, fit) if all(p.aligned for p in fit.pairs) else None
     out = []
     for target, hd in targets.items():
+        sources = {}
         for span in EDGE_SPANS:
-            layers = range(max(0, dest - span), dest)
-            rows = source_rows({x: list(range(s.n_heads)) for x in layers}, list(layers))
+            layers = list(range(max(0, dest - span), dest))
+            sources[f"every head and MLP of layers {layers[0]}-{layers[-1]}"] = (
+                {x: list(range(s.n_heads)) for x in layers}, layers)
+        if scores is not None:
+            heads_, mlps_ = eap_sources(scores, dest, sorted({h // size for h in hd[dest]}), s.n_heads + 1)
+            if heads_ or mlps_:
+                sources[f"the {s.n_heads + 1} heads and MLPs whose edges into these keys and values carry the most "
+                        "of the claim by edge attribution on the fit pairs"] = (heads_, mlps_)
+        for why, (heads_, mlps_) in sources.items():
             edit = Edit(kind="edge_knockout", heads=hd, head_values=values, vectors=mlps, detector=detector,
-                        arrays={"sources": rows}, method=f"detector at layer {detector.layer}, claim-mean sources",
-                        **meta)
+                        arrays={"sources": source_rows(heads_, mlps_)},
+                        method=f"detector at layer {detector.layer}, claim-mean sources", **meta)
             out.append(("edge knockout", edit, (
                 f"{target}: the keys and values they read at the tokens a per-token probe at layer {detector.layer} "
-                f"flags, without the output of every head and MLP of layers {layers.start}-{layers.stop - 1} there "
-                f"(their mean over flagged tokens); the patching's top later head sits in layer {dest}")))
+                f"flags, without the output of {why} there (their mean over flagged tokens); the patching's top "
+                f"later head sits in layer {dest}")))
     return out
+
+
+def eap_sources(scores: EdgeScores, dest: int, groups: Sequence[int], k: int) -> tuple[dict[int, list[int]], list[int]]:
+    """The ``k`` heads and MLPs whose edges into layer ``dest``'s keys and values of the given
+    key/value groups carry the most of the behavior (summed EAP effect, positive only), as
+    ({layer: heads}, MLP layers)."""
+    g = scores.graph
+    ups, ports = g.edge_index
+    targets = [g.k_port(dest, kv) for kv in groups] + [g.v_port(dest, kv) for kv in groups]
+    into = np.isin(ports, targets) & (ups > 0)
+    total = pd.Series(scores.values[into]).groupby(ups[into]).sum()
+    top = total[total > 0].sort_values(ascending=False).head(k).index
+    heads: dict[int, list[int]] = {}
+    mlps = []
+    for u in sorted(int(x) for x in top):
+        layer, h = divmod(u - 1, g.n_heads + 1)
+        if h == g.n_heads:
+            mlps.append(layer)
+        else:
+            heads.setdefault(layer, []).append(h)
+    return heads, mlps
 
 
 def claim_means(model: Any, fit: Any, detector: Any, layers: Sequence[int],
@@ -422,19 +457,23 @@ def deference_not_use(model: Any, fit: Any, detector: Any, heads: dict[int, list
     (``use``: the counter-pressure removed) and their difference. A head that carries deference
     but not the reading of a claim removes the first and keeps the second."""
     sample = fit.subset(range(min(pairs, len(fit))))
-    unedited = observe(model, sample, None).metrics
-    pull, help_ = unedited["positive"] - unedited[NEUTRAL], unedited["negative"] - unedited[NEUTRAL]
-    rows = []
-    for layer, hs in heads.items():
-        for h in hs:
-            edit = Edit(kind="knockout", heads={layer: [h]}, detector=detector, positions="generated",
-                        model=model.name, d_model=model.sites.d_model, n_heads=model.sites.n_heads,
-                        head_dim=model.sites.head_dim)
-            with steer(model, edit):
-                edited = {side: behavior_metric(model, sample.pairs, side).numpy() for side in SIDES}
-            rows.append({"layer": layer, "head": h,
-                         "deference": ratio_of_means(unedited["positive"] - edited["positive"], pull),
-                         "use": ratio_of_means(unedited["negative"] - edited["negative"], help_)})
-    table = pd.DataFrame(rows)
+
+    def knockouts() -> list[dict]:  # every head's scoring in one plan (one session on a traced model)
+        unedited = observe(model, sample, None).metrics
+        pull, help_ = unedited["positive"] - unedited[NEUTRAL], unedited["negative"] - unedited[NEUTRAL]
+        rows = []
+        for layer, hs in heads.items():
+            for h in hs:
+                edit = Edit(kind="knockout", heads={layer: [h]}, detector=detector, positions="generated",
+                            model=model.name, d_model=model.sites.d_model, n_heads=model.sites.n_heads,
+                            head_dim=model.sites.head_dim)
+                with steer(model, edit):
+                    edited = {side: behavior_metric(model, sample.pairs, side).numpy() for side in SIDES}
+                rows.append({"layer": layer, "head": h,
+                             "deference": ratio_of_means(unedited["positive"] - edited["positive"], pull),
+                             "use": ratio_of_means(unedited["negative"] - edited["negative"], help_)})
+        return rows
+
+    table = pd.DataFrame(planned(model, knockouts, "single-head knockouts"))
     table["deference_minus_use"] = table.deference - table.use
     return table

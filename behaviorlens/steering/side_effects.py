@@ -37,7 +37,7 @@ from ..batching import answer_tail, chunks
 from ..chat import chat_ids, has_template, render_chat
 from ..errors import BehaviorLensError
 from ..prompts import load_family
-from ..scoring import behavior_metric
+from ..scoring import behavior_metric, log_likelihoods
 from ..stats import bootstrap_ci, kl_divergence
 from . import data
 
@@ -173,18 +173,21 @@ def part_prompts(tokenizer: Any, part: str = "fit", neutral: Sequence[str] | Non
 
 class SideEffectData:
     """The side-effect prompts of one part (``fit``, ``select``, ``report`` or ``all``), tokenized
-    once for a model (``requests`` keeps only the first N neutral requests of the part).
-    ``fillers`` are the non-claim sentences a knockout's null blocks in a claim's place
+    once for a model (``requests`` keeps only the first N neutral requests of the part), each
+    request followed by the unedited model's continuation (``continuations``: the chat and plain
+    requests already continued, as :meth:`parts` does for several parts at once). ``fillers`` are
+    the non-claim sentences a knockout's null blocks in a claim's place
     (:func:`.baselines.filler_null`)."""
 
     def __init__(self, model: Any, part: str = "report", neutral: Sequence[str] | None = None,
                  reference: str | None = None, factual: Any = None, requests: int | None = None,
-                 context: Any = None, fillers: Sequence[str] | None = None) -> None:
+                 context: Any = None, fillers: Sequence[str] | None = None,
+                 continuations: Sequence[list[tuple[list[int], int]]] | None = None) -> None:
         tok = model.tokenizer
         self.part = part
-        texts = request_part(list(neutral) if neutral is not None else data.neutral_prompts(), part)[:requests]
-        self.neutral = continued(model, [chat_ids(tok, t) for t in texts])
-        self.neutral_plain = continued(model, [list(tok(t)["input_ids"]) for t in texts])
+        if continuations is None:
+            continuations = continued(model, _request_ids(tok, neutral, part, requests))
+        self.neutral, self.neutral_plain = continuations
         ids = list(tok(reference if reference is not None else data.reference_text())["input_ids"])
         if len(ids) < 2:
             raise BehaviorLensError("the reference text needs at least two tokens")
@@ -196,6 +199,24 @@ class SideEffectData:
         self.recall = np.array([p.variables.get("style") == CLAIM_RECALL for p in self.context])
         self.fillers = list(fillers) if fillers is not None else data.null_sentences()
 
+    @classmethod
+    def parts(cls, model: Any, requests: Mapping[str, int | None], neutral: Sequence[str] | None = None,
+              **sets: Any) -> dict[str, SideEffectData]:
+        """One per part (``requests``: part -> how many neutral requests, None for all; ``sets``:
+        the other keywords of the constructor), every part's requests continued together (on a
+        traced model, one session)."""
+        ids = [x for part, n in requests.items() for x in _request_ids(model.tokenizer, neutral, part, n)]
+        runs = continued(model, ids)
+        return {part: cls(model, part, neutral, requests=n, continuations=runs[2 * k:2 * k + 2], **sets)
+                for k, (part, n) in enumerate(requests.items())}
+
+
+def _request_ids(tokenizer: Any, neutral: Sequence[str] | None, part: str, requests: int | None,
+                 ) -> list[list[list[int]]]:
+    """The first ``requests`` neutral requests of a part, as chat-rendered and as plain token ids."""
+    texts = request_part(list(neutral) if neutral is not None else data.neutral_prompts(), part)[:requests]
+    return [[chat_ids(tokenizer, t) for t in texts], [list(tokenizer(t)["input_ids"]) for t in texts]]
+
 
 def _builtin(tokenizer: Any, path: Any) -> Any:
     """A built-in side-effect family rendered for a tokenizer (plain text for base models)."""
@@ -205,21 +226,22 @@ def _builtin(tokenizer: Any, path: Any) -> Any:
 
 
 @torch.inference_mode()
-def continued(model: Any, prompts: list[list[int]], n: int = CONTINUATION, batch_size: int = 16,
-              ) -> list[tuple[list[int], int]]:
-    """Each prompt followed by all but the last token of the model's greedy continuation (up to
-    ``n`` tokens, through an end-of-sequence token), and how many trailing positions predict
-    the continuation."""
-    out = []
+def continued(model: Any, prompt_sets: Sequence[list[list[int]]], n: int = CONTINUATION, batch_size: int = 16,
+              ) -> list[list[tuple[list[int], int]]]:
+    """Per set, each prompt followed by all but the last token of the model's greedy continuation
+    (up to ``n`` tokens, through an end-of-sequence token), and how many trailing positions
+    predict the continuation. Every batch of every set is generated together (on a traced model,
+    as few sessions as its limits allow)."""
     eos = model.tokenizer.eos_token_id
-    for idx in chunks(len(prompts), batch_size):
-        batch = model.batch([prompts[i] for i in idx])
-        new = model.generate(batch, n)
+    batches = [(k, idx, model.batch([prompts[i] for i in idx]))
+               for k, prompts in enumerate(prompt_sets) for idx in chunks(len(prompts), batch_size)]
+    out: list[list[tuple[list[int], int]]] = [[] for _ in prompt_sets]
+    for (k, idx, batch), new in zip(batches, model.generate_each([b for _, _, b in batches], n)):
         for j, i in enumerate(idx):
             cont = new[j, batch.input_ids.shape[1]:].tolist()
             if eos in cont:
                 cont = cont[: cont.index(eos) + 1]
-            out.append((prompts[i] + cont[:-1], max(len(cont), 1)))
+            out[k].append((prompt_sets[k][i] + cont[:-1], max(len(cont), 1)))
     return out
 
 
@@ -278,14 +300,9 @@ def tail_logits(model: Any, seqs: list[tuple[list[int], int]], batch_size: int) 
 
 @torch.inference_mode()
 def _nll(model: Any, chunks_: list[list[int]], batch_size: int) -> np.ndarray:
-    out = []
-    for idx in chunks(len(chunks_), batch_size):
-        batch = model.batch([chunks_[i] for i in idx])
-        logits = model.logits(batch).cpu()
-        for j, i in enumerate(idx):
-            ids = torch.tensor(chunks_[i])
-            out.append(float(torch.nn.functional.cross_entropy(logits[j, -len(ids):-1], ids[1:])))
-    return np.array(out)
+    """Mean negative log-likelihood per token of each chunk (every token after its first)."""
+    lengths = torch.tensor([len(c) - 1 for c in chunks_], dtype=torch.float32)
+    return (-log_likelihoods(model, chunks_, batch_size) / lengths).numpy()
 
 
 def measure_side_effects(model: Any, data: SideEffectData, batch_size: int = 16,

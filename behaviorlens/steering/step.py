@@ -3,6 +3,7 @@ chose nothing, and show what it does to a few prompts."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,12 @@ def steer_step(runner: Any, folder: Path, params: SteerParams) -> dict:
     if layer == "probe":  # the layer where the probe step read the behavior best
         layer = ProbeResult.load(runner.out / "probe").best_layer
     edit_path = folder / "edit.safetensors"
-    choosing = layer is None
+    choosing = layer is None  # the select part judges the candidates, the report part the edit
+    parts = side_effect_data(runner, params.side_effects, {"select": CHOICE_REQUESTS, "report": None} if choosing
+                             else {"report": None})
     train_summary = run_steer_train(
         runner.model, train, edit_path, **(kwargs(params, run_steer_train) | {"layer": layer}),
-        from_patching=evidence, choice_dir=folder / "choice", seed=exp.seed,
-        side_effects=side_effect_data(runner, params.side_effects, "select", CHOICE_REQUESTS) if choosing else None,
+        from_patching=evidence, choice_dir=folder / "choice", seed=exp.seed, side_effects=parts.get("select"),
     )
     edit = Edit.load(edit_path, runner.model)
     if params.strength is not None:  # the headline strength, stated before the run
@@ -47,7 +49,7 @@ def steer_step(runner: Any, folder: Path, params: SteerParams) -> dict:
     eval_summary = run_steer_eval(
         runner.model, edit, eval_set, out_dir=folder / "eval",
         **(kwargs(params, run_steer_eval) | {"batch_size": exp.batch_size}), seed=exp.seed,
-        head_effects=head_effects, side_effects=side_effect_data(runner, params.side_effects, "report"),
+        head_effects=head_effects, side_effects=parts["report"],
     )
     if params.generate is not None and params.generate.prompts:
         frame = generate_examples(runner.model, edit, params.generate.prompts, [0.0, eval_summary["strength"]],
@@ -57,8 +59,10 @@ def steer_step(runner: Any, folder: Path, params: SteerParams) -> dict:
             **eval_summary}
 
 
-def side_effect_data(runner: Any, spec: SideEffects | None, part: str, requests: int | None = None) -> SideEffectData:
-    """The side-effect data of one part: the step's own files where it names them, else the built-in sets."""
+def side_effect_data(runner: Any, spec: SideEffects | None, requests: Mapping[str, int | None],
+                     ) -> dict[str, SideEffectData]:
+    """The side-effect data of each part (``requests``: part -> how many neutral requests, None
+    for all), continued together: the step's own files where it names them, else the built-in sets."""
     spec = spec or SideEffects()
     sets = {k: runner.contrast_set(v, aligned=False) for k, v in (("factual", spec.factual),
                                                                   ("context", spec.context)) if v is not None}
@@ -69,7 +73,7 @@ def side_effect_data(runner: Any, spec: SideEffects | None, part: str, requests:
         own["reference"] = Path(spec.reference).read_text(encoding="utf-8")
     if spec.fillers is not None:
         own["fillers"] = list(_yaml(spec.fillers)["sentences"])
-    return SideEffectData(runner.model, part, requests=requests, **sets, **own)
+    return SideEffectData.parts(runner.model, requests, **sets, **own)
 
 
 def _yaml(path: str) -> Any:
