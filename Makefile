@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 
-.PHONY: demo test setup
+.PHONY: demo test test-all setup
 
 setup: $(STAMP)
 
@@ -21,4 +21,7 @@ demo: $(STAMP)
 	.venv/bin/behaviorlens demo
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -125,6 +125,7 @@ def test_cache_is_complete_checks_the_manifest(tmp_path):
     assert not cache_is_complete(tmp_path)  # corrupt manifest
 
 
+@pytest.mark.slow
 def test_cache_build_detects_truncation_and_rebuilds(monkeypatch, tmp_path, capsys, default_model):
     """One test for the slow path (two conversions of the GGUF, about 20 s each)."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))

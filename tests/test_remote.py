@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_family, tiny_model
@@ -381,3 +382,15 @@ def test_head_means_read_every_batch_in_one_session_and_equal_the_local_means(po
     for layer in want:
         torch.testing.assert_close(got[layer], want[layer], atol=1e-5, rtol=0)
         assert want[layer].abs().max() > 1e-3
+
+
+def test_detect_s_greedy_answers_go_in_one_session_and_equal_the_local_ones():
+    from behaviorlens.detect.labels import generate_answers
+
+    m = tiny_model("llama")
+    cs = tiny_family().render(m.tokenizer)
+    want = generate_answers(m, cs, ["positive", "negative"], max_new_tokens=3, batch_size=2)
+    with remote.counting_requests() as sent:
+        got = generate_answers(traced(m), cs, ["positive", "negative"], max_new_tokens=3, batch_size=2)
+    assert sent.requests == 1 and len(got) == 2 * len(cs)  # 4 batches of 2 sides, one session
+    pd.testing.assert_frame_equal(want, got)

@@ -75,6 +75,7 @@ def test_scores_recomputed_from_the_pair_table(planted):
     assert row.perplexity != pytest.approx(row.perplexity_unedited, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_edit_that_shrinks_every_logit_is_collapse_not_removal(default_model):
     """Scaling the final norm by 0.1 scales every logit toward 0: the shift shrinks by 90%, yet
     the pressured answer moves away from the unpressured one."""

@@ -176,9 +176,8 @@ def chat_examples(model: Any, prompts: Sequence[str], max_new_tokens: int = 32, 
     tok = model.tokenizer
     records = []
     ids = [chat_ids(tok, t) for t in prompts]
-    for idx in chunks(len(ids), batch_size):
-        batch = model.batch([ids[i] for i in idx])
-        new = model.generate(batch, max_new_tokens)
+    parts = [(idx, model.batch([ids[i] for i in idx])) for idx in chunks(len(ids), batch_size)]
+    for (idx, batch), new in zip(parts, model.generate_each([b for _, b in parts], max_new_tokens)):
         for j, i in enumerate(idx):
             answer = first_statement(tok.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True))
             records.append({"messages": [{"role": "user", "content": prompts[i]}], "answer": answer or "OK",

@@ -114,16 +114,17 @@ def answer_in_text(text: str, right: str, wrong: str) -> str:
 
 def generate_answers(model: Any, contrast_set: ContrastSet, sides: Sequence[str], max_new_tokens: int = 12,
                      batch_size: int = 16) -> pd.DataFrame:
-    """The model's greedy continuation of every pair on each side: family, pair, side, text."""
-    rows = []
+    """The model's greedy continuation of every pair on each side: family, pair, side, text (every
+    batch generated together: on a traced model, as few sessions as its limits allow)."""
+    parts = []
     for side in sides:
         prompts = contrast_set.tokens(side)
-        for idx in chunks(len(prompts), batch_size):
-            batch = model.batch([prompts[i] for i in idx])
-            new = model.generate(batch, max_new_tokens)
-            for j, i in enumerate(idx):
-                text = model.tokenizer.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True)
-                rows.append({"family": contrast_set.name, "pair": i, "side": side, "text": text})
+        parts += [(side, idx, model.batch([prompts[i] for i in idx])) for idx in chunks(len(prompts), batch_size)]
+    rows = []
+    for (side, idx, batch), new in zip(parts, model.generate_each([b for *_, b in parts], max_new_tokens)):
+        for j, i in enumerate(idx):
+            text = model.tokenizer.decode(new[j, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            rows.append({"family": contrast_set.name, "pair": i, "side": side, "text": text})
     return pd.DataFrame(rows)
 
 
