@@ -309,24 +309,6 @@ class SiteMap:
         """
         return LayerCalls(self.layers(hf_model), hf_model.config)
 
-    def first_block_call(self, hf_model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The residual stream entering block 0 (the embedding as the model scales it) and block
-        0's call arguments (masks, rotary embeddings), from a forward stopped before any block runs."""
-        first = self.layers(hf_model)[0]
-
-        def stop(module: Any, args: tuple, kwargs: dict) -> None:
-            raise _StopForward(args[0] if args else kwargs["hidden_states"])
-
-        with LayerCalls(self.layers(hf_model)[:1], hf_model.config) as calls:
-            handle = first.register_forward_pre_hook(stop, with_kwargs=True)
-            try:
-                hf_model(**inputs, use_cache=False)
-            except _StopForward as stopped:
-                return stopped.args[0], calls.calls[0]
-            finally:
-                handle.remove()
-        raise RuntimeError("the model's forward never reached its first block")
-
     def run_from(
         self,
         hf_model: torch.nn.Module,
@@ -385,10 +367,6 @@ class SiteMap:
 
 
 CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past", "past_key_value")
-
-
-class _StopForward(Exception):
-    """Raised at block 0 by :meth:`SiteMap.first_block_call`, carrying the block's input."""
 
 
 class LayerCalls:

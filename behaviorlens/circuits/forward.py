@@ -88,9 +88,8 @@ def side_spec(model, cset: ContrastSet, pairs: Sequence[int], side: str, start: 
 def pair_specs(model, cset: ContrastSet, pairs: Sequence[int]) -> tuple[SideSpec, SideSpec, Scoring]:
     """Both sides of some pairs, with one start column (the columns before it hold the same tokens
     on both sides), and the positive side's scoring."""
-    _, _, first = first_columns(model, cset, pairs, "positive")
-    start = int(first.min())
-    pos, scoring = side_spec(model, cset, pairs, "positive", start)
+    pos, scoring = side_spec(model, cset, pairs, "positive")
+    start = pos.start
     neg, _ = side_spec(model, cset, pairs, "negative", start)
     for name in ("input_ids", "attention_mask"):
         if not torch.equal(pos.inputs[name][:, :start], neg.inputs[name][:, :start]):
