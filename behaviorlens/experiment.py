@@ -76,6 +76,7 @@ class ModelSpec(Schema):
     remote: str | bool | None = None
     session_traces: int = SessionLimits.traces  # what one remote request may hold
     session_mb: float = SessionLimits.request_mb
+    session_result_mb: float = SessionLimits.result_mb
     max_memory: str | None = None  # e.g. 40GiB: a batch's working memory where a stage sizes batches by memory
 
 
@@ -242,8 +243,10 @@ class Runner:
             self.log(f"loading model {m['name']!r}")
             self._model = load_model(m["name"], device=m.get("device"), dtype=m.get("dtype"),
                                      device_map=m.get("device_map"), remote=self.remote,
-                                     session_limits=SessionLimits(m.get("session_traces", SessionLimits.traces),
-                                                                  m.get("session_mb", SessionLimits.request_mb)),
+                                     session_limits=SessionLimits(
+                                         m.get("session_traces", SessionLimits.traces),
+                                         m.get("session_mb", SessionLimits.request_mb),
+                                         m.get("session_result_mb", SessionLimits.result_mb)),
                                      max_memory=m.get("max_memory"))
         return self._model
 
@@ -435,13 +438,14 @@ def run_experiment(name_or_path: str | Path, out: str | Path | None = None, forc
                    remote: str | None = None, session_limits: SessionLimits | None = None) -> Path:
     """Validate and run an experiment; returns the results folder (holding report.html).
     ``remote`` ('local' or 'ndif') and ``session_limits`` override the experiment's ``model.remote``,
-    ``model.session_traces`` and ``model.session_mb``."""
+    ``model.session_traces``, ``model.session_mb`` and ``model.session_result_mb``."""
     exp = load_experiment(name_or_path)
     given: dict[str, Any] = {}
     if remote is not None:
         given["remote"] = remote_mode(remote)
     if session_limits is not None:
-        given |= {"session_traces": session_limits.traces, "session_mb": session_limits.request_mb}
+        given |= {"session_traces": session_limits.traces, "session_mb": session_limits.request_mb,
+                  "session_result_mb": session_limits.result_mb}
     if given:
         exp.model.update(given)
         raw = exp.raw.get("model", "default")

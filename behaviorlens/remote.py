@@ -148,12 +148,16 @@ def counting_requests() -> Iterator[RequestCount]:
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """How much one session (one request) may hold: traces, and the bytes of its inputs. NDIF
-    runs a request for at most 3,600 s and buffers 100 MB; the defaults stay well under both on
-    a model the size of the embedded one (a 70B forward of a batch takes seconds)."""
+    """How much one session (one request) may hold: traces, the bytes of its inputs and the
+    bytes it returns. NDIF runs a request for at most 3,600 s and buffers 100 MB of it; the
+    defaults stay well under both on a model the size of the embedded one (a 70B forward of a
+    batch takes seconds). A result is not bound by that buffer: the server stages one above
+    its inline size for download from a presigned URL (nnsight's ``RemoteBackend.handle``), so
+    ``result_mb`` bounds what the server holds and the download's time."""
 
     traces: int = 256
     request_mb: float = 32.0
+    result_mb: float = 256.0
 
 
 def payload_bytes(value: Any) -> int:
@@ -176,20 +180,23 @@ def payload_bytes(value: Any) -> int:
 def session_groups(parts: Sequence[Any], limits: SessionLimits, fixed: int = 2,
                    returned: Sequence[int] | None = None) -> list[list[Any]]:
     """``parts`` (one trace each) in order, grouped so that each session holds at most
-    ``limits.traces`` traces (``fixed`` of them the session's own) and ``limits.request_mb`` of
-    inputs and of what comes back (``returned``: bytes per part, where that is more than a metric)."""
+    ``limits.traces`` traces (``fixed`` of them the session's own), ``limits.request_mb`` of
+    inputs and ``limits.result_mb`` of what comes back (``returned``: bytes per part, where that
+    is more than a metric)."""
     if limits.traces <= fixed:
         raise BehaviorLensError(f"session limits: {limits.traces} traces leave none for the work "
                                 f"(each session runs {fixed} of its own)")
     groups: list[list[Any]] = []
-    size = 0.0
+    sent = back = 0.0
     for i, part in enumerate(parts):
-        mb = max(payload_bytes(part), returned[i] if returned is not None else 0) / 2**20
-        if not groups or len(groups[-1]) >= limits.traces - fixed or size + mb > limits.request_mb:
+        mb, out = payload_bytes(part) / 2**20, (returned[i] if returned is not None else 0) / 2**20
+        if (not groups or len(groups[-1]) >= limits.traces - fixed or sent + mb > limits.request_mb
+                or back + out > limits.result_mb):
             groups.append([])
-            size = 0.0
+            sent = back = 0.0
         groups[-1].append(part)
-        size += mb
+        sent += mb
+        back += out
     return groups
 
 

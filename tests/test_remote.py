@@ -251,7 +251,7 @@ def test_measure_and_collection_send_one_session_per_family_unless_the_limits_sp
     with remote.counting_requests() as sent:
         one = collect(t, cset, ["resid_post"], ["last"], batch_size=2, progress=False)
     assert sent.requests == 1
-    t.session_limits = remote.SessionLimits(request_mb=1e-6)  # what comes back splits them: one batch each
+    t.session_limits = remote.SessionLimits(result_mb=1e-6)  # what comes back splits them: one batch each
     with remote.counting_requests() as sent:
         split = collect(t, cset, ["resid_post"], ["last"], batch_size=2, progress=False)
     assert sent.requests == -(-len(cset) // 2)

@@ -43,13 +43,17 @@ def add_remote_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-mb", type=float, default=None, metavar="MB",
                         help=f"with --remote: the most input megabytes one request holds "
                              f"(default {SessionLimits.request_mb:g})")
+    parser.add_argument("--session-result-mb", type=float, default=None, metavar="MB",
+                        help=f"with --remote: the most megabytes one request returns "
+                             f"(default {SessionLimits.result_mb:g})")
 
 
 def session_limits(args: argparse.Namespace) -> SessionLimits | None:
-    """The session limits the options give, or None where neither is given."""
-    if args.session_traces is None and args.session_mb is None:
+    """The session limits the options give, or None where none is given."""
+    if args.session_traces is None and args.session_mb is None and args.session_result_mb is None:
         return None
-    return SessionLimits(args.session_traces or SessionLimits.traces, args.session_mb or SessionLimits.request_mb)
+    return SessionLimits(args.session_traces or SessionLimits.traces, args.session_mb or SessionLimits.request_mb,
+                         args.session_result_mb or SessionLimits.result_mb)
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:

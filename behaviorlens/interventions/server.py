@@ -3,7 +3,9 @@ transformers and the shipped classes only, so that it travels by value (:mod:`be
 and only its figures come back.
 
 Reading sites (:func:`read_chunk`) returns only the columns chosen. Scoring batches
-(:func:`score_chunk`) run one trace each and return the metric per prompt. A chunk of exact
+(:func:`score_chunk`) run one trace each and return the metric per prompt, or an edited
+forward's KL from the unedited one (run once per session for the same reads), never the
+vocabulary-wide logits. A chunk of exact
 activation patching (:func:`patch_chunk`) is one session of traces: the source run (the site
 read at each layer, kept on the server), the base run (its keys and values kept), then each
 batch of patched copies, which starts at its first patched column from the base run's keys and
@@ -33,6 +35,7 @@ class Forward:
     metric: tuple | None  # answer_metric's arguments after the logits; None: return the logits read
     keep: dict[str, int] = field(default_factory=dict)
     state: ForwardState = field(default_factory=ForwardState)  # what its interventions share
+    unedited: str | None = None  # a key: return the KL from the unedited forward's logits at the same reads
 
 
 @dataclass
@@ -88,28 +91,40 @@ def read_chunk(lm: Any, batches: list[ReadBatch]) -> list[torch.Tensor]:
     return out
 
 
-def _metric(lm: Any, f: Forward) -> torch.Tensor:
-    """The forward's behavior metric, or (a forward with no metric) its float32 logits read."""
+def _metric(lm: Any, f: Forward, unedited: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The forward's behavior metric, its KL(unedited || edited) per read where it names an
+    unedited forward, or (a forward with neither) its float32 logits read."""
     logits = lm.output.logits[f.rows, f.cols]
+    if f.unedited is not None:
+        base = unedited[f.unedited]
+        return (base.exp() * (base - torch.log_softmax(logits.float(), -1))).sum(-1)
     return logits.float() if f.metric is None else answer_metric(logits, *f.metric)
 
 
-def score_chunk(lm: Any, forwards: list[Forward], interventions: list[Intervention]) -> list[torch.Tensor]:
-    """Inside a session: the behavior metric of each forward (float32 per prompt), or the logits
-    it reads where it has no metric."""
+def score_chunk(lm: Any, forwards: list[Forward], interventions: list[Intervention],
+                unedited: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Inside a session: the behavior metric of each forward (float32 per prompt), its KL from
+    the unedited forward (run first, without the interventions, and kept in ``unedited`` by key
+    for the session's later forwards at the same reads), or the logits it reads."""
     metrics = []
+    unedited = {} if unedited is None else unedited
     with torch.inference_mode():
         for f in forwards:
+            if f.unedited is not None and f.unedited not in unedited:
+                with lm.trace(**f.inputs, use_cache=False, **f.keep):
+                    unedited[f.unedited] = torch.log_softmax(lm.output.logits[f.rows, f.cols].float(), -1)
             with lm.trace(**f.inputs, use_cache=False, **f.keep):
                 run(lm, interventions, f.state)
-                metrics.append(_metric(lm, f))
+                metrics.append(_metric(lm, f, unedited))
     return metrics
 
 
-def score_jobs(lm: Any, jobs: list[tuple[list[Forward], list[Intervention]]]) -> list[list[torch.Tensor]]:
-    """Inside a session: :func:`score_chunk` of each job (forwards and the interventions in force
-    for them), one trace per forward."""
-    return [score_chunk(lm, forwards, interventions) for forwards, interventions in jobs]
+def run_jobs(lm: Any, jobs: list[tuple]) -> list[list[torch.Tensor]]:
+    """Inside a session: each job in order, ``("score", forwards, interventions)`` by
+    :func:`score_chunk` (the unedited forwards a KL compares with run once per session) or
+    ``("generate", prompts, interventions, max_new_tokens, kwargs)`` by :func:`generate_chunk`."""
+    unedited: dict[str, torch.Tensor] = {}
+    return [score_chunk(lm, *args, unedited) if kind == "score" else generate_chunk(lm, *args) for kind, *args in jobs]
 
 
 def patch_chunk(lm: Any, source: Forward, base: Forward, reads: list[SiteRef], parts: list[PatchPart],

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from ..remote import payload_bytes, run_session, session_groups
 from . import kinds
 from .access import SiteRef
 from .kinds import ForwardState, Intervention, Knockout, ReadDetector, ReadSite
-from .server import Forward, generate_chunk, score_chunk, score_jobs
+from .server import Forward, generate_chunk, run_jobs, score_chunk
 
 T = TypeVar("T")
 
@@ -107,6 +108,22 @@ def traced_logits(model: Any, batch: Batch, rows: torch.Tensor | None = None, co
     return torch.as_tensor(out)
 
 
+def traced_kl(model: Any, batch: Batch, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """KL(unedited || with the model's active interventions) in nats at (row, padded column)
+    reads ([reads], float32): the server runs the unedited forward too (once per session for the
+    same reads), so no vocabulary-wide logits come back."""
+    _no_local_hooks(model.hf)
+    interventions = list(model.interventions)
+    keep, columns = model.unembedded(batch.input_ids.shape[1], columns)
+    inputs = batch.inputs()
+    digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in (inputs["input_ids"], rows, columns)))
+    f = Forward(inputs, rows, columns, None, keep, context(model, batch, interventions), digest.hexdigest())
+    plan = _PLAN.get()
+    if plan is not None:
+        return plan.deferred([f], interventions, [torch.zeros(len(rows))])[0]
+    return run_session(model, score_chunk, [f], interventions, what="the KL from the unedited model")[0].cpu()
+
+
 class PlanDiverged(RuntimeError):
     """The replay of planned work asked for other forwards than its recording did."""
 
@@ -130,7 +147,7 @@ class Plan:
                 tuple(type(iv).__name__ for iv in interventions))
 
     def _next(self, key: tuple) -> Any:
-        while (self.cursor < len(self.calls) and self.calls[self.cursor]["forwards"] is None
+        while (self.cursor < len(self.calls) and self.calls[self.cursor]["job"] is None
                and self.calls[self.cursor]["key"] != key):
             self.cursor += 1  # a forward run now whose value the replay already holds (a memo of it)
         if self.cursor >= len(self.calls) or self.calls[self.cursor]["key"] != key:
@@ -142,12 +159,19 @@ class Plan:
     def deferred(self, forwards: list[Forward], interventions: list, zeros: list[torch.Tensor]) -> list:
         """Record forwards to run later (answered now with ``zeros`` of their shape); on the replay,
         their values."""
-        key = self._key(forwards[0].inputs, interventions) + (len(forwards),)
+        return self._defer(("score", forwards, interventions), forwards[0].inputs, len(forwards), zeros)
+
+    def deferred_generation(self, job: tuple, zeros: list[torch.Tensor]) -> list:
+        """Record a generation (:func:`~.server.generate_chunk`'s arguments) to run later, as
+        :meth:`deferred` does."""
+        return self._defer(("generate", *job), job[0][0][0], len(job[0]), zeros)
+
+    def _defer(self, job: tuple, inputs: dict, traces: int, zeros: list[torch.Tensor]) -> list:
+        key = self._key(inputs, job[2]) + (job[0], traces)
         if self.replaying:
             return self._next(key)
-        returned = sum(x.numel() * 4 for x in zeros)
-        self.calls.append({"key": key, "forwards": forwards, "interventions": interventions, "returned": returned,
-                           "result": None})
+        returned = sum(x.numel() * x.element_size() for x in zeros)
+        self.calls.append({"key": key, "job": job, "traces": traces, "returned": returned, "result": None})
         return zeros
 
     def eager(self, inputs: dict, interventions: list, compute: Callable[[], Any]) -> Any:
@@ -160,26 +184,29 @@ class Plan:
             result = compute()
         finally:
             _PLAN.reset(token)
-        self.calls.append({"key": key, "forwards": None, "result": result})
+        self.calls.append({"key": key, "job": None, "result": result})
         return result
 
     def run(self, model: Any, what: str) -> None:
-        """Every deferred forward, jobs packed into sessions within the model's limits."""
-        jobs = [c for c in self.calls if c["forwards"] is not None]
+        """Every deferred job, packed into sessions within the model's limits."""
+        jobs = [c for c in self.calls if c["job"] is not None]
         groups: list[list[dict]] = []
-        traces = size = 0.0
+        traces = sent = back = 0.0
         limits = model.session_limits
         for job in jobs:
-            n = len(job["forwards"])
-            mb = max(payload_bytes([job["forwards"], job["interventions"]]), job["returned"]) / 2**20
-            if not groups or traces + n > limits.traces or size + mb > limits.request_mb:
+            n = job["traces"]
+            mb, out = payload_bytes(job["job"]) / 2**20, job["returned"] / 2**20
+            if (not groups or traces + n > limits.traces or sent + mb > limits.request_mb
+                    or back + out > limits.result_mb):
                 groups.append([])
-                traces = size = 0.0
+                traces = sent = back = 0.0
             groups[-1].append(job)
             traces += n
-            size += mb
+            sent += mb
+            back += out
         for group in groups:
-            results = run_session(model, score_jobs, [(j["forwards"], j["interventions"]) for j in group], what=what)
+            with _quiet_generation():
+                results = run_session(model, run_jobs, [j["job"] for j in group], what=what)
             for job, result in zip(group, results):
                 job["result"] = [r.cpu() for r in result]
 
@@ -210,7 +237,7 @@ def planned(model: Any, work: Callable[[], T], what: str = "planned work") -> T:
         out = work()
     finally:
         _PLAN.reset(token)
-    left = [c for c in plan.calls[plan.cursor:] if c["forwards"] is not None]
+    left = [c for c in plan.calls[plan.cursor:] if c["job"] is not None]
     if left:
         raise PlanDiverged(f"{what}: its replay left {len(left)} of the recorded forwards unasked")
     return out
@@ -277,10 +304,22 @@ def traced_generate(model: Any, batches: Sequence[Batch], max_new_tokens: int, *
         ones = torch.ones(batch.input_ids.shape[0], 1, dtype=torch.bool)
         steps = [state.cols, {"all": ones, "prompt": ~ones, "generated": ones}]  # the prompt's columns, then a new token's
         jobs.append(({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, state, steps))
+    plan = _PLAN.get()
+    if plan is not None:
+        zeros = [torch.zeros(b.input_ids.shape[0], b.input_ids.shape[1] + max_new_tokens, dtype=torch.long)
+                 for b in batches]
+        return plan.deferred_generation((jobs, interventions, max_new_tokens, kwargs), zeros)
     out: list[torch.Tensor] = []
-    with warnings.catch_warnings():
-        # the loop over steps ends when generation does; what follows it runs in its own invoke
-        warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+    with _quiet_generation():
         for group in session_groups(jobs, model.session_limits, fixed=0):
             out += run_session(model, generate_chunk, group, interventions, max_new_tokens, kwargs, what="generation")
     return [torch.as_tensor(x) for x in out]
+
+
+@contextmanager
+def _quiet_generation() -> Iterator[None]:
+    """Warnings off for what generation is expected to say: the loop over its steps ends when
+    generation does, and what follows it runs in its own invoke."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
+        yield

@@ -95,23 +95,27 @@ def deletion_baseline(model: Any, eval_set: Any, data: SideEffectData | None, re
     family's claim slot; then the context-use figures are absent), keys prefixed
     ``deletion_baseline_``."""
     sides = [s for s in (*SIDES, NEUTRAL) if s in base_metrics]
+    pairs = list(eval_set)
+    ctx = list(data.context) if readout is not None and data is not None and base_context is not None else []
+    if readout is not None:  # every prompt's flags in one read
+        flags = flagged(model, readout, [p.tokens[side] for side in sides for p in pairs]
+                        + [p.tokens["positive"] for p in ctx], batch_size)
     metrics, out = {}, {}
-    for side in sides:
-        pairs = list(eval_set)
+    for k, side in enumerate(sides):
         if readout is not None:
-            flags = flagged(model, readout, [p.tokens[side] for p in pairs], batch_size)
-            pairs = [_delete(p, side, f) for p, f in zip(pairs, flags)]
+            kept = [_delete(p, side, f) for p, f in zip(pairs, flags[k * len(pairs):])]
         elif side in SIDES:
             slot = valence_slot(eval_set)
-            pairs = [with_tokens(p, side, ~_span_mask(p, side, slot)) for p in pairs]
-        metrics[side] = behavior_metric(model, pairs, side, batch_size).numpy()
+            kept = [with_tokens(p, side, ~_span_mask(p, side, slot)) for p in pairs]
+        else:
+            kept = pairs
+        metrics[side] = behavior_metric(model, kept, side, batch_size).numpy()
     figures = pressure_figures(base_metrics, metrics)
     for key in ("pressure_removed_fraction", "counter_pressure_removed_fraction", "neutral_metric_change",
                 "accuracy_neutral_change"):
         out[key] = figures.get(key, float("nan"))
-    if readout is not None and data is not None and base_context is not None:
-        ctx = list(data.context)
-        flags = flagged(model, readout, [p.tokens["positive"] for p in ctx], batch_size)
+    if ctx:
+        flags = flags[len(sides) * len(pairs):]
         ctx = [_delete(p, "positive", f) for p, f in zip(ctx, flags)]
         edited = behavior_metric(model, ctx, "positive", batch_size).numpy()
         out |= {k: v for k, v in context_figures(base_context, edited, data.recall).items() if not k.endswith("_ci")}

@@ -36,7 +36,8 @@ from ..interventions.trace import planned, recording
 from ..kv_cache import reusing_unedited
 from ..patching import patch
 from ..patching.results import PatchEvidence
-from ..reads import remembered_states
+from ..prompts.contrast import NEUTRAL, SIDES
+from ..reads import remembered_states, token_states
 from .baselines import NULL_MAX
 from .candidates import (
     FRAME_FAMILIES,
@@ -161,6 +162,10 @@ def _choose(model: Any, train_set: Any, evidence: PatchEvidence, kl_max: float, 
                                     frame, fit_data)
     bar.total = 1 + len(built)
     bar.update(1)
+    if "detector" in extra:  # what it flags while judging (the deletion baseline) and for its quality, in one read
+        token_states(model, [*(p.tokens[s] for s in (*SIDES, NEUTRAL) for p in held),
+                             *(p.tokens["positive"] for p in data.context), *(s for s, _ in data.neutral)],
+                     [extra["detector"].layer])
 
     def judge_all() -> tuple[list[dict], pd.DataFrame]:  # on a traced model, every forward in as few sessions as it can
         unedited = {"metrics": unedited_obs.metrics, **light_side_effects(model, data, None)}

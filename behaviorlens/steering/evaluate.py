@@ -62,9 +62,10 @@ class Observation:
 
 def observe(model: Any, eval_set: Any, data: SideEffectData | None, batch_size: int = 16,
             edit: Edit | None = None, strength: float = 1.0, layers: Sequence[int] | None = None,
-            positions: str | None = None) -> Observation:
+            positions: str | None = None, unedited: SideEffects | None = None) -> Observation:
     """Metrics of every side of ``eval_set`` and (with ``data``) the side effects, with ``edit``
-    applied at ``strength`` (none: the unedited model)."""
+    applied at ``strength`` (none: the unedited model), their KLs from ``unedited`` (the unedited
+    model's side effects; None: this is that measurement)."""
     def apply(where: str | None = None) -> Any:
         if edit is None or strength == 0:
             return nullcontext()
@@ -72,7 +73,7 @@ def observe(model: Any, eval_set: Any, data: SideEffectData | None, batch_size: 
 
     with apply():
         metrics = side_metrics(model, eval_set, batch_size)
-    side = measure_side_effects(model, data, batch_size, apply) if data is not None else None
+    side = measure_side_effects(model, data, batch_size, apply, unedited) if data is not None else None
     return Observation(metrics, side)
 
 
@@ -219,7 +220,8 @@ def _scored_rows(model: Any, edit: Edit, draws: list[Edit], eval_set: Any, data:
             per_draw, moved = [], []
             label = f"evaluate{'' if layer < 0 else f' L{layer}'} x{m:g} (edit, then {len(draws)} controls)"
             for draw, e in enumerate(tqdm([edit, *draws], desc=label, disable=not progress or recording())):
-                obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions)
+                obs = observe(model, eval_set, data if draw == 0 else None, batch_size, e, m, apply_layers, positions,
+                              unedited.side)
                 values = _figures(e, m, unedited, obs)
                 if draw == 0:
                     row |= values

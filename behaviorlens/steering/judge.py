@@ -26,18 +26,22 @@ from .baselines import blocked_metric, deletion_baseline, filler_null, is_redact
 from .detectors import valence_slot
 from .evaluate import null_figures, observe, random_control
 from .pressure import pressure_figures
-from .side_effects import SideEffectData, answer_figures, context_figures, mean_kl, tail_logits
+from .side_effects import SideEffectData, answer_figures, context_figures, tail_kl, tail_logits
 
 KL_MAX = 0.05
 ACCURACY_DROP_MAX = 0.02
 CHOICE_REQUESTS = 24  # neutral requests (of the select half) the chooser's KL limit is measured on
 
 
-def light_side_effects(model: Any, data: SideEffectData, edit: Edit | None, batch_size: int = 16) -> dict:
-    """What the limits need: neutral logits (chat), factual and context-use metrics, with the
-    edit applied."""
+def light_side_effects(model: Any, data: SideEffectData, edit: Edit | None, batch_size: int = 16,
+                       unedited: dict | None = None) -> dict:
+    """What the limits need, with the edit applied: factual and context-use metrics, and the
+    neutral (chat) KL from ``unedited`` (this function's result without an edit), or, without
+    ``unedited``, the reference logits that KL compares with."""
     with steer(model, edit) if edit is not None else nullcontext():
-        return {"neutral": tail_logits(model, data.neutral, batch_size),
+        neutral = ({"reference": tail_logits(model, data.neutral, batch_size)} if unedited is None
+                   else {"neutral_kl": tail_kl(model, data.neutral, unedited["reference"], batch_size)})
+        return {**neutral,
                 "factual": behavior_metric(model, data.factual.pairs, "positive", batch_size).numpy(),
                 "context": behavior_metric(model, data.context.pairs, "positive", batch_size).numpy()}
 
@@ -53,7 +57,7 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, unedited: dic
     deletion baseline and, for knockouts, the filler null of the judging pairs)."""
     edited = observe(model, held, None, edit=edit).metrics
     figures = pressure_figures(unedited["metrics"], edited)
-    side = light_side_effects(model, data, edit)
+    side = light_side_effects(model, data, edit, unedited=unedited)
     moved = []
     try:
         control_metrics = observe(model, held, None, edit=random_control(model, edit, control_seed)).metrics
@@ -70,7 +74,7 @@ def judge(model: Any, edit: Edit, held: Any, data: SideEffectData, unedited: dic
         "factual_accuracy_change": answer_figures(unedited["factual"], side["factual"], "factual")["factual_accuracy_change"],
         **{k: v for k, v in context_figures(unedited["context"], side["context"], data.recall).items()
            if not k.endswith("_ci") and k.endswith(("_change",))},
-        "neutral_kl": mean_kl(unedited["neutral"], side["neutral"]),
+        "neutral_kl": side["neutral_kl"],
         "collapse": figures["collapse"],
         "shift_removed_fraction": figures["shift_removed_fraction"],
         "random_pressure_removed_fraction": control["pressure_removed_fraction"],

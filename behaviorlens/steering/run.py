@@ -14,6 +14,7 @@ import torch
 from ..chat import chat_ids
 from ..edits import Edit
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned
 from ..io import write_csv, write_json
 from ..patching.results import PatchEvidence, evidence_of, patch_runs
 from .apply import steer
@@ -223,15 +224,19 @@ def generate_examples(
         strengths = (-4.0, 0.0, 4.0) if has_strength else (0.0, 1.0)
     if not has_strength:  # any strength but 0 is the same edit: generate it once
         strengths = sorted({0.0 if m == 0 else 1.0 for m in strengths})
-    rows = []
-    for m in strengths:
-        torch.manual_seed(seed)
-        label = "unedited" if m == 0 else (f"x{m:+g}" if has_strength else "edited")
-        ctx = steer(model, edit, m, positions=positions) if m != 0 else nullcontext()
-        with ctx:
-            out = model.generate(batch, max_new_tokens)
-        new = out[:, batch.input_ids.shape[1]:]
-        for i, text in enumerate(texts):
-            rows.append({"prompt": text, "strength": float(m), "label": label,
-                         "completion": model.tokenizer.decode(new[i], skip_special_tokens=True)})
-    return pd.DataFrame(rows)
+
+    def generated() -> list[dict]:  # on a traced model, every strength in one session
+        rows = []
+        for m in strengths:
+            torch.manual_seed(seed)
+            label = "unedited" if m == 0 else (f"x{m:+g}" if has_strength else "edited")
+            ctx = steer(model, edit, m, positions=positions) if m != 0 else nullcontext()
+            with ctx:
+                out = model.generate(batch, max_new_tokens)
+            new = out[:, batch.input_ids.shape[1]:]
+            for i, text in enumerate(texts):
+                rows.append({"prompt": text, "strength": float(m), "label": label,
+                             "completion": model.tokenizer.decode(new[i], skip_special_tokens=True)})
+        return rows
+
+    return pd.DataFrame(planned(model, generated, "generating examples"))

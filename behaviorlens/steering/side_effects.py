@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +38,7 @@ from ..chat import chat_ids, has_template, render_chat
 from ..errors import BehaviorLensError
 from ..prompts import load_family
 from ..scoring import behavior_metric, log_likelihoods
-from ..stats import bootstrap_ci, kl_divergence
+from ..stats import bootstrap_ci
 from . import data
 
 PARTS = ("fit", "select", "report")
@@ -249,12 +249,13 @@ def continued(model: Any, prompt_sets: Sequence[list[list[int]]], n: int = CONTI
 class SideEffects:
     """One model state's side-effect measurements (the unedited model's, or an edit's)."""
 
-    neutral: list[torch.Tensor]  # per chat-rendered request: logits at the predicting positions
-    neutral_plain: list[torch.Tensor]
+    neutral_kl: float  # mean per-token KL from the unedited model on the chat-rendered requests (0 for it)
+    neutral_kl_plain: float  # likewise on the plain-text ones
     nll: np.ndarray  # mean negative log-likelihood per reference chunk
     factual: np.ndarray  # per factual row: log p(answer) - log p(distractor)
     context: np.ndarray  # per context-use row, likewise
     recall: np.ndarray  # per context-use row: whether it is a claim-recall row
+    reference: tuple | None = None  # the unedited model's: tail logits (chat, plain) an edit's KL compares with
 
     @property
     def factual_accuracy(self) -> float:
@@ -284,18 +285,39 @@ def context_figures(base: np.ndarray, edited: np.ndarray, recall: np.ndarray) ->
             | answer_figures(base[recall], edited[recall], "claim_recall"))
 
 
-def tail_logits(model: Any, seqs: list[tuple[list[int], int]], batch_size: int) -> list[torch.Tensor]:
-    """Logits at the last ``tail`` positions of each sequence, the edit acting there."""
-    out = []
+def _tail_reads(seqs: list[tuple[list[int], int]], batch_size: int) -> Iterator[tuple]:
+    """Per batch: its indices, sequences, tails, and the (row, position) reads of every tail token."""
     for idx in chunks(len(seqs), batch_size):
         sequences = [seqs[i][0] for i in idx]
         tails = [seqs[i][1] for i in idx]
         rows = torch.tensor([j for j, t in enumerate(tails) for _ in range(t)])
         positions = torch.tensor([len(sequences[j]) - t + k for j, t in enumerate(tails) for k in range(t)])
+        yield idx, sequences, tails, rows, positions
+
+
+def tail_logits(model: Any, seqs: list[tuple[list[int], int]], batch_size: int) -> list[torch.Tensor] | None:
+    """Logits at the last ``tail`` positions of each sequence, the edit acting there: unedited,
+    what :func:`tail_kl` compares an edit with. None on a traced model, whose server runs the
+    unedited forward beside each edited one, so vocabulary-wide logits never travel."""
+    if model.traced:
+        return None
+    out = []
+    for _, sequences, tails, rows, positions in _tail_reads(seqs, batch_size):
         with answer_tail(torch.tensor(tails)):
-            logits = model.score_logits(sequences, rows, positions).cpu()
-        out += list(torch.split(logits, tails))
+            out += list(torch.split(model.score_logits(sequences, rows, positions).cpu(), tails))
     return out
+
+
+def tail_kl(model: Any, seqs: list[tuple[list[int], int]], unedited: list[torch.Tensor] | None,
+            batch_size: int) -> float:
+    """Mean per-token KL(unedited || as the model runs now) over the last ``tail`` positions of
+    every sequence, in nats, the edit acting there (``unedited``: :func:`tail_logits`)."""
+    kls = []
+    for idx, sequences, tails, rows, positions in _tail_reads(seqs, batch_size):
+        base = torch.cat([unedited[i] for i in idx]) if unedited is not None else None
+        with answer_tail(torch.tensor(tails)):
+            kls.append(model.kl_from_unedited(sequences, rows, positions, base).cpu())
+    return float(torch.cat(kls).mean())
 
 
 @torch.inference_mode()
@@ -306,34 +328,39 @@ def _nll(model: Any, chunks_: list[list[int]], batch_size: int) -> np.ndarray:
 
 
 def measure_side_effects(model: Any, data: SideEffectData, batch_size: int = 16,
-                         apply: Callable[..., Any] = lambda positions=None: nullcontext()) -> SideEffects:
-    """Neutral logits (chat and plain), reference NLL per chunk and factual metric per row, each
+                         apply: Callable[..., Any] = lambda positions=None: nullcontext(),
+                         unedited: SideEffects | None = None) -> SideEffects:
+    """The neutral KLs (chat and plain) from ``unedited`` (the unedited model's measurement;
+    None: this is that measurement), reference NLL per chunk and factual metric per row, each
     inside ``apply(positions)``: a context that applies the edit (at every position for the
     reference text, where every token is a prediction; elsewhere where the edit acts)."""
     with apply("all"):
         nll = _nll(model, data.reference, batch_size)
     with apply():
+        sets = (data.neutral, data.neutral_plain)
+        if unedited is None:
+            reference = tuple(tail_logits(model, s, batch_size) for s in sets)
+            kls = (0.0, 0.0)
+        else:
+            reference = None
+            kls = tuple(tail_kl(model, s, r, batch_size) for s, r in zip(sets, unedited.reference or (None, None)))
         return SideEffects(
-            neutral=tail_logits(model, data.neutral, batch_size),
-            neutral_plain=tail_logits(model, data.neutral_plain, batch_size),
+            neutral_kl=kls[0],
+            neutral_kl_plain=kls[1],
             nll=nll,
             factual=behavior_metric(model, data.factual.pairs, "positive", batch_size).numpy(),
             context=behavior_metric(model, data.context.pairs, "positive", batch_size).numpy(),
             recall=data.recall,
+            reference=reference,
         )
-
-
-def mean_kl(base: list[torch.Tensor], edited: list[torch.Tensor]) -> float:
-    """Mean per-token KL(unedited || edited) over every token of every prompt, nats."""
-    return float(torch.cat([kl_divergence(b, e) for b, e in zip(base, edited)]).mean())
 
 
 def compare_side_effects(base: SideEffects, edited: SideEffects) -> dict[str, Any]:
     """The side-effect columns of an evaluation row: KLs, perplexity, factual accuracy, context
     use and claim recall."""
     return {
-        "neutral_kl": mean_kl(base.neutral, edited.neutral),
-        "neutral_kl_plain": mean_kl(base.neutral_plain, edited.neutral_plain),
+        "neutral_kl": edited.neutral_kl,
+        "neutral_kl_plain": edited.neutral_kl_plain,
         "perplexity": edited.perplexity,
         "perplexity_unedited": base.perplexity,
         "perplexity_ci": [float(np.exp(x)) for x in bootstrap_ci(edited.nll)],
