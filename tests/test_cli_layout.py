@@ -102,16 +102,20 @@ def test_model_from_args_passes_remote_and_session_limits_on(monkeypatch):
     args = build_parser().parse_args(["info", "--remote", "local", "--session-traces", "8"])
     cli_options.model_from_args(args)
     assert seen["session_limits"] == SessionLimits(traces=8, request_mb=SessionLimits.request_mb)
+    args = build_parser().parse_args(["info", "--remote", "local", "--session-result-mb", "64"])
+    cli_options.model_from_args(args)
+    assert seen["session_limits"] == SessionLimits(result_mb=64)
 
 
 @pytest.mark.parametrize("value, expected", [("local", "local"), ("ndif", "ndif"), (True, "ndif"), (False, None)])
 def test_experiment_remote_is_passed_to_load_model(monkeypatch, tmp_path, value, expected):
     seen = {}
     monkeypatch.setattr("behaviorlens.experiment.load_model", lambda name, **kw: seen.update(kw) or "m")
-    exp = validate({"model": {"name": "default", "remote": value, "session_traces": "12"},
+    exp = validate({"model": {"name": "default", "remote": value, "session_traces": "12", "session_result_mb": 64},
                     "families": {"train": "capitals_opinion"}, "steps": {"measure": {}}}, "e.yaml")
     assert Runner(exp, tmp_path, log=lambda s: None).model == "m" and seen["remote"] == expected
     assert seen["session_limits"].traces == 12  # converted to its type by the schema
+    assert seen["session_limits"].result_mb == 64
 
 
 def test_experiment_remote_value_is_checked():

@@ -343,6 +343,37 @@ def test_planned_work_sends_its_forwards_together_and_gives_the_values_of_unplan
         planned(t, diverging)
 
 
+def test_the_kl_from_the_unedited_model_and_generation_are_planned_into_one_session():
+    from behaviorlens.interventions.trace import planned
+
+    m = tiny_model("llama")
+    t = traced(m)
+    seqs = [[2, 5, 6, 7, 8], [2, 9, 10, 11]]
+    rows, positions = torch.tensor([0, 0, 1]), torch.tensor([3, 4, 3])
+    unedited = m.score_logits(seqs, rows, positions)
+    batch = m.batch(seqs)
+    edits = [head_edit(m, {1: [0, 2]}, "zero"), Edit(kind="vector", vectors={1: 4 * torch.ones(64)})]
+
+    def work(model):
+        out = []
+        for edit in edits:
+            with steer(model, edit):
+                out += [model.kl_from_unedited(seqs, rows, positions, unedited), model.generate(batch, 4)]
+        return out
+
+    want = work(m)
+    with remote.counting_requests() as sent:
+        got = planned(t, lambda: work(t))
+    assert sent.requests == 1  # both edits' KL (the unedited forward run on the server) and generations
+    for kl, kl_traced in zip(want[::2], got[::2]):
+        assert kl.shape == (3,) and kl.min() > 1e-4  # one KL per read, and each edit moves it
+        torch.testing.assert_close(kl, kl_traced, atol=TOL, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(want[1::2], got[1::2]))
+    with steer(t, edits[0]), remote.counting_requests() as sent:
+        alone = t.kl_from_unedited(seqs, rows, positions, None)
+    assert sent.requests == 1 and torch.allclose(alone, want[0], atol=TOL)
+
+
 def test_planned_work_passes_over_reads_its_replay_kept_from_the_recording():
     """Site reads run while recording; where the work keeps them (remembered states), its replay
     does not read again, and the plan passes over those reads instead of diverging."""

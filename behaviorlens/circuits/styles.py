@@ -331,16 +331,17 @@ def sentences(s: dict) -> list[str]:
             out.append(f"{family} (no circuit of its own): {core}{best}.")
             continue
         spec = ", ".join(d["specific_heads"]) or "no head"
+        verb = "are" if len(d["specific_heads"]) > 1 else "is"
         out.append(f"{family}: its own circuit ({_count(d['edges'], 'edge')}, {_pct(d['edges_fraction'])}) keeps "
                    f"{_pct(d['own_faithfulness'])} [{_pct(d['own_ci'][0])}, {_pct(d['own_ci'][1])}] on held-out pairs "
                    f"(random {_pct(d['own_random'])}); {core}; {d['specific_edges']} of its edges are in no other "
-                   f"family's circuit, and {spec} {'is' if len(d['specific_heads']) == 1 else 'are'} specific to it"
+                   f"family's circuit, and {spec} {verb} specific to it"
                    f"{best}.")
     return out
 
 
 def _pct(v: float) -> str:
-    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.0f}%"
+    return "n/a" if v is None or not np.isfinite(v) else f"{round(100 * v)}%"  # an int: never "-0%"
 
 
 def _count(n: int, noun: str) -> str:
