@@ -177,7 +177,8 @@ class Model:
         if self.traced:
             batch = self.batch(sequences)
             return traced_kl(self, batch, rows, positions + batch.offsets[rows])
-        return kl_divergence(unedited, self.score_logits(sequences, rows, positions))
+        edited = self.score_logits(sequences, rows, positions)
+        return kl_divergence(unedited.to(edited.device), edited)
 
     @property
     def cache_argument(self) -> str | None:

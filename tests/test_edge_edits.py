@@ -1,5 +1,5 @@
-"""Edits made from edges (issue 32): path ablation (heads removed from the logits only) and edge
-knockout (sources' output taken out of destination heads' keys and values at flagged tokens),
+"""Edits made from edges (issue 32): path ablation (heads removed from the logits only), its
+complement (removed from every later layer, kept for the logits) and edge knockout (sources' output taken out of destination heads' keys and values at flagged tokens),
 each against a reference written here with plain torch."""
 
 from __future__ import annotations
@@ -63,6 +63,30 @@ def test_path_ablation_changes_only_the_logits_by_the_removed_head_contribution(
         want = s.logits_from_hidden(m.hf, resid[s.n_layers - 1] + removed)
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
     assert (logits - m.logits(batch)).abs().max() > 1e-3
+
+
+def test_indirect_ablation_is_the_head_ablation_with_the_direct_path_given_back(m):
+    s = m.sites
+    values, heads = means(m), {1: [0, 3]}
+    batch = m.batch(SEQS)
+    layers = list(range(s.n_layers))
+    _, z = run(m, batch, "head", [1])
+    with steer(m, Edit(kind="heads", heads=heads, head_mode="mean", head_values=values, **meta(m))):
+        ablated_logits, ablated = run(m, batch, "resid_post", layers)
+    edit = Edit(kind="indirect_ablation", heads=heads, head_values=values, **meta(m))
+    with steer(m, edit):
+        logits, edited = run(m, batch, "resid_post", layers)
+    for layer in layers:  # every later layer reads the moved output, as under the head ablation
+        torch.testing.assert_close(edited[layer], ablated[layer], atol=1e-6, rtol=0)
+    w = s.attn_out_proj(m.hf, 1).weight
+    given_back = sum((z[1][:, :, h] - values[1][h]) @ w[:, h * s.head_dim:(h + 1) * s.head_dim].T for h in heads[1])
+    with torch.inference_mode():
+        want = s.logits_from_hidden(m.hf, ablated[s.n_layers - 1] + given_back)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    assert (logits - ablated_logits).abs().max() > 1e-3 and (logits - m.logits(batch)).abs().max() > 1e-3
+    traced = dataclasses.replace(m, remote="local", interventions=[])
+    with steer(traced, edit):
+        torch.testing.assert_close(traced.logits(batch), logits, atol=1e-4, rtol=1e-4)
 
 
 def _edge(m, dest, sources, mlps=(), detector=None):

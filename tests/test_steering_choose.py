@@ -156,13 +156,15 @@ def test_the_head_search_adds_a_candidate_per_lambda_and_writes_its_front(plante
 
 def test_the_chooser_builds_and_judges_the_edge_groups_like_every_candidate(planted):
     model, cset, evidence, side = planted
-    choice = choose_edit(model, cset, evidence, groups=["path ablation", "edge knockout"], side_effects=side,
-                         refits=0, outside_limits=True)
+    choice = choose_edit(model, cset, evidence, groups=["path ablation", "indirect ablation", "edge knockout"],
+                         side_effects=side, refits=0, outside_limits=True)
     table = choice.candidates
-    assert set(table.group) == {"path ablation", "edge knockout"}
+    assert set(table.group) == {"path ablation", "indirect ablation", "edge knockout"}
     kinds = {e.kind for e in choice.edits}
-    assert kinds == {"path_ablation", "edge_knockout"}
-    paths, edges = table[table.group == "path ablation"], table[table.group == "edge knockout"]
+    assert kinds == {"path_ablation", "indirect_ablation", "edge_knockout"}
+    paths, edges = table[table.group.str.endswith("ablation")], table[table.group == "edge knockout"]
+    direct, indirect = (table[table.group == g].edit.tolist() for g in ("path ablation", "indirect ablation"))
+    assert len(direct) == len(indirect) and all(d != i for d, i in zip(direct, indirect))  # the same heads, cut apart
     drawn = paths[paths.null_control.notna()]  # (a 3-layer model leaves no other heads for the widest)
     assert len(drawn) and drawn.null_control.str.contains("of the same size").all()  # random draws: its null
     assert edges.null_control.str.contains("non-claim sentence").all()  # a knockout's filler null

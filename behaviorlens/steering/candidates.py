@@ -40,6 +40,9 @@ Candidates, each an :class:`~.edit.Edit` (at strength 1; scaled variants are can
   the logits only, moved to its mean answer-position output in the final residual stream at the
   answer positions, and kept for every later layer that reads it
   (:mod:`behaviorlens.edits.kinds.path_ablation`);
+- ``indirect ablation``: the same heads' output removed from every later layer at the answer
+  positions and kept for the logits, the complement of ``path ablation``
+  (:mod:`behaviorlens.edits.kinds.indirect_ablation`);
 - ``edge knockout``: the edges from every head and MLP of the 1 or 3 layers before the top later
   head's layer, or from the n_heads + 1 heads and MLPs whose edges into those keys and values
   carry the most of the claim by edge attribution (EAP) on the fit pairs, into that layer's keys
@@ -84,7 +87,7 @@ KNOCKOUT_WINDOWS = (0, 1, 2)  # half-widths of the layer windows around the top 
 NARROW_HEADS = (3, 6, 12)  # sizes of the narrowed knockouts
 GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout", "searched heads", "subspace",
           "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant",
-          "path ablation", "edge knockout")
+          "path ablation", "indirect ablation", "edge knockout")
 PATH_HEADS = (3, 6)  # sizes of the path ablations of the window's top heads
 EDGE_SPANS = (1, 3)  # how many layers before the destination the edge knockouts' sources span
 INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
@@ -167,8 +170,9 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    if "path ablation" in groups and len(heads):
-        out += _path_ablations(model, fit, heads, extra, meta)
+    for group, kind in (("path ablation", "path_ablation"), ("indirect ablation", "indirect_ablation")):
+        if group in groups and len(heads):
+            out += _path_ablations(model, fit, heads, extra, meta, group, kind)
     if ({"knockout", "narrowed knockout", "searched heads", "edge knockout"} & set(groups) or gating) \
             and fit.has_neutral:
         say("training the pressure-token detector")
@@ -304,11 +308,13 @@ def _searched(model: Any, fit: Any, fit_data: SideEffectData, extra: dict, meta:
     return out
 
 
-def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict) -> list[tuple[str, Edit, str]]:
-    """The copy heads' output removed from the logits only (kept for every layer that reads it):
-    the top 3 and 6 heads by patching of the 5-layer window around the top head, every head of
-    the top head's layer and of the window, each moved in the final residual stream at the
-    answer positions to its mean output there (over the fit pairs' pressured prompts)."""
+def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict, group: str,
+                    kind: str) -> list[tuple[str, Edit, str]]:
+    """The copy heads' output removed from the logits only (``path_ablation``: kept for every
+    layer that reads it) or from every later layer only (``indirect_ablation``: kept for the
+    logits): the top 3 and 6 heads by patching of the 5-layer window around the top head, every
+    head of the top head's layer and of the window, each moved at the answer positions to its
+    mean output there (over the fit pairs' pressured prompts)."""
     s = model.sites
     if "answer_means" not in extra:
         extra["answer_means"] = head_means(model, fit, range(s.n_layers), position="last")
@@ -321,9 +327,12 @@ def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta
     sets[f"every head of layers {window.start}-{window.stop - 1}"] = {x: list(range(s.n_heads)) for x in window}
     out = []
     for why, hd in sets.items():
-        edit = Edit(kind="path_ablation", heads=hd, head_values=extra["answer_means"], positions="generated",
-                    method="mean answer-position output, direct path to the logits", **meta)
-        out.append(("path ablation", edit, f"{why}: their direct path to the logits cut, kept for every later layer"))
+        direct = kind == "path_ablation"
+        edit = Edit(kind=kind, heads=hd, head_values=extra["answer_means"], positions="generated",
+                    method=f"mean answer-position output, {'direct path to the logits' if direct else 'indirect paths'}",
+                    **meta)
+        out.append((group, edit, f"{why}: their direct path to the logits cut, kept for every later layer" if direct
+                    else f"{why}: their output cut for every later layer, the direct path to the logits kept"))
     return out
 
 

@@ -56,7 +56,7 @@ class PathAblation(EditKind):
 
     def random_control(self, edit: Any, model: Any, g: torch.Generator) -> Any:
         """As many heads with stored values, drawn among those the edit leaves alone in the layers
-        after its gate, removed from the logits the same way."""
+        after its gate, cut the same way."""
         s = model.sites
         first = edit.gate.layer + 1 if edit.gate is not None else 0
         stored = [layer for layer in edit.head_values if layer >= first]
