@@ -23,7 +23,7 @@ from behaviorlens.steering.evaluate import random_control
 from behaviorlens.steering.run import generate_examples
 
 KIND_NAMES = ["vector", "ablate_direction", "heads", "knockout", "subspace", "lowrank", "weights", "path_ablation",
-              "edge_knockout"]
+              "indirect_ablation", "edge_knockout"]
 
 
 def _examples(m, cset) -> dict[str, list[Edit]]:
@@ -61,6 +61,9 @@ def _examples(m, cset) -> dict[str, list[Edit]]:
         "path_ablation": [Edit(kind="path_ablation", heads={1: [0, 3], 2: [1]}, head_values=values, **meta),
                           Edit(kind="path_ablation", heads={2: [2]}, head_values=values, gate=gate,
                                positions="generated", **meta)],
+        "indirect_ablation": [Edit(kind="indirect_ablation", heads={1: [0, 3], 2: [1]}, head_values=values, **meta),
+                              Edit(kind="indirect_ablation", heads={1: [2]}, head_values=values, gate=gate,
+                                   positions="generated", **meta)],
         "edge_knockout": [Edit(kind="edge_knockout", heads={2: [0, 1, 2, 3]}, head_values=values,
                                vectors={0: rand(s.d_model), 1: rand(s.d_model)}, detector=detector,
                                arrays={"sources": source_rows({1: [0, 2]}, [1])}, **meta),

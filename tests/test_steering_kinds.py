@@ -145,7 +145,7 @@ def test_gate_opens_and_closes_per_row(tiny_llama):
 
 
 @pytest.mark.parametrize("kind", ["vector", "heads", "knockout", "subspace", "weights", "path_ablation",
-                                  "edge_knockout"])
+                                  "indirect_ablation", "edge_knockout"])
 def test_shared_prefix_forward_equals_a_padded_batch_under_every_kind(tiny_llama, kind, monkeypatch):
     m = tiny_llama
     s = m.sites
@@ -160,6 +160,8 @@ def test_shared_prefix_forward_equals_a_padded_batch_under_every_kind(tiny_llama
         "weights": Edit(kind="weights", weights={"model.layers.0.mlp.down_proj.weight": 0.1 * torch.randn(
             s.d_model, 128, generator=g)}, **meta(m)),
         "path_ablation": Edit(kind="path_ablation", heads={1: [0, 3]}, positions="generated", head_values={
+            1: torch.randn(s.n_heads, s.head_dim, generator=g)}, **meta(m)),
+        "indirect_ablation": Edit(kind="indirect_ablation", heads={1: [0, 3]}, positions="generated", head_values={
             1: torch.randn(s.n_heads, s.head_dim, generator=g)}, **meta(m)),
         "edge_knockout": Edit(kind="edge_knockout", heads={2: [0, 1, 2, 3]}, detector=Readout(
             0, torch.randn(s.d_model, generator=g)), head_values={1: torch.randn(s.n_heads, s.head_dim, generator=g)},
