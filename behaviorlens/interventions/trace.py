@@ -116,7 +116,9 @@ def traced_kl(model: Any, batch: Batch, rows: torch.Tensor, columns: torch.Tenso
     interventions = list(model.interventions)
     keep, columns = model.unembedded(batch.input_ids.shape[1], columns)
     inputs = batch.inputs()
-    digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in (inputs["input_ids"], rows, columns)))
+    digest = hashlib.sha1(repr(keep).encode())  # what identifies the unedited forward and its reads
+    for t in (inputs["input_ids"], inputs["attention_mask"], rows, columns):
+        digest.update(t.cpu().numpy().tobytes())
     f = Forward(inputs, rows, columns, None, keep, context(model, batch, interventions), digest.hexdigest())
     plan = _PLAN.get()
     if plan is not None:
