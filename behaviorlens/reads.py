@@ -161,12 +161,29 @@ def _token_states(model: Any, sequences: Sequence[Sequence[int]], layers: Sequen
 def states_at(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
               columns: Mapping[str, Sequence[int]], batch_size: int = 16) -> dict[str, np.ndarray]:
     """The residual stream (``resid_post``) at one token of each sequence per name in ``columns``
-    (a token index per sequence; negative: undefined, read as zeros): name -> [n, layers, d] float32."""
+    (a token index per sequence; negative: undefined, read as zeros): name -> [n, layers, d] float32.
+    On a traced model only those tokens come back, every batch in as few sessions as the limits allow."""
     layers = [int(x) for x in layers]
     for layer in layers:
         model.sites.check("resid_post", layer)
     n = len(sequences)
     out = {name: np.zeros((n, len(layers), model.sites.d_model), dtype=np.float32) for name in columns}
+    if model.traced and not model.interventions:
+        names, parts = list(columns), list(chunks(n, batch_size))
+        batches = [model.batch([sequences[i] for i in idx]) for idx in parts]
+        refs = [model.sites.ref("resid_post", layer) for layer in layers]
+        plans = [ReadBatch(b.inputs(), refs, [torch.tensor([max(int(columns[name][i]), 0) for i in idx])
+                                              + b.offsets.cpu() for name in names], [False] * len(names))
+                 for idx, b in zip(parts, batches)]
+        ids = {"input_ids": torch.cat([b.input_ids.flatten().cpu() for b in batches])}
+        values = now(ids, [], lambda: read_planned(model, plans, "reading states"))
+        for idx, v in zip(parts, values):
+            v = v.float().cpu().view(len(idx), len(layers), len(names), -1).numpy()
+            for k, i in enumerate(idx):
+                for a, name in enumerate(names):
+                    if int(columns[name][i]) >= 0:
+                        out[name][i] = v[k, :, a]
+        return out
     for idx in chunks(n, batch_size):
         states = token_states(model, [sequences[i] for i in idx], layers, batch_size)
         for j, layer in enumerate(layers):

@@ -425,3 +425,19 @@ def test_detect_s_greedy_answers_go_in_one_session_and_equal_the_local_ones():
         got = generate_answers(traced(m), cs, ["positive", "negative"], max_new_tokens=3, batch_size=2)
     assert sent.requests == 1 and len(got) == 2 * len(cs)  # 4 batches of 2 sides, one session
     pd.testing.assert_frame_equal(want, got)
+
+
+def test_states_at_named_tokens_read_only_those_tokens_in_one_session_and_equal_the_local_ones():
+    from behaviorlens.reads import states_at
+
+    m = tiny_model("llama")
+    seqs = [[2, 5, 6, 7, 8], [2, 9, 10], [3, 11, 12, 13], [4, 15], [2, 16, 17, 18, 19, 20]]
+    columns = {"last": [len(s) - 1 for s in seqs], "second": [1, 1, -1, 1, 1]}  # -1: undefined, zeros
+    want = states_at(m, seqs, [0, 2], columns, batch_size=2)
+    with remote.counting_requests() as sent:
+        got = states_at(traced(m), seqs, [0, 2], columns, batch_size=2)
+    assert sent.requests == 1  # 3 batches in one session
+    for name in columns:
+        np.testing.assert_allclose(got[name], want[name], atol=TOL, rtol=0)
+    assert not got["second"][2].any() and np.abs(got["second"][0]).sum() > 0
+    assert np.abs(want["last"][:, 0] - want["second"][:, 0]).max() > 1e-3  # the names read different tokens
