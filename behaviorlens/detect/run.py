@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned
 from ..io import write_csv, write_json
 from ..measure import side_metrics
 from ..params import from_step
@@ -142,15 +143,17 @@ def is_transcripts(path: str) -> bool:
 
 def run_detect_eval(model: Any, detector: Detector, sets: Sequence[ContrastSet] | str | Path, out_dir: str | Path,
                     margin: float = MARGIN, labels: str = "metric", chat: bool = True, seed: int = 0,
-                    batch_size: int = 16) -> dict:
+                    batch_size: int = 16, labelled: dict[str, Labelled] | None = None) -> dict:
     """Score families (labelled by the model's behavior) or a transcripts file with the detector;
-    write ``scores.csv``, ``families.csv``, ``most_wrong.csv``, ``scores.png`` and ``summary.json``."""
+    write ``scores.csv``, ``families.csv``, ``most_wrong.csv``, ``scores.png`` and ``summary.json``.
+    ``labelled`` reuses families labelled already (by name)."""
     out = Path(out_dir)
     if isinstance(sets, (str, Path)):
         examples = transcript_examples(model.tokenizer, read_transcripts(sets), Path(sets).name)
         names = [Path(sets).name]
     else:
-        parts = [label_set(model, cs, margin, labels, batch_size) for cs in sets]
+        labelled = labelled or {}
+        parts = [labelled.get(cs.name) or label_set(model, cs, margin, labels, batch_size) for cs in sets]
         examples = Examples.concat([p.examples for p in parts])
         names = [p.name for p in parts]
         table = pd.concat([p.table for p in parts], ignore_index=True)
@@ -309,11 +312,16 @@ def detect_step(runner: Any, folder: Path, params: DetectParams) -> dict:
     train = run_detect_train(model, sets["train"], path, instructed=sets["instructed"], folder=folder / "train",
                              **(params.train_kwargs() | own))
     out: dict[str, Any] = {f"train_{k}": v for k, v in train.items() if k not in ("nested_choices", "path")}
+    families = {cs.name: cs for cs in [*sets["eval"], *sets["transfer"]]}  # each labelled once, in one session
+    labelled = planned(model, lambda: {name: label_set(model, cs, params.margin, params.labels, own["batch_size"])
+                                       for name, cs in families.items()}, "labelling the families")
     if sets["eval"]:
-        ev = run_detect_eval(model, Detector.load(path), sets["eval"], folder / "eval", **(params.eval_kwargs() | own))
+        ev = run_detect_eval(model, Detector.load(path), sets["eval"], folder / "eval",
+                             **(params.eval_kwargs() | own), labelled=labelled)
         out.update({k: v for k, v in ev.items()})
     if sets["transfer"]:
-        tr = run_transfer(model, sets["transfer"], folder / "transfer", **(params.transfer_kwargs() | own))
+        tr = run_transfer(model, sets["transfer"], folder / "transfer", **(params.transfer_kwargs() | own),
+                          labelled=labelled)
         out["mean_transfer_auroc"] = tr["mean_transfer_auroc"]
         out["transfer_auroc"] = tr["transfer_auroc"]
     return out
