@@ -47,12 +47,14 @@ def transfer_matrix(model: Any, families: dict[str, Examples], layers: Sequence[
     ``method``, and ``note`` where a cell is empty."""
     layers = default_layers(model.sites.n_layers) if layers is None else [int(x) for x in layers]
     units = unit_names(features, [p for p in positions if p in CHOOSABLE])
-    data = {}
-    for name, ex in families.items():
-        part = ex.with_labels("lie", "honest", "mistake")
-        labels = part.table["label"].to_numpy()
-        states = readout_states(model, part, features, layers, units, question, batch_size) if len(part) else None
-        data[name] = (part, labels, states)
+    parts = {name: ex.with_labels("lie", "honest", "mistake") for name, ex in families.items()}
+    read = [p for p in parts.values() if len(p)]  # every family's states in one read
+    every = readout_states(model, Examples.concat(read), features, layers, units, question, batch_size) if read else {}
+    data, start = {}, 0
+    for name, part in parts.items():
+        states = {u: v[start:start + len(part)] for u, v in every.items()} if len(part) else None
+        start += len(part)
+        data[name] = (part, part.table["label"].to_numpy(), states)
     rows = []
     for train, (part, labels, states) in data.items():
         keep = training_index(labels, negatives)
