@@ -372,6 +372,15 @@ def test_the_kl_from_the_unedited_model_and_generation_are_planned_into_one_sess
     with steer(t, edits[0]), remote.counting_requests() as sent:
         alone = t.kl_from_unedited(seqs, rows, positions, None)
     assert sent.requests == 1 and torch.allclose(alone, want[0], atol=TOL)
+    from behaviorlens.steering.side_effects import tail_kl, tail_logits
+
+    tails = [(s, 2) for s in seqs]
+    reference = tail_logits(m, tails, 1)
+    with steer(m, edits[1]):
+        local = tail_kl(m, tails, reference, 1)
+    with steer(t, edits[1]), remote.counting_requests() as sent:
+        assert tail_kl(t, tails, tail_logits(t, tails, 1), 1) == pytest.approx(local, abs=TOL)
+    assert sent.requests == 1 and local > 1e-4  # both batches in one session
 
 
 def test_planned_work_passes_over_reads_its_replay_kept_from_the_recording():

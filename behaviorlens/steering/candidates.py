@@ -89,6 +89,11 @@ GROUPS = ("head ablation", "per-head steering", "knockout", "narrowed knockout",
           "head fine-tuning", "vector", "direction ablation", "gated", "frame-gated", "trained invariant",
           "path ablation", "indirect ablation", "edge knockout")
 PATH_HEADS = (3, 6)  # sizes of the path ablations of the window's top heads
+PATH_CUTS = (  # group, kind, the paths it cuts, what its candidates say
+    ("path ablation", "path_ablation", "direct path to the logits",
+     "their direct path to the logits cut, kept for every later layer"),
+    ("indirect ablation", "indirect_ablation", "indirect paths",
+     "their output cut for every later layer, the direct path to the logits kept"))
 EDGE_SPANS = (1, 3)  # how many layers before the destination the edge knockouts' sources span
 INVARIANCE_WEIGHTS = (0.0, 1.0, 4.0)  # the trained-invariant candidates' front: pressure against context use
 GATES_BUILT_FROM = {"gated": ("narrowed knockout",), "frame-gated": ("narrowed knockout",)}  # gated copies of these
@@ -170,9 +175,11 @@ def build_candidates(model: Any, fit: Any, evidence: PatchEvidence, groups: Sequ
     # a detector or gate reads the residual leaving a layer before the first head it controls,
     # so it reads layer >= 0 and the heads it controls sit at layer >= 1
     first = max(1, int(heads.head(5).layer.min()) if len(heads) else (layer or s.n_layers - 1))
-    for group, kind in (("path ablation", "path_ablation"), ("indirect ablation", "indirect_ablation")):
+    for group, kind, paths, cut in PATH_CUTS:
         if group in groups and len(heads):
-            out += _path_ablations(model, fit, heads, extra, meta, group, kind)
+            out += [(group, Edit(kind=kind, heads=hd, head_values=extra["answer_means"], positions="generated",
+                                 method=f"mean answer-position output, {paths}", **meta), f"{why}: {cut}")
+                    for why, hd in _path_heads(model, fit, heads, extra).items()]
     if ({"knockout", "narrowed knockout", "searched heads", "edge knockout"} & set(groups) or gating) \
             and fit.has_neutral:
         say("training the pressure-token detector")
@@ -308,13 +315,11 @@ def _searched(model: Any, fit: Any, fit_data: SideEffectData, extra: dict, meta:
     return out
 
 
-def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict, group: str,
-                    kind: str) -> list[tuple[str, Edit, str]]:
-    """The copy heads' output removed from the logits only (``path_ablation``: kept for every
-    layer that reads it) or from every later layer only (``indirect_ablation``: kept for the
-    logits): the top 3 and 6 heads by patching of the 5-layer window around the top head, every
-    head of the top head's layer and of the window, each moved at the answer positions to its
-    mean output there (over the fit pairs' pressured prompts)."""
+def _path_heads(model: Any, fit: Any, heads: pd.DataFrame, extra: dict) -> dict[str, dict[int, list[int]]]:
+    """The head sets the path cuts (:data:`PATH_CUTS`) move at the answer positions to their mean
+    output there (over the fit pairs' pressured prompts, kept in ``extra["answer_means"]``): the
+    top 3 and 6 heads by patching of the 5-layer window around the top head, every head of the top
+    head's layer and of the window; by what each is."""
     s = model.sites
     if "answer_means" not in extra:
         extra["answer_means"] = head_means(model, fit, range(s.n_layers), position="last")
@@ -325,15 +330,7 @@ def _path_ablations(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta
             head_dict(inside.head(k)) for k in PATH_HEADS if len(inside) >= k}
     sets[f"every head of layer {top}"] = {top: list(range(s.n_heads))}
     sets[f"every head of layers {window.start}-{window.stop - 1}"] = {x: list(range(s.n_heads)) for x in window}
-    out = []
-    for why, hd in sets.items():
-        direct = kind == "path_ablation"
-        edit = Edit(kind=kind, heads=hd, head_values=extra["answer_means"], positions="generated",
-                    method=f"mean answer-position output, {'direct path to the logits' if direct else 'indirect paths'}",
-                    **meta)
-        out.append((group, edit, f"{why}: their direct path to the logits cut, kept for every later layer" if direct
-                    else f"{why}: their output cut for every later layer, the direct path to the logits kept"))
-    return out
+    return sets
 
 
 def _edge_knockouts(model: Any, fit: Any, heads: pd.DataFrame, extra: dict, meta: dict) -> list[tuple[str, Edit, str]]:

@@ -36,6 +36,7 @@ import torch
 from ..batching import answer_tail, chunks
 from ..chat import chat_ids, has_template, render_chat
 from ..errors import BehaviorLensError
+from ..interventions.trace import planned
 from ..prompts import load_family
 from ..scoring import behavior_metric, log_likelihoods
 from ..stats import bootstrap_ci
@@ -311,13 +312,17 @@ def tail_logits(model: Any, seqs: list[tuple[list[int], int]], batch_size: int) 
 def tail_kl(model: Any, seqs: list[tuple[list[int], int]], unedited: list[torch.Tensor] | None,
             batch_size: int) -> float:
     """Mean per-token KL(unedited || as the model runs now) over the last ``tail`` positions of
-    every sequence, in nats, the edit acting there (``unedited``: :func:`tail_logits`)."""
-    kls = []
-    for idx, sequences, tails, rows, positions in _tail_reads(seqs, batch_size):
-        base = torch.cat([unedited[i] for i in idx]) if unedited is not None else None
-        with answer_tail(torch.tensor(tails)):
-            kls.append(model.kl_from_unedited(sequences, rows, positions, base).cpu())
-    return float(torch.cat(kls).mean())
+    every sequence, in nats, the edit acting there (``unedited``: :func:`tail_logits`). On a
+    traced model every batch goes in one session (or in the planned work it is part of)."""
+    def per_token() -> list[torch.Tensor]:
+        kls = []
+        for idx, sequences, tails, rows, positions in _tail_reads(seqs, batch_size):
+            base = torch.cat([unedited[i] for i in idx]) if unedited is not None else None
+            with answer_tail(torch.tensor(tails)):
+                kls.append(model.kl_from_unedited(sequences, rows, positions, base).cpu())
+        return kls
+
+    return float(torch.cat(planned(model, per_token, "the neutral KL")).mean())
 
 
 @torch.inference_mode()
