@@ -15,7 +15,7 @@ from behaviorlens.prompts.library import builtin_names
 from behaviorlens.steering import data
 
 FIXTURES = Path(__file__).parent / "fixtures"
-HARD = ["hard_facts_friend", "hard_facts_quiz"]  # held out; hard_facts_opinion is their development family
+HARD = ["hard_facts_friend", "hard_facts_quiz", "facts_mentor"]  # held out; hard_facts_opinion is their development family
 TRAIN = ["capitals_opinion", "pushback", "hard_facts_opinion"]  # the readout detectors' training families
 
 
@@ -41,18 +41,32 @@ def test_a_hard_fixture_asks_no_question_asked_elsewhere(name):
     assert not questions & set(data.detector_negatives())
 
 
-def test_the_quiz_fixture_shares_no_fact_with_the_training_families():
-    """No (right, wrong) answer pair of hard_facts_quiz is a pair of a training family or of
-    hard_facts_friend, and its claim wording (the user's own quiz answer) is no other family's."""
-    quiz = load_family(str(FIXTURES / "hard_facts_quiz.yaml"))
-    pairs = {(r["right"], r["wrong"]) for r in quiz.all_rows()}
-    for other in [load_family(n) for n in TRAIN] + [load_family(str(FIXTURES / "hard_facts_friend.yaml"))]:
+# held-out family -> the word its claim style goes by, and whether no other family's rows fill
+# that word into a claim either (authority_varied's rows name "the quiz"; "teacher", "tutor" and
+# "textbook" fill other families' claims, so facts_mentor's word is "mentor")
+CLAIM_WORDS = {"hard_facts_quiz": ("quiz", False), "facts_mentor": ("mentor", True)}
+
+
+@pytest.mark.parametrize("name", CLAIM_WORDS)
+def test_a_held_out_fixture_shares_no_fact_with_the_training_families(name):
+    """No (right, wrong) answer pair of the family is a pair of a training family or of another
+    held-out family, no right answer is a training family's right answer, and its claim wording
+    is no other family's."""
+    word, nor_in_rows = CLAIM_WORDS[name]
+    fam = load_family(str(FIXTURES / f"{name}.yaml"))
+    pairs = {(r["right"], r["wrong"]) for r in fam.all_rows()}
+    train = [load_family(n) for n in TRAIN]
+    for other in train + [load_family(str(FIXTURES / f"{n}.yaml")) for n in HARD if n != name]:
         assert not pairs & {(r.get("right"), r.get("wrong")) for r in other.all_rows()}, other.name
-    claims = [t for sides in quiz.valence.values() for s, t in sides.items() if s != "neutral"]
-    assert claims and all("quiz" in _words(c) for c in claims)
-    for other in _others("hard_facts_quiz"):
+    rights = {str(r["right"]).lower() for r in fam.all_rows()}
+    assert not rights & {str(r.get("right")).lower() for other in train for r in other.all_rows()}
+    claims = [t for sides in fam.valence.values() for s, t in sides.items() if s != "neutral"]
+    assert claims and all(word in _words(c) for c in claims)
+    for other in _others(name):
         texts = " ".join(t for sides in other.valence.values() for t in sides.values())
-        assert "quiz" not in _words(texts), other.name
+        if nor_in_rows:
+            texts += " " + " ".join(str(v) for r in other.all_rows() for v in r.values())
+        assert word not in _words(texts), other.name
 
 
 @pytest.mark.parametrize("name", HARD)

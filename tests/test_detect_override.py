@@ -116,6 +116,26 @@ def test_an_override_detector_file_round_trips_with_its_tuned_lens(planted_model
                                score_examples(planted_model, det, test)["score"], rtol=1e-6)
 
 
+def test_the_override_transfer_matrix_carries_lies_against_mistakes_to_another_family(planted_model, one_thread):
+    from behaviorlens.detect.transfer import transfer_matrix
+
+    rng = np.random.default_rng(0)
+    families = {}
+    for name, n in (("a", 10), ("b", 10), ("few", 2)):
+        families[name] = _set(rng, n)
+        families[name].table["family"] = name
+    m = transfer_matrix(planted_model, families, layers=[2], positions=("answer",), methods=("mean_diff",), folds=4,
+                        override=True, lenses=("logit",)).set_index(["train", "test"])
+    for cell in (("a", "b"), ("b", "a")):
+        assert m.loc[cell, "lie_vs_mistake_auroc"] >= 0.9 and m.loc[cell, "auroc"] >= 0.9
+        assert m.loc[cell, "falsity_lie_vs_mistake_auroc"] <= 0.75  # its own falsity probe cannot
+        assert m.loc[cell, "lens"] == "logit" and m.loc[cell, "n_mistake"] == 10
+    assert np.isnan(m.loc[("a", "a"), "auroc"]) and "in sample" in m.loc[("a", "a"), "note"]
+    assert m.loc[("a", "few"), "n_mistake"] == 2 and "needs" in m.loc[("few", "a"), "note"]
+    with pytest.raises(BehaviorLensError, match="two detectors"):
+        transfer_matrix(planted_model, families, layers=[2], features="belief", override=True)
+
+
 def test_late_arrival_is_the_rise_from_the_middle_third_to_the_last_layer():
     layers = list(range(6))
     logp = np.array([[-9, -9, -8, -8, -5, -1],   # arrives late

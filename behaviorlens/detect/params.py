@@ -37,6 +37,9 @@ class DetectReadoutParams(DetectLabelParams):
                            "mistakes (not_lie)", choices=NEGATIVES)
     followup: str = param(FOLLOWUP, "the follow-up question of --features followup, asked as a new user turn "
                           "after the model's answer")
+    override: bool = param(False, "the override detector: the answer-falsity probe AND the lens's late arrival, "
+                           "mistakes as negatives (needs 4 mistakes in training); it misses issue 31's held-out "
+                           "targets, so it is opt-in")
 
 
 @dataclass
@@ -48,9 +51,6 @@ class DetectTrainParams(DetectReadoutParams):
     methods: tuple[str, ...] = param(DETECTOR_METHODS, "probe methods", choices=METHOD_CHOICES)
     folds: int = param(5, "cross-validation folds")
     chat: bool = param(True, "set the detector's threshold on ordinary chat (--no-chat: skip it)")
-    override: bool = param(False, "the override detector: the answer-falsity probe AND the lens's late arrival, "
-                           "mistakes as negatives (needs 4 mistakes in training); it misses issue 31's held-out "
-                           "targets, so it is opt-in")
 
 
 @dataclass

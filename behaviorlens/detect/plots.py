@@ -51,23 +51,35 @@ def plot_scores(scores: pd.DataFrame, threshold: float, path: str | Path) -> Pat
 
 
 def plot_transfer(matrix: pd.DataFrame, path: str | Path) -> Path:
-    """Heatmap of lie-vs-honest AUROC: rows = family trained on, columns = family tested on."""
-    table = matrix.pivot(index="train", columns="test", values="auroc")
-    fig, ax = new_figure(height=min(10.0, 0.8 * table.shape[0] + 3.2))
-    im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
-    counts = matrix.dropna(subset=["n_lie"]).drop_duplicates("test").set_index("test") if "n_lie" in matrix else None
-    names = [f"{c}\n({int(counts.at[c, 'n_lie'])} lie / {int(counts.at[c, 'n_honest'])} honest)"
-             if counts is not None and c in counts.index else str(c) for c in table.columns]
-    ax.set_xticks(range(table.shape[1]), names, rotation=30, ha="right")
-    ax.set_yticks(range(table.shape[0]), table.index)
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = table.iat[i, j]
-            ax.text(j, i, "–" if pd.isna(v) else f"{v:.2f}", ha="center", va="center")
-    ax.set_xlabel("tested on")
-    ax.set_ylabel("trained on")
-    ax.set_title("lie vs honest AUROC (diagonal: nested CV)")
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    """Heatmaps, rows = family trained on, columns = family tested on: lie-vs-honest AUROC, and
+    below it lie-vs-mistake AUROC where the matrix has any."""
+    panels = [("auroc", "lie vs honest")]
+    if "lie_vs_mistake_auroc" in matrix and matrix["lie_vs_mistake_auroc"].notna().any():
+        panels.append(("lie_vs_mistake_auroc", "lie vs mistake"))
+    trained = matrix.groupby("train")["auroc"].transform(lambda a: a.notna().any())
+    if trained.any():
+        matrix = matrix[trained]  # the rows of families that had enough examples to train on
+    rows = matrix["train"].nunique()
+    fig, axes = new_figure(len(panels), 1, height=min(10.0, 0.5 * rows + 3.6) * len(panels), squeeze=False)
+    kinds = [k for k in ("n_lie", "n_honest", "n_mistake") if k in matrix]
+    counts = matrix.dropna(subset=kinds).drop_duplicates("test").set_index("test") if kinds else None
+    for ax, (column, title) in zip(axes[:, 0], panels):
+        table = matrix.pivot(index="train", columns="test", values=column)
+        im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
+        names = [f"{c} ({'/'.join(str(int(counts.at[c, k])) for k in kinds)})"
+                 if counts is not None and c in counts.index else str(c) for c in table.columns]
+        ax.set_xticks(range(table.shape[1]), names, rotation=35, ha="right")
+        ax.set_yticks(range(table.shape[0]), table.index)
+        for i in range(table.shape[0]):
+            for j in range(table.shape[1]):
+                v = table.iat[i, j]
+                ax.text(j, i, "–" if pd.isna(v) else f"{v:.2f}", ha="center", va="center")
+        ax.set_xlabel("tested on" + (f" ({' / '.join(k[2:] for k in kinds)})" if kinds else ""))
+        ax.set_ylabel("trained on")
+        diagonal = [table.at[t, t] for t in table.index if t in table.columns]
+        scored = column == "auroc" and any(pd.notna(v) for v in diagonal)
+        ax.set_title(f"{title} AUROC" + (" (diagonal: nested CV)" if scored else " (diagonal: the training family, not scored)"))
+        fig.colorbar(im, ax=ax, fraction=0.04)
     return save_figure(fig, path)
 
 

@@ -267,11 +267,11 @@ def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, m
                  labels: str = "metric", layers: Sequence[int] | None = None, methods: Sequence[str] = ("mean_diff",),
                  folds: int = 5, seed: int = 0, batch_size: int = 16,
                  labelled: dict[str, Labelled] | None = None, features: str = "answer", negatives: str = "honest",
-                 followup: str = FOLLOWUP) -> dict:
+                 followup: str = FOLLOWUP, override: bool = False) -> dict:
     """The train x test matrix over ``sets`` (:func:`~behaviorlens.detect.transfer.transfer_matrix`):
     ``transfer.csv``, ``transfer.png`` and ``summary.json`` in ``out_dir``. ``labelled`` reuses
     families labelled already (by name); ``features``, ``negatives``, ``followup``: a readout
-    detector's matrix (:mod:`.readout`)."""
+    detector's matrix (:mod:`.readout`); ``override``: the override detector's."""
     out = Path(out_dir)
     labelled = dict(labelled or {})
     for cs in sets:
@@ -280,11 +280,11 @@ def run_transfer(model: Any, sets: Sequence[ContrastSet], out_dir: str | Path, m
     names = [cs.name for cs in sets]
     matrix = transfer_matrix(model, {n: labelled[n].examples for n in names}, layers, methods=methods,
                              folds=folds, seed=seed, batch_size=batch_size, features=features, negatives=negatives,
-                             question=followup)
+                             question=followup, override=override)
     write_csv(out / "transfer.csv", matrix)
     plot_transfer(matrix, out / "transfer.png")
     off = matrix[(matrix["train"] != matrix["test"]) & matrix["auroc"].notna()]
-    summary = {"families": names, "features": features, "negatives": negatives,
+    summary = {"families": names, "features": features, "negatives": negatives, "override": override,
                "transfer_auroc": {f"{r.train} -> {r.test}": float(r.auroc) for r in off.itertuples()},
                "mean_transfer_auroc": float(off["auroc"].mean()) if len(off) else float("nan"),
                "trainable": sorted(matrix.loc[matrix["auroc"].notna(), "train"].unique())}

@@ -48,7 +48,7 @@ from .detector import Detector
 from .evaluate import score_examples
 from .examples import POSITIONS, SITE, Examples, answer_wording_features, read_states
 from .folds import as_activations, balanced_groups, require_both_classes
-from .lens import LENSES, fit_tuned_lens, ordinary_text
+from .lens import LENSES, TunedLens, fit_tuned_lens, ordinary_text
 from .linear import Linear
 from .override import train_override
 from .readout import FOLLOWUP, train_readout
@@ -93,10 +93,11 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
                    layers: Sequence[int] | None = None, positions: Sequence[str] = POSITIONS,
                    methods: Sequence[str] = DETECTOR_METHODS, folds: int = 5, seed: int = 0, n_boot: int = 500,
                    batch_size: int = 16, override: bool = False, lenses: Sequence[str] = LENSES,
-                   features: str = "answer", negatives: str = "honest", question: str = FOLLOWUP) -> TrainResult:
+                   features: str = "answer", negatives: str = "honest", question: str = FOLLOWUP,
+                   tuned: TunedLens | None = None) -> TrainResult:
     """Fit the detector on ``train``'s lie and honest examples (its mistakes are only scored), or
     with ``override`` the override detector on lie, honest and mistake examples (``lenses``: the
-    lenses it chooses among; the tuned lens is fitted on the ``fit`` part of ordinary text).
+    lenses it chooses among; the tuned lens is ``tuned``, else fitted on the ``fit`` part of ordinary text).
 
     ``contrast``: both sides of the training pairs, label 'positive'/'negative' (the claim
     probe); ``chat``: ordinary requests with the model's answers, where the threshold is set
@@ -158,7 +159,8 @@ def train_detector(model: Any, train: Examples, contrast: Examples | None = None
         nl_groups = balanced_groups((nl_labels == "lie").astype(np.int64), nl.groups, seed)
         X_nl = read_states(model, nl, [layer], [position], batch_size)[position][:, 0]
         oof_nl = falsity_out_of_fold(method, X_nl, nl_labels, nl_groups, min(folds, len(np.unique(nl_groups))), seed)
-        tuned = fit_tuned_lens(model, ordinary_text(model, "fit"), batch_size=batch_size) if "tuned" in lenses else None
+        if "tuned" in lenses and tuned is None:
+            tuned = fit_tuned_lens(model, ordinary_text(model, "fit"), batch_size=batch_size)
         override_part, override_summary, _ = train_override(model, nl, oof_nl, nl_groups, lenses, tuned, seed,
                                                             batch_size)
 

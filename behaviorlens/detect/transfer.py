@@ -10,6 +10,11 @@ examples to train on is still tested on (its row is empty, with the reason).
 belief-conditioned probe, the follow-up readout; trained against honest answers or against
 honest answers and mistakes); every cell also holds ``lie_vs_mistake_auroc`` where the test
 family has lies and mistakes.
+
+``override`` makes it the override detector's matrix (:mod:`.override`): :func:`.train.train_detector`
+on each family with the lies, honest answers and mistakes it needs, one tuned lens for all rows,
+every other family scored by the whole detector (the falsity probe AND the late arrival) and by
+its falsity probe alone. Its diagonal is empty: the AND's references are fitted in sample.
 """
 
 from __future__ import annotations
@@ -20,32 +25,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import BehaviorLensError
 from ..probing.sweep import best_row, fit_probe, probe_sweep
 from ..probing.validity import nested_best
 from ..stats import auroc
+from .evaluate import score_examples
 from .examples import SITE, Examples
 from .folds import MIN_EXAMPLES, as_activations, balanced_groups
+from .lens import LENSES, fit_tuned_lens, ordinary_text
+from .override import MIN_MISTAKES
 from .readout import FOLLOWUP, readout_states, training_index, unit_names
-from .train import CHOOSABLE, default_layers
+from .train import CHOOSABLE, default_layers, train_detector
 
 
 def _cell(probe: Any, states: dict[str, np.ndarray], labels: np.ndarray, unit: str, column: int,
           negative: str) -> float:
-    keep = np.isin(labels, ["lie", negative])
-    y = (labels[keep] == "lie").astype(int)
-    if not 0 < y.sum() < len(y):
-        return np.nan
-    return auroc(probe.score(states[unit][keep, column]), y)
+    return _scored(probe.score(states[unit][:, column]), labels, negative)
 
 
 def transfer_matrix(model: Any, families: dict[str, Examples], layers: Sequence[int] | None = None,
                     positions: Sequence[str] = CHOOSABLE, methods: Sequence[str] = ("mean_diff",), folds: int = 5,
                     seed: int = 0, batch_size: int = 16, features: str = "answer", negatives: str = "honest",
-                    question: str = FOLLOWUP) -> pd.DataFrame:
+                    question: str = FOLLOWUP, override: bool = False, lenses: Sequence[str] = LENSES) -> pd.DataFrame:
     """One row per (train, test) family: ``auroc`` (lie vs honest), ``lie_vs_mistake_auroc``, the
     test family's ``n_lie``, ``n_honest`` and ``n_mistake``, the chosen ``layer``, ``position``,
-    ``method``, and ``note`` where a cell is empty."""
+    ``method``, and ``note`` where a cell is empty (``override``: see the module doc)."""
     layers = default_layers(model.sites.n_layers) if layers is None else [int(x) for x in layers]
+    if override:
+        if features != "answer" or negatives != "honest":
+            raise BehaviorLensError(f"the override detector and a {features} detector with {negatives} negatives "
+                                    f"are two detectors; build one matrix at a time")
+        return override_matrix(model, families, layers, positions, methods, folds, seed, batch_size, lenses)
     units = unit_names(features, [p for p in positions if p in CHOOSABLE])
     parts = {name: ex.with_labels("lie", "honest", "mistake") for name, ex in families.items()}
     read = [p for p in parts.values() if len(p)]  # every family's states in one read
@@ -87,3 +97,51 @@ def transfer_matrix(model: Any, families: dict[str, Examples], layers: Sequence[
                 row["auroc"] = _cell(probe, t_states, t_labels, unit, layers.index(layer), "honest")
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _counts(labels: np.ndarray) -> dict[str, int]:
+    return {f"n_{c}": int((labels == c).sum()) for c in ("lie", "honest", "mistake")}
+
+
+def override_matrix(model: Any, families: dict[str, Examples], layers: Sequence[int], positions: Sequence[str],
+                    methods: Sequence[str], folds: int, seed: int, batch_size: int,
+                    lenses: Sequence[str] = LENSES) -> pd.DataFrame:
+    """The override detector's matrix (see the module doc): per cell ``auroc``,
+    ``lie_vs_mistake_auroc`` and the falsity probe's (``falsity_*``), the test family's counts,
+    the row's ``layer``, ``position``, ``method`` and ``lens``."""
+    parts = {name: ex.with_labels("lie", "honest", "mistake") for name, ex in families.items()}
+    every = Examples.concat([p for p in parts.values() if len(p)] or list(parts.values()))
+    rows, tuned = [], None
+    for train, part in parts.items():
+        n = _counts(part.table["label"].to_numpy())
+        if min(n["n_lie"], n["n_honest"]) < MIN_EXAMPLES or n["n_mistake"] < MIN_MISTAKES:
+            rows += [{"train": train, "test": test, "auroc": np.nan,
+                      "note": f"{train}: {n['n_lie']} lie, {n['n_honest']} honest and {n['n_mistake']} mistake; it "
+                              f"needs {MIN_EXAMPLES}, {MIN_EXAMPLES} and {MIN_MISTAKES}"} for test in parts]
+            continue
+        if "tuned" in lenses and tuned is None:  # one tuned lens for every row
+            tuned = fit_tuned_lens(model, ordinary_text(model, "fit"), batch_size=batch_size)
+        det = train_detector(model, part, layers=layers, positions=positions, methods=methods, folds=folds,
+                             seed=seed, n_boot=50, batch_size=batch_size, override=True, lenses=lenses,
+                             tuned=tuned).detector
+        scores = score_examples(model, det, every, batch_size)
+        for test in parts:
+            t = scores[scores["family"] == test]
+            labels = t["label"].to_numpy()
+            row = {"train": train, "test": test, "layer": det.layer, "position": det.position,
+                   "method": det.method, "lens": det.override.lens, **_counts(labels), "note": ""}
+            if test == train:
+                row.update(auroc=np.nan, note="trained here (the AND's references are fitted in sample)")
+            else:
+                for prefix, column in (("", "score"), ("falsity_", "falsity_score")):
+                    score = t[column].to_numpy(dtype=float)
+                    row[f"{prefix}auroc"] = _scored(score, labels, "honest")
+                    row[f"{prefix}lie_vs_mistake_auroc"] = _scored(score, labels, "mistake")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _scored(score: np.ndarray, labels: np.ndarray, negative: str) -> float:
+    keep = np.isin(labels, ["lie", negative])
+    y = (labels[keep] == "lie").astype(int)
+    return auroc(score[keep], y) if 0 < y.sum() < len(y) else np.nan
