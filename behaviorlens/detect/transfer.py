@@ -82,7 +82,7 @@ def transfer_matrix(model: Any, families: dict[str, Examples], layers: Sequence[
         layer, unit, method = int(best["layer"]), str(best["position"]), str(best["method"])
         probe = fit_probe(acts, SITE, layer, unit, method, seed=seed)
         for test, (_, t_labels, t_states) in data.items():
-            count = {f"n_{c}": int((t_labels == c).sum()) for c in ("lie", "honest", "mistake")}
+            count = _counts(t_labels)
             row = {"train": train, "test": test, "layer": layer, "position": unit, "method": method, **count,
                    "note": ""}
             if test != train:
