@@ -56,6 +56,7 @@ def test_a_control_far_below_chance_counts_as_separating():
                            "wording_score": [0.0] * 8, "shuffled_score": [0.0] * 8})
     f = figures(scores, threshold=0.5, n_boot=50)
     assert f["auroc"] == 1.0 and f["claim_auroc"] == 0.0
+    assert f["claim_auroc_ci"] == [0.0, 0.0] and f["wording_auroc_ci"] == [0.5, 0.5]  # each control with its CI
     assert f["claim_gap"] == 0.0 and f["meets_control_gaps"] is False
     assert f["recall_at_1pct_fpr"] == 1.0
 

@@ -15,7 +15,7 @@ def test_the_report_shows_the_detector_beside_its_controls_and_the_transfer_heat
     (step / "train").mkdir()
     summary = {"detector": "logistic probe, resid_post layer 16 @ answer", "families": ["a", "b"], "auroc": 0.91,
                "auroc_ci": [0.8, 0.97], "n_lie": 9, "n_honest": 20, "n_mistake": 4, "mistake_auroc": 0.88,
-               "mistake_auroc_ci": [0.7, 1.0], "mistake_check": False, "claim_auroc": 0.31, "wording_auroc": 0.55,
+               "mistake_auroc_ci": [0.7, 1.0], "mistake_check": False, "claim_auroc": 0.31, "claim_auroc_ci": [0.2, 0.45], "wording_auroc": 0.55,
                "shuffled_auroc": 0.49, "recall_at_1pct_fpr": 0.44, "chat_fpr": 0.02, "targets_met": False}
     (step / "summary.json").write_text(json.dumps(summary))
     (step / "train" / "summary.json").write_text(json.dumps({"families": ["c", "d"], "n_lie": 13, "n_honest": 65,
@@ -31,6 +31,7 @@ def test_the_report_shows_the_detector_beside_its_controls_and_the_transfer_heat
     html = write_report(tmp_path).read_text()
     assert "Telling knowing falsehoods from honest answers" in html
     assert "0.91 [0.8, 0.97]" in html and "0.88 [0.7, 1]" in html  # the AUROC and the mistake check with CIs
+    assert "claim-wrongness probe 0.31 [0.2, 0.45]" in html  # a control with its CI
     assert "failed" in html and "transfer matrix" in html
     assert html.count("data:image/png;base64") >= 2  # the scores plot and the heatmap
 
