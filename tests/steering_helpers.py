@@ -69,3 +69,36 @@ def planted_set(model, n: int = 12, name: str = "planted"):
         "valence": {"s": {"positive": " w44", "negative": " w45", "neutral": ""}},
         "answers": {"matching": " w50", "not_matching": " w51"}, "rows": rows,
     }).render(model.tokenizer)
+
+
+# a shared 9-token prefix (run once), rows of different lengths (left padding after it)
+CACHE_SEQS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 33, 34, 35, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12, 13, 36, 37, 46],
+              [5, 6, 7, 8, 9, 10, 11, 12, 13, 38, 39, 47, 48, 49, 50]]
+
+
+def edited_from_the_kept_cache(model, edit, tail: int):
+    """Score :data:`CACHE_SEQS`' last ``tail`` positions unedited, edited in full, then unedited
+    and twice edited inside :func:`behaviorlens.kv_cache.reusing_unedited`; assert that the kept
+    run equals the unedited one, both edited runs equal the full forward and the edit acted.
+    Returns the cache store (how often the edit started late)."""
+    import torch
+
+    from behaviorlens import kv_cache
+    from behaviorlens.batching import answer_tail
+    from behaviorlens.steering import steer
+
+    rows = torch.arange(len(CACHE_SEQS)).repeat_interleave(tail)
+    positions = torch.cat([torch.arange(len(x) - tail, len(x)) for x in CACHE_SEQS])
+    with answer_tail(tail):
+        unedited = model.score_logits(CACHE_SEQS, rows, positions)
+        with steer(model, edit):
+            full = model.score_logits(CACHE_SEQS, rows, positions)
+        with kv_cache.reusing_unedited() as store:
+            torch.testing.assert_close(model.score_logits(CACHE_SEQS, rows, positions), unedited)
+            with steer(model, edit):
+                first = model.score_logits(CACHE_SEQS, rows, positions)  # a detector's flags are kept here
+                second = model.score_logits(CACHE_SEQS, rows, positions)
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, full, atol=1e-5, rtol=1e-5)
+    assert (full - unedited).abs().max() > 1e-3  # the edit acted
+    return store

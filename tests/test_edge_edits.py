@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_model
+from steering_helpers import CACHE_SEQS, edited_from_the_kept_cache
 
 from behaviorlens.edits import Edit, Readout
 from behaviorlens.edits.kinds.edge_knockout import source_rows
@@ -194,32 +195,13 @@ def test_path_ablation_refuses_a_post_norm_model():
 @pytest.mark.parametrize("tail", [1, 3])  # reads at the last position / a teacher-forced 3-token answer
 @pytest.mark.parametrize("kind", ["path_ablation", "edge_knockout"])
 def test_an_edge_edit_started_from_the_kept_cache_gives_the_full_forwards_logits(m, kind, tail):
-    from behaviorlens import kv_cache
-    from behaviorlens.batching import answer_tail
-
-    seqs = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 33, 34, 35, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12, 13, 36, 37, 46],
-            [5, 6, 7, 8, 9, 10, 11, 12, 13, 38, 39, 47, 48, 49, 50]]
-    _, states = run(m, m.batch(seqs[:1]), "resid_post", [0])
+    _, states = run(m, m.batch(CACHE_SEQS[:1]), "resid_post", [0])
     direction = states[0][0, 10] - states[0][0, :9].mean(0)  # toward a token after the prefix
     flagger = Readout(0, direction, -float((states[0][0, :9] @ direction).max()) - 1e-3)  # nothing in the prefix
-    assert _flags(m, m.batch(seqs), flagger).any()
+    assert _flags(m, m.batch(CACHE_SEQS), flagger).any()
     edit = (Edit(kind="path_ablation", heads={1: [0, 2]}, head_values=means(m), positions="generated", **meta(m))
             if kind == "path_ablation" else _edge(m, {2: [0, 1, 2, 3]}, {1: [1, 3]}, mlps=[0], detector=flagger))
-    rows = torch.arange(3).repeat_interleave(tail)
-    positions = torch.cat([torch.arange(len(x) - tail, len(x)) for x in seqs])
-    with answer_tail(tail):
-        unedited = m.score_logits(seqs, rows, positions)
-        with steer(m, edit):
-            full = m.score_logits(seqs, rows, positions)
-        with kv_cache.reusing_unedited() as store:
-            m.score_logits(seqs, rows, positions)
-            with steer(m, edit):
-                first = m.score_logits(seqs, rows, positions)
-                second = m.score_logits(seqs, rows, positions)
-    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(second, full, atol=1e-5, rtol=1e-5)
-    assert (full - unedited).abs().max() > 1e-3
-    assert store.reused >= 1  # it started late from the kept keys and values
+    assert edited_from_the_kept_cache(m, edit, tail).reused >= 1  # it started late from the kept keys and values
 
 
 def test_an_edge_knockout_at_given_tokens_is_its_cut_at_the_detectors_tokens(m):

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from steering_helpers import CACHE_SEQS, edited_from_the_kept_cache
 
 from behaviorlens import kv_cache
-from behaviorlens.batching import answer_tail
 from behaviorlens.edits import Readout
 from behaviorlens.steering import Edit, steer
 
-# a shared 9-token prefix (run once), rows of different lengths (left padding after it)
-SEQS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 33, 34, 35, 40, 41], [5, 6, 7, 8, 9, 10, 11, 12, 13, 36, 37, 46],
-        [5, 6, 7, 8, 9, 10, 11, 12, 13, 38, 39, 47, 48, 49, 50]]
+SEQS = CACHE_SEQS  # a shared 9-token prefix (run once), rows of different lengths
 
 
 def _meta(model):
     s = model.sites
-    return dict(d_model=s.d_model, n_heads=s.n_heads, head_dim=s.head_dim, model=model.name)
+    return {"d_model": s.d_model, "n_heads": s.n_heads, "head_dim": s.head_dim, "model": model.name}
 
 
 def _edits(m):
@@ -49,22 +47,8 @@ def _edits(m):
                                   "knockout from the answer", "knockout from every position",
                                   "vector at every position", "weights"])
 def test_an_edit_started_from_the_kept_cache_gives_the_full_forwards_logits(tiny_llama, name, tail):
-    m = tiny_llama
-    edit, starts_late = _edits(m)[name]
-    rows = torch.arange(3).repeat_interleave(tail)
-    positions = torch.cat([torch.arange(len(x) - tail, len(x)) for x in SEQS])
-    with answer_tail(tail):
-        unedited = m.score_logits(SEQS, rows, positions)
-        with steer(m, edit):
-            full = m.score_logits(SEQS, rows, positions)
-        with kv_cache.reusing_unedited() as store:
-            torch.testing.assert_close(m.score_logits(SEQS, rows, positions), unedited)
-            with steer(m, edit):
-                first = m.score_logits(SEQS, rows, positions)  # a detector's flags are kept here
-                second = m.score_logits(SEQS, rows, positions)
-    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(second, full, atol=1e-5, rtol=1e-5)
-    assert (full - unedited).abs().max() > 1e-3  # the edit acted
+    edit, starts_late = _edits(tiny_llama)[name]
+    store = edited_from_the_kept_cache(tiny_llama, edit, tail)
     assert store.reused == (2 if starts_late and edit.detector is None else int(starts_late))
     assert store.reused + store.full == 2
 
