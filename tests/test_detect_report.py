@@ -57,3 +57,21 @@ def test_the_report_leads_with_lies_against_mistakes_and_shows_the_lens_picture(
     finding = html[html.index("Lies against honest mistakes"):]
     assert finding.index("0.81 [0.7, 0.9]") < finding.index("0.42 [0.3, 0.55]") < finding.index("0.9 [0.8, 0.95]")
     assert 'alt="lens_trace"' in html and 'alt="mistake_confidence"' in html
+
+
+def test_the_transfer_heatmap_adds_the_lie_vs_mistake_panel_and_drops_rows_that_could_not_train(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    def matrix(with_mistakes: bool, untrained: int) -> pd.DataFrame:
+        rows = [{"train": t, "test": s, "auroc": np.nan if t == s else 0.7, "n_lie": 5, "n_honest": 6, "n_mistake": 4,
+                 "lie_vs_mistake_auroc": 0.6 if with_mistakes and t != s else np.nan} for t in "ab" for s in "abcd"]
+        rows += [{"train": f"u{k}", "test": s, "auroc": np.nan} for k in range(untrained) for s in "abcd"]
+        return pd.DataFrame(rows)
+
+    def height(m: pd.DataFrame, name: str) -> int:
+        return imread(plot_transfer(m, tmp_path / f"{name}.png")).shape[0]
+
+    one = height(matrix(False, 0), "one")
+    assert height(matrix(True, 0), "two") > 1.5 * one  # lie vs mistake drawn below lie vs honest
+    assert height(matrix(False, 6), "untrained") == one  # six rows with nothing to show take no room
